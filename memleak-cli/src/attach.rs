@@ -1,0 +1,194 @@
+//! Puts the probes on the allocator the target really uses: the file it
+//! maps, reached through /proc/PID/root so that a process in another mount
+//! namespace (a container) gets probes on its own libc, not the host's.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{Ebpf, programs::uprobe::UProbeScope};
+
+use crate::{
+    elf,
+    error::{Kind, user_error},
+    loader,
+    proc::{Mapping, Target, module_name},
+};
+
+/// One allocator function: the program at its entry and the one at its return.
+struct Hook {
+    function: &'static str,
+    entry: &'static str,
+    exit: Option<&'static str>,
+}
+
+const fn hook(function: &'static str, entry: &'static str, exit: Option<&'static str>) -> Hook {
+    Hook { function, entry, exit }
+}
+
+const ALLOC_EXIT: Option<&str> = Some("alloc_exit");
+
+/// The allocator family, as bcc hooks it. malloc and free are required.
+const HOOKS: &[Hook] = &[
+    hook("malloc", "malloc_enter", ALLOC_EXIT),
+    hook("free", "free_enter", None),
+    hook("calloc", "calloc_enter", ALLOC_EXIT),
+    hook("realloc", "realloc_enter", ALLOC_EXIT),
+    hook("reallocarray", "reallocarray_enter", ALLOC_EXIT),
+    hook("posix_memalign", "posix_memalign_enter", Some("posix_memalign_exit")),
+    hook("aligned_alloc", "memalign_enter", ALLOC_EXIT),
+    hook("memalign", "memalign_enter", ALLOC_EXIT),
+    hook("valloc", "malloc_enter", ALLOC_EXIT),
+    hook("pvalloc", "malloc_enter", ALLOC_EXIT),
+    hook("mmap", "mmap_enter", Some("mmap_exit")),
+    hook("munmap", "munmap_enter", None),
+];
+
+const REQUIRED: &[&str] = &["malloc", "free"];
+
+/// What was hooked, for the start-up message and `-v`.
+#[derive(Debug)]
+pub struct Attached {
+    /// The object as the target sees it (e.g. /lib/x86_64-linux-gnu/libc.so.6).
+    pub object: String,
+    /// The file the probes are on, valid on the host.
+    pub host_path: PathBuf,
+    /// (function, file offset) of each probe placed.
+    pub functions: Vec<(&'static str, u64)>,
+    /// Functions the object does not define.
+    pub missing: Vec<&'static str>,
+}
+
+/// Attaches every hook to the allocator object of `target`.
+pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::Result<Attached> {
+    let maps = target.maps()?;
+    let object = allocator_object(&maps, obj, target.pid)?;
+    let host_path = match maps.iter().find(|m| m.path == object) {
+        Some(mapping) => target.mapped_file(mapping),
+        None => PathBuf::from(&object),
+    };
+    let names: Vec<&str> = HOOKS.iter().map(|h| h.function).collect();
+    let offsets = elf::function_offsets(&host_path, &names).map_err(|e| {
+        user_error(Kind::Attach, format!("cannot read the allocator object {object}: {e:#}"))
+    })?;
+    if let Some(missing) = REQUIRED.iter().find(|f| !offsets.contains_key(**f)) {
+        return Err(user_error(
+            Kind::Attach,
+            format!("{object} does not define {missing}: pass the allocator library with -O"),
+        ));
+    }
+
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(target.pid).expect("pid is non-zero"));
+    let mut attached = Attached { object: object.clone(), host_path: host_path.clone(), functions: vec![], missing: vec![] };
+    // Aliases (mmap64 = mmap, ...) share an offset: probing one twice
+    // would count every call twice.
+    let mut seen: HashMap<u64, &str> = HashMap::new();
+    for hook in HOOKS {
+        let Some(&offset) = offsets.get(hook.function) else {
+            attached.missing.push(hook.function);
+            continue;
+        };
+        if seen.insert(offset, hook.function).is_some() {
+            continue;
+        }
+        for program in std::iter::once(hook.entry).chain(hook.exit) {
+            loader::uprobe(ebpf, program)?
+                .attach(offset, &host_path, scope)
+                .map_err(|e| {
+                    let gone = !Path::new(&format!("/proc/{}", target.pid)).exists();
+                    if gone {
+                        user_error(Kind::NoProcess, format!("process {} exited", target.pid))
+                    } else {
+                        user_error(
+                            Kind::Attach,
+                            format!("cannot probe {} in {object}: {e:#}", hook.function),
+                        )
+                    }
+                })?;
+        }
+        attached.functions.push((hook.function, offset));
+    }
+    Ok(attached)
+}
+
+/// The object whose allocator the target calls: `-O` if given (a path, or
+/// a library name looked up in the target's maps), else the mapped libc.
+pub fn allocator_object(maps: &[Mapping], obj: Option<&Path>, pid: u32) -> anyhow::Result<String> {
+    let files = || maps.iter().filter(|m| m.is_file());
+    match obj {
+        Some(obj) if obj.is_absolute() => {
+            let text = obj.to_string_lossy().into_owned();
+            if files().any(|m| m.path == text) || obj.exists() {
+                Ok(text)
+            } else {
+                Err(user_error(Kind::Attach, format!("-O {text}: no such file, and process {pid} does not map it")))
+            }
+        }
+        Some(obj) => {
+            let name = obj.to_string_lossy();
+            files()
+                .find(|m| module_name(&m.path) == name || module_name(&m.path).starts_with(&format!("{name}.")))
+                .map(|m| m.path.clone())
+                .ok_or_else(|| user_error(Kind::Attach, format!("-O {name}: process {pid} maps no such library")))
+        }
+        None => files()
+            .find(|m| is_libc(module_name(&m.path)))
+            .map(|m| m.path.clone())
+            .ok_or_else(|| {
+                user_error(
+                    Kind::Attach,
+                    format!("process {pid} maps no libc (statically linked?): pass the object that holds malloc with -O"),
+                )
+            }),
+    }
+}
+
+fn is_libc(name: &str) -> bool {
+    name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so")) || name.starts_with("ld-musl-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proc::parse_maps;
+
+    const MAPS: &str = "\
+5600-5700 r-xp 00001000 00:2a 12 /app
+7f00-7f10 r-xp 00028000 00:2a 13 /lib/x86_64-linux-gnu/libc.so.6
+7f20-7f30 r-xp 00002000 00:2a 14 /usr/lib/libjemalloc.so.2
+7f40-7f50 rw-p 00000000 00:00 0 
+";
+
+    #[test]
+    fn default_object_is_the_mapped_libc() {
+        let maps = parse_maps(MAPS);
+        assert_eq!(allocator_object(&maps, None, 1).unwrap(), "/lib/x86_64-linux-gnu/libc.so.6");
+    }
+
+    #[test]
+    fn obj_by_library_name_or_path() {
+        let maps = parse_maps(MAPS);
+        assert_eq!(allocator_object(&maps, Some(Path::new("libjemalloc")), 1).unwrap(), "/usr/lib/libjemalloc.so.2");
+        assert_eq!(allocator_object(&maps, Some(Path::new("libjemalloc.so.2")), 1).unwrap(), "/usr/lib/libjemalloc.so.2");
+        assert_eq!(allocator_object(&maps, Some(Path::new("/app")), 1).unwrap(), "/app");
+        let err = allocator_object(&maps, Some(Path::new("libtcmalloc")), 1).unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), Kind::Attach as u8);
+        let err = allocator_object(&maps, Some(Path::new("/no/such/lib.so")), 1).unwrap_err();
+        assert!(err.to_string().contains("no such file"), "{err}");
+    }
+
+    #[test]
+    fn static_binary_has_no_default_object() {
+        let maps = parse_maps("5600-5700 r-xp 00001000 00:2a 12 /app\n");
+        let err = allocator_object(&maps, None, 9).unwrap_err();
+        assert!(err.to_string().contains("-O"), "{err}");
+    }
+
+    #[test]
+    fn libc_names() {
+        assert!(is_libc("libc.so.6") && is_libc("libc-2.27.so") && is_libc("ld-musl-x86_64.so.1"));
+        assert!(!is_libc("libcrypto.so.3") && !is_libc("libcap.so.2"));
+    }
+}

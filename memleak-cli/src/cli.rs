@@ -1,0 +1,194 @@
+//! Command-line options: bcc memleak's, plus map sizes and `-v`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::error::{Kind, user_error};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "memleak",
+    version,
+    about = "Trace outstanding memory allocations that were not freed, with their call stacks.",
+    after_help = "EXAMPLES:\n    \
+        memleak -p $(pidof app) -a      outstanding allocations of app, with addresses, every 5 s\n    \
+        memleak -p 181 10 3             three reports, 10 s apart\n    \
+        memleak -p 181 -o 60000         only allocations older than a minute\n    \
+        memleak -p 181 --combined-only  totals per stack kept in the kernel (cheapest report)\n    \
+        memleak -p 181 -z 4096          only requests of 4 KiB or more"
+)]
+pub struct Args {
+    /// Trace this process (its allocator calls only). Without it: the whole system.
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+
+    /// Print every allocation and free as it happens.
+    #[arg(short, long)]
+    pub trace: bool,
+
+    /// Show the address and size of each outstanding allocation.
+    #[arg(short = 'a', long = "show-allocs")]
+    pub show_allocs: bool,
+
+    /// Report only allocations older than this many milliseconds.
+    #[arg(short, long, value_name = "MS", default_value_t = 500)]
+    pub older: u64,
+
+    /// Run this command and trace it.
+    #[arg(short, long, value_name = "COMMAND")]
+    pub command: Option<String>,
+
+    /// Report from the per-stack totals kept in the kernel, not from each allocation.
+    #[arg(long)]
+    pub combined_only: bool,
+
+    /// Accepted for bcc compatibility: a block allocated again at an address
+    /// whose free was missed always replaces the stale one.
+    #[arg(long)]
+    pub wa_missing_free: bool,
+
+    /// Record one allocation in every N.
+    #[arg(short, long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample_rate: u64,
+
+    /// Show this many stacks with the most outstanding bytes.
+    #[arg(short = 'T', long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// Trace only requests of at least this many bytes.
+    #[arg(short = 'z', long, value_name = "BYTES")]
+    pub min_size: Option<u64>,
+
+    /// Trace only requests of at most this many bytes.
+    #[arg(short = 'Z', long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+
+    /// Hook the allocator in this object (path or library name) instead of the process's libc.
+    #[arg(short = 'O', long, value_name = "OBJ")]
+    pub obj: Option<PathBuf>,
+
+    /// Trace kernel percpu allocations.
+    #[arg(long)]
+    pub percpu: bool,
+
+    /// Most outstanding allocations tracked at once.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    pub max_allocs: u32,
+
+    /// Most distinct call stacks recorded.
+    #[arg(long, value_name = "N", default_value_t = 1 << 14)]
+    pub max_stacks: u32,
+
+    /// Say what is hooked where.
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    /// Seconds between reports.
+    #[arg(default_value_t = 5)]
+    pub interval: u64,
+
+    /// Number of reports, then exit (default: until Ctrl-C or the target exits).
+    pub count: Option<u64>,
+}
+
+impl Args {
+    /// Checks what clap cannot: value combinations, and options that belong
+    /// to modes not built yet (refused, never silently ignored).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.interval == 0 {
+            return Err(user_error(Kind::Usage, "interval must be at least 1 second"));
+        }
+        if self.count == Some(0) {
+            return Err(user_error(Kind::Usage, "count must be at least 1"));
+        }
+        if self.top == 0 {
+            return Err(user_error(Kind::Usage, "--top must be at least 1"));
+        }
+        if let (Some(min), Some(max)) = (self.min_size, self.max_size)
+            && min > max
+        {
+            return Err(user_error(
+                Kind::Usage,
+                format!("--min-size {min} is larger than --max-size {max}"),
+            ));
+        }
+        if self.max_allocs == 0 || self.max_stacks == 0 {
+            return Err(user_error(Kind::Usage, "--max-allocs and --max-stacks must be at least 1"));
+        }
+        if self.pid == Some(0) {
+            return Err(user_error(Kind::Usage, "PID 0 is not a process"));
+        }
+        if self.command.is_some() {
+            return Err(user_error(
+                Kind::Unsupported,
+                "-c/--command is not supported yet: start the program, then use -p PID",
+            ));
+        }
+        if self.percpu {
+            return Err(user_error(
+                Kind::Unsupported,
+                "--percpu (kernel allocations) is not supported yet",
+            ));
+        }
+        if self.pid.is_none() {
+            return Err(user_error(
+                Kind::Unsupported,
+                "system-wide tracing is not supported yet: pass -p PID",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("memleak").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_bcc() {
+        let a = parse(&["-p", "42"]).unwrap();
+        assert_eq!(a.pid, Some(42));
+        assert_eq!((a.interval, a.count, a.older, a.top, a.sample_rate), (5, None, 500, 10, 1));
+        assert!(!a.show_allocs && !a.combined_only && !a.trace);
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn bcc_short_options_and_positionals() {
+        let a = parse(&["-p", "7", "-a", "-t", "-o", "100", "-T", "3", "-s", "10", "-z", "16",
+                        "-Z", "4096", "-O", "libc.so.6", "1", "3"]).unwrap();
+        assert_eq!((a.pid, a.interval, a.count), (Some(7), 1, Some(3)));
+        assert_eq!((a.older, a.top, a.sample_rate), (100, 3, 10));
+        assert_eq!((a.min_size, a.max_size), (Some(16), Some(4096)));
+        assert_eq!(a.obj.as_deref(), Some(std::path::Path::new("libc.so.6")));
+        assert!(a.show_allocs && a.trace);
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        assert!(parse(&["-p", "x"]).is_err());
+        assert!(parse(&["-p", "1", "-s", "0"]).is_err());
+        assert!(parse(&["-p", "1", "-z", "-5"]).is_err());
+        for args in [&["-p", "1", "0"][..], &["-p", "1", "1", "0"], &["-p", "1", "-z", "10", "-Z", "5"],
+                     &["-p", "0"], &["-p", "1", "-T", "0"]] {
+            let err = parse(args).unwrap().validate().unwrap_err();
+            assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn later_modes_are_refused_not_ignored() {
+        for args in [&["-c", "ls"][..], &["-p", "1", "--percpu"], &[]] {
+            let err = parse(args).unwrap().validate().unwrap_err();
+            assert_eq!(crate::error::exit_code(&err), Kind::Unsupported as u8, "{args:?}");
+            assert!(err.to_string().contains("not supported yet"), "{err}");
+        }
+    }
+}

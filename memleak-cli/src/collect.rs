@@ -1,0 +1,105 @@
+//! Reads what the kernel side recorded: outstanding allocations, per-stack
+//! totals, stacks, and the counters of what it could not record.
+
+use std::collections::HashMap as StdHashMap;
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+};
+use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, STAT_COUNT, Stat, maps};
+
+pub struct Recorded {
+    allocs: HashMap<MapData, AllocKey, AllocInfo>,
+    combined: HashMap<MapData, CombinedKey, CombinedAlloc>,
+    stacks: StackTraceMap<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Recorded {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+        Ok(Self {
+            allocs: HashMap::try_from(take(maps::ALLOCS)?)?,
+            combined: HashMap::try_from(take(maps::COMBINED)?)?,
+            stacks: StackTraceMap::try_from(take(maps::STACKS)?)?,
+            stats: PerCpuArray::try_from(take(maps::STATS)?)?,
+        })
+    }
+
+    /// Outstanding allocations. The kernel changes the map while we walk
+    /// it, and a walk that loses its place starts over: keep each key once.
+    pub fn allocations(&self) -> Vec<(AllocKey, AllocInfo)> {
+        let mut seen: StdHashMap<AllocKey, AllocInfo> = StdHashMap::new();
+        for (key, info) in self.allocs.iter().filter_map(Result::ok) {
+            seen.insert(key, info);
+        }
+        seen.into_iter().collect()
+    }
+
+    /// The kernel's running totals per (process, stack).
+    pub fn combined(&self) -> Vec<(CombinedKey, CombinedAlloc)> {
+        let mut seen: StdHashMap<CombinedKey, CombinedAlloc> = StdHashMap::new();
+        for (key, value) in self.combined.iter().filter_map(Result::ok) {
+            seen.insert(key, value);
+        }
+        seen.into_iter().collect()
+    }
+
+    /// Return addresses of a stack, innermost first (empty if it is gone).
+    pub fn stack(&self, stack_id: u32) -> Vec<u64> {
+        self.stacks
+            .get(&stack_id, 0)
+            .map(|s| s.frames().iter().map(|f| f.ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// Totals over all CPUs of the `Stat` counters.
+    pub fn lost(&self) -> [u64; STAT_COUNT as usize] {
+        let mut totals = [0; STAT_COUNT as usize];
+        for (i, total) in totals.iter_mut().enumerate() {
+            if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                *total = values.iter().sum();
+            }
+        }
+        totals
+    }
+}
+
+/// One warning line per counter that grew since `before`.
+pub fn lost_warnings(before: &[u64], now: &[u64]) -> Vec<String> {
+    let what = |i: usize| match i {
+        i if i == Stat::AllocMapFull as usize => "allocations not tracked (allocation map full, raise --max-allocs)",
+        i if i == Stat::StackLost as usize => {
+            "allocations recorded without a stack (stack map full or busy, raise --max-stacks)"
+        }
+        i if i == Stat::CombinedMapFull as usize => {
+            "allocations missing from the per-stack totals (combined map full, raise --max-stacks)"
+        }
+        _ => "allocator calls not followed (too many threads inside the allocator at once)",
+    };
+    now.iter()
+        .zip(before)
+        .enumerate()
+        .filter(|(_, (n, b))| n > b)
+        .map(|(i, (n, b))| format!("warning: {} {}", n - b, what(i)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_only_about_growth() {
+        assert!(lost_warnings(&[0, 0, 0, 0], &[0, 0, 0, 0]).is_empty());
+        assert_eq!(
+            lost_warnings(&[10, 0, 0, 0], &[1244, 0, 0, 0]),
+            ["warning: 1234 allocations not tracked (allocation map full, raise --max-allocs)"]
+        );
+        let w = lost_warnings(&[0, 1, 0, 0], &[0, 3, 0, 5]);
+        assert_eq!(w.len(), 2);
+        assert!(w[0].starts_with("warning: 2 allocations recorded without a stack"));
+    }
+}

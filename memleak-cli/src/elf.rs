@@ -1,0 +1,83 @@
+//! Finds where functions live in an ELF file, as file offsets (what the
+//! kernel's uprobes take), reading the file once for all of them.
+
+use std::{collections::HashMap, fs, path::Path};
+
+use anyhow::Context as _;
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+
+/// File offsets of the named functions defined in `path` (dynamic symbols
+/// first, then the full symbol table); names not defined are absent.
+pub fn function_offsets(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<String, u64>> {
+    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = object::File::parse(&*data)
+        .with_context(|| format!("{} is not an ELF file", path.display()))?;
+    // Virtual address -> file offset, through the loadable segments.
+    let segments: Vec<(u64, u64, u64)> = file
+        .segments()
+        .map(|s| {
+            let (offset, size) = s.file_range();
+            (s.address(), size, offset)
+        })
+        .collect();
+    let to_offset = |addr: u64| {
+        segments
+            .iter()
+            .find(|(vaddr, size, _)| *vaddr <= addr && addr < vaddr + size)
+            .map(|(vaddr, _, offset)| addr - vaddr + offset)
+    };
+    let mut found = HashMap::new();
+    for symbol in file.dynamic_symbols().chain(file.symbols()) {
+        if symbol.kind() != SymbolKind::Text || symbol.is_undefined() || symbol.address() == 0 {
+            continue;
+        }
+        let Ok(name) = symbol.name() else { continue };
+        // Versioned names in .symtab look like "malloc@@GLIBC_2.2.5".
+        let name = name.split('@').next().unwrap_or(name);
+        if found.contains_key(name) || !names.contains(&name) {
+            continue;
+        }
+        if let Some(offset) = to_offset(symbol.address()) {
+            found.insert(name.to_string(), offset);
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The libc this test binary runs on.
+    fn own_libc() -> std::path::PathBuf {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps.lines().find(|l| l.contains("/libc.so") || l.contains("/libc-")).unwrap();
+        line.split_whitespace().last().unwrap().into()
+    }
+
+    #[test]
+    fn finds_allocator_in_real_libc() {
+        let offsets = function_offsets(&own_libc(), &["malloc", "free", "calloc", "no_such_fn"]).unwrap();
+        assert!(offsets["malloc"] > 0 && offsets["free"] > 0 && offsets["calloc"] > 0);
+        assert_ne!(offsets["malloc"], offsets["free"]);
+        assert!(!offsets.contains_key("no_such_fn"));
+    }
+
+    #[test]
+    fn offsets_point_at_the_function_bytes() {
+        // The offset of malloc read from the file must equal the address
+        // of malloc in this process minus its mapping, plus the mapping's offset.
+        let libc = own_libc();
+        let offset = function_offsets(&libc, &["malloc"]).unwrap()["malloc"];
+        let addr = libc::malloc as *const () as u64;
+        let maps = crate::proc::parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let m = maps.iter().find(|m| m.contains(addr)).unwrap();
+        assert_eq!(addr - m.start + m.offset, offset);
+    }
+
+    #[test]
+    fn non_elf_is_an_error() {
+        let err = function_offsets(Path::new("/proc/self/status"), &["malloc"]).unwrap_err();
+        assert!(format!("{err:#}").contains("not an ELF"), "{err:#}");
+    }
+}

@@ -1,0 +1,115 @@
+//! Loads the kernel programs, configured through read-only globals and map
+//! sizes (no recompiling), and names each program once.
+
+use anyhow::Context as _;
+use aya::{Ebpf, EbpfLoader};
+use memleak_common::{globals, maps};
+
+use crate::{
+    cli::Args,
+    error::{Kind, user_error},
+};
+
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+
+/// Kernel-side settings taken from the options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub min_size: u64,
+    pub max_size: u64,
+    pub sample_every: u64,
+    pub trace: bool,
+    pub max_allocs: u32,
+    pub max_stacks: u32,
+}
+
+impl Config {
+    pub fn from_args(args: &Args) -> Self {
+        Self {
+            min_size: args.min_size.unwrap_or(0),
+            max_size: args.max_size.unwrap_or(u64::MAX),
+            sample_every: args.sample_rate,
+            trace: args.trace,
+            max_allocs: args.max_allocs,
+            max_stacks: args.max_stacks,
+        }
+    }
+}
+
+pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
+    check_privileges()?;
+    raise_memlock_limit();
+    let self_tgid = std::process::id();
+    let trace = u32::from(config.trace);
+    let combined = config.max_stacks.saturating_mul(4).max(1024);
+    EbpfLoader::new()
+        .override_global(globals::MIN_SIZE, &config.min_size, true)
+        .override_global(globals::MAX_SIZE, &config.max_size, true)
+        .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
+        .override_global(globals::SELF_TGID, &self_tgid, true)
+        .override_global(globals::TRACE, &trace, true)
+        .map_max_entries(maps::ALLOCS, config.max_allocs)
+        .map_max_entries(maps::STACKS, config.max_stacks)
+        .map_max_entries(maps::COMBINED, combined)
+        .load(PROGRAMS)
+        .map_err(|e| {
+            let text = format!("{e:#}");
+            if text.contains("EPERM") || text.contains("Operation not permitted") {
+                user_error(
+                    Kind::Permission,
+                    format!("the kernel refused to load BPF programs ({text}): run as root, and check kernel.unprivileged_bpf_disabled and lockdown"),
+                )
+            } else {
+                anyhow::Error::new(e).context("loading the BPF programs")
+            }
+        })
+}
+
+/// Root, or the capabilities BPF tracing needs.
+fn check_privileges() -> anyhow::Result<()> {
+    // SAFETY: no arguments, cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    // CAP_PERFMON (38), CAP_BPF (39) and CAP_SYS_ADMIN (21, for /proc/PID/map_files).
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let needed = (1u64 << 38) | (1 << 39) | (1 << 21);
+    if caps & needed == needed {
+        return Ok(());
+    }
+    Err(user_error(
+        Kind::Permission,
+        "must be run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): try sudo memleak ...",
+    ))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Newer ones (and
+/// unprivileged containers, where raising it fails) do not need it: never fatal.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// Loads one program into the kernel, by name, for attaching.
+pub fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::UProbe> {
+    let program: &mut aya::programs::UProbe = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the BPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a uprobe"))?;
+    if program.fd().is_err() {
+        program.load().with_context(|| format!("loading program {name}"))?;
+    }
+    Ok(program)
+}

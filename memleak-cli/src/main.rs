@@ -1,0 +1,33 @@
+//! memleak: trace outstanding memory allocations with eBPF.
+
+mod attach;
+mod cli;
+mod collect;
+mod elf;
+mod error;
+mod loader;
+mod proc;
+mod report;
+mod symbolize;
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    let result = args.validate().and_then(|()| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(trace::run(args))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("memleak: {err:#}");
+            ExitCode::from(error::exit_code(&err))
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! What /proc says about the target: that it exists, what it maps, and a
+//! pidfd that tells when it exits.
+
+use std::{
+    fs,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+
+use crate::error::{Kind, user_error};
+
+/// The traced process, as it was when tracing started.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl Target {
+    /// Checks that `pid` names a user process we can trace.
+    pub fn open(pid: u32) -> anyhow::Result<Self> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                user_error(Kind::NoProcess, format!("no process with PID {pid}"))
+            } else {
+                anyhow::Error::new(e).context(format!("reading /proc/{pid}/stat"))
+            }
+        })?;
+        let stat = Stat::parse(&stat)
+            .ok_or_else(|| anyhow::anyhow!("cannot parse /proc/{pid}/stat"))?;
+        if stat.is_kernel_thread() {
+            return Err(user_error(
+                Kind::NoProcess,
+                format!("PID {pid} ({}) is a kernel thread: it has no user-space allocator to trace", stat.comm),
+            ));
+        }
+        Ok(Self { pid, comm: stat.comm })
+    }
+
+    /// The process's mappings now.
+    pub fn maps(&self) -> anyhow::Result<Vec<Mapping>> {
+        let text = fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+                user_error(Kind::NoProcess, format!("process {} exited", self.pid))
+            } else {
+                anyhow::Error::new(e).context(format!("reading /proc/{}/maps", self.pid))
+            }
+        })?;
+        Ok(parse_maps(&text))
+    }
+
+    /// A host path to the file behind `mapping`: through /proc/PID/root when
+    /// that still leads to the mapped inode, else through
+    /// /proc/PID/map_files (the file was deleted or replaced since).
+    pub fn mapped_file(&self, mapping: &Mapping) -> PathBuf {
+        use std::os::unix::fs::MetadataExt as _;
+        let rooted = self.host_path(Path::new(&mapping.path));
+        match fs::metadata(&rooted) {
+            Ok(meta) if meta.ino() == mapping.inode => rooted,
+            _ => PathBuf::from(format!(
+                "/proc/{}/map_files/{:x}-{:x}",
+                self.pid, mapping.start, mapping.end
+            )),
+        }
+    }
+
+    /// A path to `path` (as the process sees it) that is valid on the host,
+    /// whatever mount namespace the process lives in.
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        let mut host = PathBuf::from(format!("/proc/{}/root", self.pid));
+        host.push(path.strip_prefix("/").unwrap_or(path));
+        host
+    }
+}
+
+/// The fields of /proc/PID/stat that memleak uses.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub comm: String,
+    pub flags: u64,
+    pub start_time: u64,
+}
+
+impl Stat {
+    /// Parses /proc/PID/stat; `comm` may hold spaces and parentheses, so
+    /// the fields after it are found from the last ')'.
+    pub fn parse(text: &str) -> Option<Self> {
+        let open = text.find('(')?;
+        let close = text.rfind(')')?;
+        let comm = text.get(open + 1..close)?.to_string();
+        // Fields after comm, numbered from 3 (state) as in proc(5).
+        let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+        let field = |n: usize| rest.get(n - 3)?.parse::<u64>().ok();
+        Some(Self {
+            comm,
+            flags: field(9)?,
+            start_time: field(22)?,
+        })
+    }
+
+    pub fn is_kernel_thread(&self) -> bool {
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        self.flags & PF_KTHREAD != 0
+    }
+}
+
+/// One line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub offset: u64,
+    pub inode: u64,
+    /// The path as the process sees it ("" for anonymous memory); a file
+    /// deleted since it was mapped keeps its " (deleted)" suffix here.
+    pub path: String,
+}
+
+impl Mapping {
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+
+    /// The name printed in frames: `[app]`, `[libc.so.6]`.
+    pub fn module_name(&self) -> &str {
+        module_name(&self.path)
+    }
+}
+
+/// The last component of a module path, without " (deleted)".
+pub fn module_name(path: &str) -> &str {
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Parses /proc/PID/maps; malformed lines are skipped, never fatal.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let inode = fields.next()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        perms: perms.to_string(),
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        inode: inode.parse().ok()?,
+        path: path.to_string(),
+    })
+}
+
+/// A pidfd: readable once the process has exited.
+pub struct PidFd(OwnedFd);
+
+impl PidFd {
+    pub fn open(pid: u32) -> anyhow::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ESRCH) {
+                return Err(user_error(Kind::NoProcess, format!("process {pid} exited")));
+            }
+            return Err(err).context("pidfd_open");
+        }
+        // SAFETY: the fd was just returned to us and nobody else owns it.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+    }
+}
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines_of_every_kind() {
+        let text = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 00:2a 12 /app
+7f1e2a000000-7f1e2a028000 r-xp 00028000 fd:01 1835 /lib/x86_64-linux-gnu/libc.so.6
+7f1e2b000000-7f1e2b021000 rw-p 00000000 00:00 0 
+7ffd5a000000-7ffd5a021000 rw-p 00000000 00:00 0                          [stack]
+7f00-7f10 r-xp 00000000 00:2a 99 /srv/my app (deleted)
+garbage line
+";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 5);
+        assert_eq!(maps[0].path, "/app");
+        assert_eq!((maps[1].start, maps[1].end, maps[1].offset), (0x7f1e2a000000, 0x7f1e2a028000, 0x28000));
+        assert_eq!(maps[1].module_name(), "libc.so.6");
+        assert!(maps[1].is_file() && !maps[2].is_file() && !maps[3].is_file());
+        assert_eq!(maps[3].path, "[stack]");
+        assert_eq!(maps[4].path, "/srv/my app (deleted)");
+        assert_eq!(maps[4].module_name(), "my app");
+        assert!(maps[1].contains(0x7f1e2a000000) && !maps[1].contains(0x7f1e2a028000));
+    }
+
+    #[test]
+    fn parses_stat_with_awkward_comm() {
+        let line = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 10 0 0 0 1 2 0 0 20 0 3 0 987654 1000 100";
+        let stat = Stat::parse(line).unwrap();
+        assert_eq!(stat.comm, "a (b) c");
+        assert_eq!(stat.flags, 4194560);
+        assert_eq!(stat.start_time, 987654);
+        assert!(!stat.is_kernel_thread());
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
+        assert!(Stat::parse(kthread).unwrap().is_kernel_thread());
+        assert_eq!(Stat::parse("nonsense"), None);
+    }
+
+    #[test]
+    fn host_path_goes_through_proc_root() {
+        let t = Target { pid: 42, comm: "app".into() };
+        assert_eq!(t.host_path(Path::new("/lib/libc.so.6")), PathBuf::from("/proc/42/root/lib/libc.so.6"));
+    }
+
+    #[test]
+    fn real_process_is_found_and_missing_one_is_not() {
+        let me = Target::open(std::process::id()).unwrap();
+        assert!(me.maps().unwrap().iter().any(Mapping::is_file));
+        let err = Target::open(u32::MAX - 1).unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), Kind::NoProcess as u8);
+        let err = Target::open(2).unwrap_err(); // kthreadd
+        assert!(err.to_string().contains("kernel thread"), "{err}");
+    }
+}

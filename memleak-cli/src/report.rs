@@ -1,0 +1,197 @@
+//! Aggregation and text output of a report. Pure: it gets map contents and
+//! a way to turn a stack into frame lines, and writes what bcc users know.
+
+use std::{collections::HashMap, io::Write};
+
+use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, NO_STACK};
+
+/// One outstanding allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Outstanding memory of one call stack of one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackTotal {
+    pub tgid: u32,
+    pub stack_id: u32,
+    pub bytes: u64,
+    pub count: u64,
+    /// The blocks, by address (empty in --combined-only mode).
+    pub blocks: Vec<Block>,
+}
+
+/// Groups allocations at least `min_age_ns` old by (process, stack),
+/// biggest first.
+pub fn by_stack(
+    allocs: impl IntoIterator<Item = (AllocKey, AllocInfo)>,
+    now_ns: u64,
+    min_age_ns: u64,
+) -> Vec<StackTotal> {
+    let mut totals: HashMap<(u32, u32), StackTotal> = HashMap::new();
+    for (key, info) in allocs {
+        if now_ns.saturating_sub(info.timestamp_ns) < min_age_ns {
+            continue;
+        }
+        let total = totals.entry((key.tgid, info.stack_id)).or_insert_with(|| StackTotal {
+            tgid: key.tgid,
+            stack_id: info.stack_id,
+            bytes: 0,
+            count: 0,
+            blocks: Vec::new(),
+        });
+        total.bytes += info.size;
+        total.count += 1;
+        total.blocks.push(Block { addr: key.addr, size: info.size });
+    }
+    let mut totals: Vec<StackTotal> = totals.into_values().collect();
+    for t in &mut totals {
+        t.blocks.sort_unstable_by_key(|b| b.addr);
+    }
+    sort(&mut totals);
+    totals
+}
+
+/// The kernel's per-stack totals (--combined-only), biggest first.
+pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAlloc)>) -> Vec<StackTotal> {
+    let mut totals: Vec<StackTotal> = entries
+        .into_iter()
+        .filter(|(_, c)| c.count != 0)
+        .map(|(k, c)| StackTotal {
+            tgid: k.tgid,
+            stack_id: k.stack_id,
+            bytes: c.total_size,
+            count: c.count,
+            blocks: Vec::new(),
+        })
+        .collect();
+    sort(&mut totals);
+    totals
+}
+
+fn sort(totals: &mut [StackTotal]) {
+    totals.sort_unstable_by(|a, b| {
+        (b.bytes, b.count).cmp(&(a.bytes, a.count)).then((a.tgid, a.stack_id).cmp(&(b.tgid, b.stack_id)))
+    });
+}
+
+/// Writes one interval's report: the header, then up to `top` stacks, each
+/// with its blocks (if `show_allocs`) and its frames from `frames`.
+pub fn write(
+    out: &mut impl Write,
+    clock: &str,
+    top: usize,
+    totals: &[StackTotal],
+    show_allocs: bool,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
+    writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations:")?;
+    for total in totals.iter().take(top) {
+        if show_allocs {
+            for b in &total.blocks {
+                writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
+            }
+        }
+        let plural = if total.count == 1 { "allocation" } else { "allocations" };
+        writeln!(out, "    {} bytes in {} {plural} from stack", total.bytes, total.count)?;
+        if total.stack_id == NO_STACK {
+            writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
+            continue;
+        }
+        for line in frames(total) {
+            writeln!(out, "        {line}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Local wall-clock time as HH:MM:SS.
+pub fn clock_now() -> String {
+    // SAFETY: time(NULL) and localtime_r with valid pointers.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&t, &mut tm);
+        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(addr: u64, size: u64, ts: u64, stack_id: u32) -> (AllocKey, AllocInfo) {
+        (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id, _pad: 0 })
+    }
+
+    #[test]
+    fn groups_by_stack_biggest_first_and_skips_young() {
+        let allocs = [
+            alloc(0x30, 8192, 100, 1),
+            alloc(0x10, 8192, 200, 1),
+            alloc(0x20, 100, 100, 2),
+            alloc(0x40, 50_000, 950, 3), // younger than 100 ns at now=1000
+        ];
+        let totals = by_stack(allocs, 1000, 100);
+        assert_eq!(totals.len(), 2);
+        assert_eq!((totals[0].stack_id, totals[0].bytes, totals[0].count), (1, 16384, 2));
+        assert_eq!(totals[0].blocks, [Block { addr: 0x10, size: 8192 }, Block { addr: 0x30, size: 8192 }]);
+        assert_eq!((totals[1].stack_id, totals[1].bytes, totals[1].count), (2, 100, 1));
+    }
+
+    #[test]
+    fn same_stack_in_two_processes_stays_apart() {
+        let mut other = alloc(0x10, 5, 0, 1);
+        other.0.tgid = 8;
+        let totals = by_stack([alloc(0x10, 5, 0, 1), other], 10, 0);
+        assert_eq!(totals.len(), 2);
+    }
+
+    #[test]
+    fn combined_drops_empty_stacks_and_sorts() {
+        let k = |s| CombinedKey { tgid: 1, stack_id: s };
+        let totals = from_combined([
+            (k(1), CombinedAlloc { total_size: 10, count: 1 }),
+            (k(2), CombinedAlloc { total_size: 0, count: 0 }),
+            (k(3), CombinedAlloc { total_size: 30, count: 3 }),
+        ]);
+        assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [3, 1]);
+    }
+
+    #[test]
+    fn writes_bcc_format() {
+        let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0);
+        let mut out = Vec::new();
+        let mut frames = |_: &StackTotal| vec!["fibonacci+0x1f [app]".to_string(), "child+0x4f [app]".to_string()];
+        write(&mut out, "03:00:41", 10, &totals, true, &mut frames).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[03:00:41] Top 10 stacks with outstanding allocations:\n\
+             \x20   addr = 7f8f70861210 size = 8192\n\
+             \x20   addr = 7f8f70863220 size = 8192\n\
+             \x20   16384 bytes in 2 allocations from stack\n\
+             \x20       fibonacci+0x1f [app]\n\
+             \x20       child+0x4f [app]\n"
+        );
+    }
+
+    #[test]
+    fn top_limits_stacks_and_lost_stacks_say_why() {
+        let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0);
+        let mut out = Vec::new();
+        write(&mut out, "00:00:00", 2, &totals, false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("30 bytes in 1 allocation from stack\n        [stack not recorded"), "{text}");
+        assert!(text.contains("20 bytes in 1 allocation"));
+        assert!(!text.contains("10 bytes"), "{text}");
+    }
+
+    #[test]
+    fn clock_is_hh_mm_ss() {
+        let c = clock_now();
+        assert_eq!(c.len(), 8);
+        assert_eq!(c.as_bytes()[2], b':');
+    }
+}

@@ -1,0 +1,324 @@
+//! Turns user stack addresses into frames: `fibonacci+0x1f [app] fibonacci.c:14`.
+//!
+//! Each file a process maps is opened once through /proc/PID/map_files and
+//! kept open, and addresses are symbolized as file offsets in it. So frames
+//! resolve for binaries inside containers (whose paths mean nothing on the
+//! host), for files deleted or replaced since the process started, and
+//! after the process has exited. Frames are cached across intervals, and
+//! only printed stacks are symbolized.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+};
+
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer as Blaze,
+    source::{Elf, Source},
+};
+
+use crate::proc::{self, Mapping};
+
+/// One symbolized return address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub addr: u64,
+    /// Function name (demangled) and offset of `addr` in it.
+    pub symbol: Option<(String, u64)>,
+    /// Module file name, e.g. `app` or `libc.so.6`.
+    pub module: Option<String>,
+    pub source: Option<SourceLine>,
+    /// Functions inlined at this address, innermost first.
+    pub inlined: Vec<(String, Option<SourceLine>)>,
+}
+
+/// A source location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceLine {
+    pub file: String,
+    pub line: Option<u32>,
+}
+
+impl fmt::Display for SourceLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}", self.file),
+            None => f.write_str(&self.file),
+        }
+    }
+}
+
+impl Frame {
+    /// The printed lines of this frame: inlined callees first (a stack is
+    /// printed innermost first), then the function itself.
+    pub fn lines(&self) -> Vec<String> {
+        let with_source = |text: String, source: &Option<SourceLine>| match source {
+            Some(s) => format!("{text} {s}"),
+            None => text,
+        };
+        let module = self.module.as_deref().unwrap_or("unknown");
+        let mut lines: Vec<String> = self
+            .inlined
+            .iter()
+            .map(|(name, source)| with_source(format!("{name} [inlined]"), source))
+            .collect();
+        let main = match &self.symbol {
+            Some((name, offset)) => format!("{name}+{offset:#x} [{module}]"),
+            None => format!("{:#x} [{module}]", self.addr),
+        };
+        lines.push(with_source(main, &self.source));
+        lines
+    }
+}
+
+/// A mapped file, held open so it stays readable whatever happens to its path.
+struct Module {
+    file: File,
+    /// The name printed in frames: `app`, `libc.so.6`.
+    name: String,
+}
+
+impl Module {
+    fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// Symbolizes the user stacks of processes, remembering what it resolved.
+pub struct Symbolizer {
+    blaze: Blaze,
+    cache: HashMap<(u32, u64), Frame>,
+    /// Each process's mappings, with the module behind file mappings.
+    views: HashMap<u32, Vec<(Mapping, Option<usize>)>>,
+    modules: Vec<Module>,
+    /// (inode, path) -> index in `modules`.
+    opened: HashMap<(u64, String), usize>,
+    warned: HashSet<String>,
+}
+
+impl Symbolizer {
+    pub fn new(source_lines: bool) -> Self {
+        let blaze = Blaze::builder()
+            .enable_code_info(source_lines)
+            .enable_inlined_fns(source_lines)
+            .enable_demangling(true)
+            .build();
+        Self {
+            blaze,
+            cache: HashMap::new(),
+            views: HashMap::new(),
+            modules: Vec::new(),
+            opened: HashMap::new(),
+            warned: HashSet::new(),
+        }
+    }
+
+    /// Reads `pid`'s mappings and opens the files not open yet. Call it
+    /// while the process lives (at attach, each interval): what it opened
+    /// still symbolizes after the process exits.
+    pub fn refresh(&mut self, pid: u32) {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
+        let maps = proc::parse_maps(&text);
+        if maps.is_empty() {
+            return; // exited: keep what we had
+        }
+        let view = maps
+            .into_iter()
+            .map(|m| {
+                let module = if m.is_file() { self.open(pid, &m) } else { None };
+                (m, module)
+            })
+            .collect();
+        self.views.insert(pid, view);
+    }
+
+    fn open(&mut self, pid: u32, m: &Mapping) -> Option<usize> {
+        let key = (m.inode, m.path.clone());
+        if let Some(&i) = self.opened.get(&key) {
+            return Some(i);
+        }
+        let via_map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        let rooted = format!("/proc/{pid}/root{}", m.path.strip_suffix(" (deleted)").unwrap_or(&m.path));
+        let file = match File::open(&via_map_files).or_else(|_| File::open(&rooted)) {
+            Ok(file) => file,
+            Err(e) => {
+                if self.warned.insert(m.path.clone()) {
+                    eprintln!("warning: cannot open {} of process {pid} ({e}): its frames show as addresses", m.path);
+                }
+                return None;
+            }
+        };
+        self.modules.push(Module { file, name: m.module_name().to_string() });
+        self.opened.insert(key, self.modules.len() - 1);
+        Some(self.modules.len() - 1)
+    }
+
+    /// Frames for `addrs` (return addresses, innermost first) of process `pid`.
+    pub fn frames(&mut self, pid: u32, addrs: &[u64]) -> Vec<Frame> {
+        let missing: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !self.cache.contains_key(&(pid, *a)))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            if !self.views.contains_key(&pid) {
+                self.refresh(pid);
+            }
+            self.resolve(pid, &missing);
+        }
+        addrs.iter().map(|a| self.cache[&(pid, *a)].clone()).collect()
+    }
+
+    fn resolve(&mut self, pid: u32, addrs: &[u64]) {
+        // Every address is a return address: look up the call instruction
+        // before it, so the function and line are the caller's even when
+        // the call is the last instruction of a function.
+        let mut by_module: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
+        for &addr in addrs {
+            let call = addr.saturating_sub(1);
+            let found = self.views.get(&pid).and_then(|v| v.iter().find(|(m, _)| m.contains(call)));
+            match found {
+                Some((m, Some(module))) => {
+                    by_module.entry(*module).or_default().push((addr, call - m.start + m.offset));
+                }
+                _ => {
+                    let frame = self.unresolved(pid, addr);
+                    self.cache.insert((pid, addr), frame);
+                }
+            }
+        }
+        for (module, wanted) in by_module {
+            let offsets: Vec<u64> = wanted.iter().map(|(_, off)| *off).collect();
+            let src = Source::Elf(Elf::new(self.modules[module].fd_path()));
+            let name = &self.modules[module].name;
+            let frames: Vec<Option<Frame>> = match self.blaze.symbolize(&src, Input::FileOffset(&offsets)) {
+                Ok(results) => results.into_iter().zip(&wanted).map(|(s, (addr, _))| to_frame(*addr, name, s)).collect(),
+                Err(_) => vec![None; wanted.len()],
+            };
+            for ((addr, _), frame) in wanted.iter().zip(frames) {
+                let frame = frame.unwrap_or_else(|| self.unresolved(pid, *addr));
+                self.cache.insert((pid, *addr), frame);
+            }
+        }
+    }
+
+    /// A frame no symbol was found for: its address and module, and one
+    /// warning per module without symbols.
+    fn unresolved(&mut self, pid: u32, addr: u64) -> Frame {
+        let found = self.views.get(&pid).and_then(|v| v.iter().find(|(m, _)| m.contains(addr.saturating_sub(1))));
+        let module = match found {
+            Some((m, _)) if m.path.is_empty() => "anon".to_string(),
+            Some((m, _)) => m.module_name().to_string(),
+            None => "unmapped".to_string(),
+        };
+        if let Some((m, Some(_))) = found
+            && self.warned.insert(m.path.clone())
+        {
+            eprintln!("warning: no symbols for some frames in {} of process {pid} (stripped?)", m.path);
+        }
+        Frame { addr, symbol: None, module: Some(module), source: None, inlined: vec![] }
+    }
+}
+
+fn to_frame(addr: u64, module: &str, symbolized: Symbolized<'_>) -> Option<Frame> {
+    let Symbolized::Sym(sym) = symbolized else { return None };
+    let source = |info: Option<&blazesym::symbolize::CodeInfo<'_>>| {
+        info.map(|c| SourceLine { file: short_path(&c.to_path().to_string_lossy()), line: c.line })
+    };
+    Some(Frame {
+        addr,
+        // +1: the lookup was at the call instruction, the offset printed is
+        // the return address's (as bcc prints it).
+        symbol: Some((sym.name.to_string(), sym.offset as u64 + 1)),
+        module: Some(module.to_string()),
+        source: source(sym.code_info.as_deref()),
+        inlined: sym.inlined.iter().rev().map(|f| (f.name.to_string(), source(f.code_info.as_ref()))).collect(),
+    })
+}
+
+/// Source paths keep their last two components: enough to find the file,
+/// short enough to read.
+pub fn short_path(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    match parts.len() {
+        0 => path.to_string(),
+        1 => parts[0].to_string(),
+        n => format!("{}/{}", parts[n - 2], parts[n - 1]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(symbol: Option<(&str, u64)>, module: &str, source: Option<(&str, u32)>) -> Frame {
+        Frame {
+            addr: 0x401136,
+            symbol: symbol.map(|(n, o)| (n.to_string(), o)),
+            module: Some(module.to_string()),
+            source: source.map(|(f, l)| SourceLine { file: f.to_string(), line: Some(l) }),
+            inlined: vec![],
+        }
+    }
+
+    #[test]
+    fn frames_print_like_bcc_plus_source() {
+        assert_eq!(frame(Some(("fibonacci", 0x1f)), "app", None).lines(), ["fibonacci+0x1f [app]"]);
+        assert_eq!(
+            frame(Some(("child", 0x4f)), "app", Some(("fixtures/fibonacci.c", 30))).lines(),
+            ["child+0x4f [app] fixtures/fibonacci.c:30"]
+        );
+        assert_eq!(frame(None, "libfoo.so", None).lines(), ["0x401136 [libfoo.so]"]);
+    }
+
+    #[test]
+    fn inlined_callees_come_first() {
+        let mut f = frame(Some(("outer", 0x10)), "app", Some(("a.c", 5)));
+        f.inlined = vec![("inner".into(), Some(SourceLine { file: "a.c".into(), line: Some(9) }))];
+        assert_eq!(f.lines(), ["inner [inlined] a.c:9", "outer+0x10 [app] a.c:5"]);
+    }
+
+    #[test]
+    fn short_paths() {
+        assert_eq!(short_path("/home/u/src/memleak/tests/fixtures/fibonacci.c"), "fixtures/fibonacci.c");
+        assert_eq!(short_path("fibonacci.c"), "fibonacci.c");
+        assert_eq!(short_path("./x/y.c"), "x/y.c");
+    }
+
+    #[inline(never)]
+    fn probe_target() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn symbolizes_this_process_and_caches() {
+        let pid = std::process::id();
+        let addr = probe_target as *const () as u64 + 1; // a "return address" inside it
+        let mut s = Symbolizer::new(true);
+        let frames = s.frames(pid, &[addr, addr]);
+        let (name, offset) = frames[0].symbol.clone().expect("symbol found");
+        assert!(name.contains("probe_target"), "{name}");
+        assert_eq!(offset, 1);
+        assert!(frames[0].module.as_deref().unwrap().starts_with("memleak"), "{:?}", frames[0].module);
+        assert_eq!(frames[0], frames[1]);
+        assert_eq!(s.cache.len(), 1);
+        // A second symbolizer that only refreshed once still resolves
+        // after the maps it read are gone from /proc (the process exited).
+        let mut later = Symbolizer::new(false);
+        later.refresh(pid);
+        assert!(later.frames(pid, &[addr])[0].symbol.is_some());
+    }
+
+    #[test]
+    fn unmapped_address_keeps_a_module_label() {
+        let mut s = Symbolizer::new(false);
+        let frames = s.frames(std::process::id(), &[0x10]);
+        assert_eq!(frames[0].symbol, None);
+        assert!(frames[0].lines()[0].starts_with("0x10 ["), "{:?}", frames[0].lines());
+    }
+}

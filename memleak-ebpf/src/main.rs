@@ -1,0 +1,125 @@
+//! Kernel side of memleak: one probe per allocator hook. Entry probes note
+//! the request per thread; return probes record the block under its address
+//! with the caller's user stack (taken at return, where the frame-pointer
+//! walk starts in the caller); free and munmap forget it.
+#![no_std]
+#![no_main]
+// atomic_xadd: see record::combine.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod config;
+mod maps;
+mod record;
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_user,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id};
+
+/// malloc(size), valloc(size), pvalloc(size).
+#[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0).unwrap_or(0), 0, 0);
+    0
+}
+
+/// calloc(nmemb, size). An overflowing product makes calloc return NULL, so
+/// the wrapped size is never recorded (BPF has no 128-bit multiply).
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let nmemb: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter(nmemb.wrapping_mul(size), 0, 0);
+    0
+}
+
+/// realloc(ptr, size): frees ptr (restored if realloc fails) and allocates size.
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(1).unwrap_or(0), 0, ctx.arg(0).unwrap_or(0));
+    0
+}
+
+/// reallocarray(ptr, nmemb, size).
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    let nmemb: u64 = ctx.arg(1).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    enter(nmemb.wrapping_mul(size), 0, ctx.arg(0).unwrap_or(0));
+    0
+}
+
+/// memalign(align, size), aligned_alloc(align, size).
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(1).unwrap_or(0), 0, 0);
+    0
+}
+
+/// posix_memalign(memptr, align, size): the block comes back through memptr.
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(2).unwrap_or(0), ctx.arg(0).unwrap_or(0), 0);
+    0
+}
+
+/// Return of every allocator that returns the block.
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
+    0
+}
+
+/// Return of posix_memalign: 0 on success, the block is in *memptr.
+#[uretprobe]
+pub fn posix_memalign_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |pending| {
+        if ctx.ret::<i32>() != 0 {
+            return 0;
+        }
+        // SAFETY: bpf_probe_read_user checks the user address.
+        unsafe { bpf_probe_read_user(pending.memptr as *const u64) }.unwrap_or(0)
+    });
+    0
+}
+
+/// free(ptr).
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr != 0 {
+        forget(thread_id() >> 32, addr);
+    }
+    0
+}
+
+/// mmap(addr, length, ...).
+#[uprobe]
+pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    enter_mmap(ctx.arg(1).unwrap_or(0));
+    0
+}
+
+#[uretprobe]
+pub fn mmap_exit(ctx: RetProbeContext) -> u32 {
+    exit_mmap(&ctx, ctx.ret::<u64>());
+    0
+}
+
+/// munmap(addr, length).
+#[uprobe]
+pub fn munmap_enter(ctx: ProbeContext) -> u32 {
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    forget(thread_id() >> 32, addr);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

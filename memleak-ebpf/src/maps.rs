@@ -1,0 +1,36 @@
+//! The maps. Sizes here are defaults; the loader sets them from
+//! `--max-allocs` and `--max-stacks` before load.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, PerCpuArray, StackTrace},
+};
+use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, Pending, STAT_COUNT};
+
+/// Outstanding allocations. Not preallocated: memory follows what is live.
+#[map]
+pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
+    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+/// Outstanding totals per (tgid, stack), for `--combined-only`.
+#[map]
+pub static COMBINED: HashMap<CombinedKey, CombinedAlloc> =
+    HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// User stacks, by id.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(1 << 14, 0);
+
+/// Allocator calls under way, per thread (pid_tgid).
+#[map]
+pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0);
+
+/// mmap calls under way, per thread: apart from PENDING so that a malloc
+/// calling mmap does not clobber the malloc's pending size.
+#[map]
+pub static MMAP_PENDING: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
+
+/// Events that could not be recorded, by `memleak_common::Stat`.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);

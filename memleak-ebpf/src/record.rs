@@ -1,0 +1,273 @@
+//! What the probes do, shared by every allocator hook.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    programs::{RetProbeContext, tracing::StackIdContext},
+};
+use aya_log_ebpf::info;
+use memleak_common::{
+    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, NO_STACK, PENDING_HAS_OLD, PENDING_RECORD, Pending,
+    Stat,
+};
+
+use crate::{
+    config,
+    maps::{ALLOCS, COMBINED, MMAP_PENDING, PENDING, STACKS, STATS},
+};
+
+/// An entry whose return did not come within this long is stale (its thread
+/// died inside the allocator, or its tid was reused): a new call replaces it.
+const STALE_NS: u64 = 1_000_000_000;
+
+const EEXIST: i32 = -17;
+const MAP_FAILED: u64 = u64::MAX;
+
+#[inline(always)]
+pub fn thread_id() -> u64 {
+    bpf_get_current_pid_tgid()
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(n) = STATS.get_ptr_mut(stat as u32) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *n += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_self(pid_tgid: u64) -> bool {
+    (pid_tgid >> 32) as u32 == config::self_tgid()
+}
+
+/// Entry of an allocator call: note the request for the return probe.
+#[inline(always)]
+pub fn enter(size: u64, memptr: u64, old_addr: u64) {
+    let pid_tgid = thread_id();
+    if is_self(pid_tgid) {
+        return;
+    }
+    if let Some(outer) = PENDING.get_ptr_mut(&pid_tgid) {
+        // A call nested in another allocator call (memalign -> malloc): the
+        // outer call records the block, with the caller's stack.
+        let outer = unsafe { &mut *outer };
+        if now().wrapping_sub(outer.entered_ns) < STALE_NS {
+            outer.depth += 1;
+            return;
+        }
+    }
+    // realloc gives up its old block now, before another thread can get the
+    // same address back from the allocator; a failed realloc restores it.
+    let tgid = (pid_tgid >> 32) as u32;
+    // Both arms spell out every byte: the verifier rejects a stack slot
+    // that LLVM left undefined for a None payload.
+    let (old, has_old) = match if old_addr != 0 { take(tgid, old_addr) } else { None } {
+        Some(info) => (info, true),
+        None => (AllocInfo::default(), false),
+    };
+    let traced = size >= config::min_size() && size <= config::max_size() && sampled();
+    if !traced && !has_old {
+        return;
+    }
+    // A request filtered out still needs its return seen if it is a realloc
+    // that gave up a tracked block: a failed realloc restores it.
+    let flags = if traced { PENDING_RECORD } else { 0 } | if has_old { PENDING_HAS_OLD } else { 0 };
+    let pending = Pending {
+        size,
+        memptr,
+        old_addr,
+        old,
+        entered_ns: now(),
+        depth: 0,
+        flags,
+    };
+    if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
+        count(Stat::PendingMapFull);
+        if has_old {
+            track(tgid, old_addr, old);
+        }
+    }
+}
+
+#[inline(always)]
+fn sampled() -> bool {
+    let every = config::sample_every();
+    every <= 1 || now() % every == 0
+}
+
+/// Return of an allocator call: record the block `result` yields.
+#[inline(always)]
+pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
+    let pid_tgid = thread_id();
+    let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    let pending = unsafe { &mut *pending };
+    if pending.depth > 0 {
+        pending.depth -= 1;
+        return;
+    }
+    let pending = *pending;
+    let _ = PENDING.remove(&pid_tgid);
+    let tgid = (pid_tgid >> 32) as u32;
+    let addr = result(&pending);
+    if addr == 0 {
+        // Failed, or realloc(ptr, 0) which freed ptr. A failed realloc with a
+        // non-zero size leaves the old block allocated.
+        if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
+            track(tgid, pending.old_addr, pending.old);
+        }
+        return;
+    }
+    if pending.flags & PENDING_RECORD == 0 {
+        return;
+    }
+    record(ctx, tgid, addr, pending.size);
+}
+
+/// mmap entry, unless inside an allocator call (then the allocator's block
+/// is what counts, and recording the mapping too would count it twice).
+#[inline(always)]
+pub fn enter_mmap(len: u64) {
+    let pid_tgid = thread_id();
+    if is_self(pid_tgid) || PENDING.get_ptr(&pid_tgid).is_some() {
+        return;
+    }
+    if len < config::min_size() || len > config::max_size() || !sampled() {
+        return;
+    }
+    if MMAP_PENDING.insert(&pid_tgid, &len, BPF_ANY as u64).is_err() {
+        count(Stat::PendingMapFull);
+    }
+}
+
+#[inline(always)]
+pub fn exit_mmap(ctx: &RetProbeContext, addr: u64) {
+    let pid_tgid = thread_id();
+    let Some(len) = MMAP_PENDING.get_ptr(&pid_tgid) else {
+        return;
+    };
+    let len = unsafe { *len };
+    let _ = MMAP_PENDING.remove(&pid_tgid);
+    if addr != MAP_FAILED && addr != 0 {
+        record(ctx, (pid_tgid >> 32) as u32, addr, len);
+    }
+}
+
+/// Records a new block with the caller's stack.
+#[inline(always)]
+fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as u32,
+        Err(_) => {
+            count(Stat::StackLost);
+            NO_STACK
+        }
+    };
+    let info = AllocInfo {
+        size,
+        timestamp_ns: now(),
+        stack_id,
+        _pad: 0,
+    };
+    if config::trace() {
+        info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
+    }
+    track(tgid, addr, info);
+}
+
+/// Puts a block into ALLOCS and COMBINED.
+#[inline(always)]
+fn track(tgid: u32, addr: u64, info: AllocInfo) {
+    let key = AllocKey { addr, tgid, _pad: 0 };
+    match ALLOCS.insert(&key, &info, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            // The address is tracked already: its free was missed (made
+            // before attach, or by a path we do not hook). Replace it, and
+            // take the stale block out of the totals (bcc's --wa-missing-free,
+            // always on).
+            if let Some(stale) = ALLOCS.get_ptr(&key) {
+                combine(tgid, unsafe { *stale }, false);
+            }
+            if ALLOCS.insert(&key, &info, BPF_ANY as u64).is_err() {
+                count(Stat::AllocMapFull);
+                return;
+            }
+        }
+        Err(_) => {
+            count(Stat::AllocMapFull);
+            return;
+        }
+    }
+    combine(tgid, info, true);
+}
+
+/// Removes a block from ALLOCS and COMBINED; returns what it was.
+#[inline(always)]
+fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
+    let key = AllocKey { addr, tgid, _pad: 0 };
+    let info = unsafe { *ALLOCS.get_ptr(&key)? };
+    // Only the thread whose delete succeeds updates the totals, so a double
+    // free racing on two threads subtracts once.
+    ALLOCS.remove(&key).ok()?;
+    combine(tgid, info, false);
+    Some(info)
+}
+
+/// free and munmap.
+#[inline(always)]
+pub fn forget(tgid: u64, addr: u64) {
+    let tgid = tgid as u32;
+    if tgid == config::self_tgid() {
+        return;
+    }
+    let _ = take(tgid, addr);
+}
+
+/// Adds (or removes) one block to its stack's totals, atomically: threads
+/// allocating from the same stack on several CPUs must not lose updates.
+#[inline(always)]
+fn combine(tgid: u32, info: AllocInfo, add: bool) {
+    let key = CombinedKey {
+        tgid,
+        stack_id: info.stack_id,
+    };
+    let totals = match COMBINED.get_ptr_mut(&key) {
+        Some(t) => t,
+        None => {
+            if !add {
+                return;
+            }
+            let _ = COMBINED.insert(&key, &CombinedAlloc::default(), BPF_NOEXIST as u64);
+            match COMBINED.get_ptr_mut(&key) {
+                Some(t) => t,
+                None => {
+                    count(Stat::CombinedMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    let (size, n) = if add {
+        (info.size, 1u64)
+    } else {
+        (info.size.wrapping_neg(), u64::MAX)
+    };
+    // BPF has atomic add but no compare-and-swap, so core's atomics lack
+    // fetch_add here: the intrinsic compiles to a plain `lock xadd`.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).total_size, size);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).count, n);
+    }
+}
+
