@@ -28,20 +28,18 @@ const fn hook(function: &'static str, entry: &'static str, exit: Option<&'static
     Hook { function, entry, exit }
 }
 
-const ALLOC_EXIT: Option<&str> = Some("alloc_exit");
-
 /// The allocator family, as bcc hooks it. malloc and free are required.
 const HOOKS: &[Hook] = &[
-    hook("malloc", "malloc_enter", ALLOC_EXIT),
+    hook("malloc", "malloc_enter", Some("malloc_exit")),
     hook("free", "free_enter", None),
-    hook("calloc", "calloc_enter", ALLOC_EXIT),
-    hook("realloc", "realloc_enter", ALLOC_EXIT),
-    hook("reallocarray", "reallocarray_enter", ALLOC_EXIT),
+    hook("calloc", "calloc_enter", Some("calloc_exit")),
+    hook("realloc", "realloc_enter", Some("realloc_exit")),
+    hook("reallocarray", "reallocarray_enter", Some("reallocarray_exit")),
     hook("posix_memalign", "posix_memalign_enter", Some("posix_memalign_exit")),
-    hook("aligned_alloc", "memalign_enter", ALLOC_EXIT),
-    hook("memalign", "memalign_enter", ALLOC_EXIT),
-    hook("valloc", "malloc_enter", ALLOC_EXIT),
-    hook("pvalloc", "malloc_enter", ALLOC_EXIT),
+    hook("aligned_alloc", "aligned_alloc_enter", Some("aligned_alloc_exit")),
+    hook("memalign", "memalign_enter", Some("memalign_exit")),
+    hook("valloc", "valloc_enter", Some("valloc_exit")),
+    hook("pvalloc", "pvalloc_enter", Some("pvalloc_exit")),
     hook("mmap", "mmap_enter", Some("mmap_exit")),
     hook("munmap", "munmap_enter", None),
 ];

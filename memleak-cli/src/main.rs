@@ -16,6 +16,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`memleak ... | head`), as C tools do;
+    // the kernel then detaches the probes.
+    // SAFETY: restoring the default disposition of SIGPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Args::parse();
     let result = args.validate().and_then(|()| {
         tokio::runtime::Builder::new_current_thread()

@@ -39,7 +39,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm);
 
-    let mut reporter = Reporter::new(&args, recorded);
+    let mut reporter = Reporter::new(&args, recorded, pid);
     let period = Duration::from_secs(args.interval);
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -65,13 +65,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             _ = trace_events(&mut logger) => {}
         }
     }
-    // Dropping the Ebpf detaches every probe and frees the maps.
+    // Dropping the Ebpf detaches every probe. The kernel unregisters
+    // perf-event uprobes one at a time, ~0.1 s each, under one lock.
     drop(ebpf);
     Ok(())
 }
 
 /// Prints each interval's report.
 struct Reporter {
+    pid: u32,
     recorded: Recorded,
     symbolizer: Symbolizer,
     lost: Vec<u64>,
@@ -82,11 +84,16 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn new(args: &Args, recorded: Recorded) -> Self {
+    fn new(args: &Args, recorded: Recorded, pid: u32) -> Self {
+        let mut symbolizer = Symbolizer::new(true);
+        // Open the target's files now: its frames must still resolve if it
+        // exits before the first report.
+        symbolizer.refresh(pid);
         Self {
+            pid,
             lost: recorded.lost().to_vec(),
             recorded,
-            symbolizer: Symbolizer::new(true),
+            symbolizer,
             top: args.top,
             min_age_ns: args.older.saturating_mul(1_000_000),
             show_allocs: args.show_allocs,
@@ -95,6 +102,8 @@ impl Reporter {
     }
 
     fn report(&mut self) -> anyhow::Result<()> {
+        // Libraries loaded since the last report (dlopen) get opened too.
+        self.symbolizer.refresh(self.pid);
         let totals = if self.combined_only {
             report::from_combined(self.recorded.combined())
         } else {

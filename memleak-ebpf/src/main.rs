@@ -20,10 +20,17 @@ use aya_ebpf::{
 
 use crate::record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id};
 
-/// malloc(size), valloc(size), pvalloc(size).
+// One program per hook, named after the function it probes.
+
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
     enter(ctx.arg(0).unwrap_or(0), 0, 0);
+    0
+}
+
+#[uretprobe]
+pub fn malloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
     0
 }
 
@@ -37,10 +44,22 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
+#[uretprobe]
+pub fn calloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
+    0
+}
+
 /// realloc(ptr, size): frees ptr (restored if realloc fails) and allocates size.
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
     enter(ctx.arg(1).unwrap_or(0), 0, ctx.arg(0).unwrap_or(0));
+    0
+}
+
+#[uretprobe]
+pub fn realloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
     0
 }
 
@@ -53,10 +72,9 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// memalign(align, size), aligned_alloc(align, size).
-#[uprobe]
-pub fn memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(1).unwrap_or(0), 0, 0);
+#[uretprobe]
+pub fn reallocarray_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
     0
 }
 
@@ -67,14 +85,7 @@ pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Return of every allocator that returns the block.
-#[uretprobe]
-pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
-    0
-}
-
-/// Return of posix_memalign: 0 on success, the block is in *memptr.
+/// Returns 0 on success, with the block in *memptr.
 #[uretprobe]
 pub fn posix_memalign_exit(ctx: RetProbeContext) -> u32 {
     exit(&ctx, |pending| {
@@ -84,6 +95,58 @@ pub fn posix_memalign_exit(ctx: RetProbeContext) -> u32 {
         // SAFETY: bpf_probe_read_user checks the user address.
         unsafe { bpf_probe_read_user(pending.memptr as *const u64) }.unwrap_or(0)
     });
+    0
+}
+
+/// aligned_alloc(align, size).
+#[uprobe]
+pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(1).unwrap_or(0), 0, 0);
+    0
+}
+
+#[uretprobe]
+pub fn aligned_alloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
+    0
+}
+
+/// memalign(align, size).
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(1).unwrap_or(0), 0, 0);
+    0
+}
+
+#[uretprobe]
+pub fn memalign_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
+    0
+}
+
+/// valloc(size).
+#[uprobe]
+pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0).unwrap_or(0), 0, 0);
+    0
+}
+
+#[uretprobe]
+pub fn valloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
+    0
+}
+
+/// pvalloc(size).
+#[uprobe]
+pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0).unwrap_or(0), 0, 0);
+    0
+}
+
+#[uretprobe]
+pub fn pvalloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, |_| ctx.ret::<u64>());
     0
 }
 

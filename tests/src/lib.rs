@@ -1,1 +1,170 @@
+//! Shared by the integration tests and `cargo xtask demo`: the fixture
+//! programs, the memleak binary, and a parser for its reports.
 
+use std::{
+    env,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// A fixture program built by this crate's build script.
+pub fn fixture(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("FIXTURE_DIR")).join(name);
+    assert!(path.exists(), "fixture {} was not built", path.display());
+    path
+}
+
+/// The memleak binary under test: $MEMLEAK_BIN (set by `cargo xtask test`),
+/// else the workspace's release build.
+pub fn memleak_bin() -> PathBuf {
+    let path = env::var_os("MEMLEAK_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/memleak")
+    });
+    assert!(path.exists(), "{} is missing: run the tests with `cargo xtask test`", path.display());
+    path
+}
+
+/// A running fixture, killed (SIGKILL) and reaped when dropped.
+pub struct Running {
+    pub child: Child,
+}
+
+impl Running {
+    pub fn spawn(program: impl Into<PathBuf>, args: &[&str]) -> Self {
+        let program = program.into();
+        let child = Command::new(&program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs memleak with `args`; kills it if it runs past `limit`.
+pub fn run_memleak(args: &[String], limit: Duration) -> Output {
+    let mut child = Command::new(memleak_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start memleak");
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "memleak {args:?} hung past {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// One stack of a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stack {
+    pub bytes: u64,
+    pub count: u64,
+    /// (addr, size) of the `-a` lines printed before it.
+    pub blocks: Vec<(u64, u64)>,
+    pub frames: Vec<String>,
+}
+
+impl Stack {
+    /// Whether the innermost frames are these functions, in this order.
+    pub fn starts_with(&self, functions: &[&str]) -> bool {
+        functions.len() <= self.frames.len()
+            && functions.iter().zip(&self.frames).all(|(f, frame)| frame.starts_with(&format!("{f}+")))
+    }
+}
+
+/// One interval's report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub clock: String,
+    pub stacks: Vec<Stack>,
+}
+
+/// Parses memleak's text reports (other lines are ignored).
+pub fn parse_reports(text: &str) -> Vec<Report> {
+    let mut reports: Vec<Report> = Vec::new();
+    let mut blocks = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix('[')
+            && rest.contains("] Top ")
+        {
+            reports.push(Report { clock: rest[..8.min(rest.len())].to_string(), stacks: vec![] });
+            continue;
+        }
+        let Some(report) = reports.last_mut() else { continue };
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix("addr = ") {
+            let mut it = rest.split(" size = ");
+            let addr = u64::from_str_radix(it.next().unwrap_or(""), 16).unwrap_or(0);
+            let size = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            blocks.push((addr, size));
+        } else if trimmed.ends_with("from stack") {
+            let words: Vec<&str> = trimmed.split_whitespace().collect();
+            report.stacks.push(Stack {
+                bytes: words[0].parse().unwrap_or(0),
+                count: words[3].parse().unwrap_or(0),
+                blocks: std::mem::take(&mut blocks),
+                frames: vec![],
+            });
+        } else if line.starts_with("        ")
+            && let Some(stack) = report.stacks.last_mut()
+        {
+            stack.frames.push(trimmed.to_string());
+        }
+    }
+    reports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_reports_with_blocks_and_frames() {
+        let text = "Attaching to pid 1 (app), Ctrl+C to quit.
+[03:00:41] Top 10 stacks with outstanding allocations:
+    addr = 7f8f70863220 size = 8192
+    addr = 7f8f70861210 size = 8192
+    16384 bytes in 2 allocations from stack
+        fibonacci+0x1f [app] fixtures/fibonacci.c:20
+        child+0x40 [app]
+    5 bytes in 1 allocation from stack
+        main+0x9 [app]
+[03:00:42] Top 10 stacks with outstanding allocations:
+";
+        let reports = parse_reports(text);
+        assert_eq!(reports.len(), 2);
+        assert_eq!(reports[0].clock, "03:00:41");
+        let s = &reports[0].stacks[0];
+        assert_eq!((s.bytes, s.count), (16384, 2));
+        assert_eq!(s.blocks, [(0x7f8f70863220, 8192), (0x7f8f70861210, 8192)]);
+        assert!(s.starts_with(&["fibonacci", "child"]));
+        assert!(!s.starts_with(&["child"]));
+        assert_eq!(reports[0].stacks[1].frames, ["main+0x9 [app]"]);
+        assert!(reports[1].stacks.is_empty());
+    }
+}

@@ -1,0 +1,54 @@
+//! Bad input gets one clear line on stderr and its own exit code.
+
+use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
+
+use memleak_tests::{memleak_bin, run_memleak};
+
+fn fails_with(args: &[&str], code: i32, message: &str) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = run_memleak(&args, Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("memleak: ") && stderr.contains(message), "{args:?}: {stderr}");
+}
+
+#[test]
+fn no_such_pid() {
+    fails_with(&["-p", "4194000"], 3, "no process with PID 4194000");
+}
+
+#[test]
+fn kernel_thread() {
+    fails_with(&["-p", "2"], 3, "kernel thread");
+}
+
+#[test]
+fn interval_zero() {
+    fails_with(&["-p", "1", "0"], 2, "interval");
+}
+
+#[test]
+fn system_wide_is_refused_until_supported() {
+    fails_with(&[], 6, "not supported yet");
+}
+
+#[test]
+fn missing_obj() {
+    let me = std::process::id().to_string();
+    fails_with(&["-p", &me, "-O", "/no/such/libfoo.so"], 5, "-O /no/such/libfoo.so");
+}
+
+#[test]
+fn not_root() {
+    let out = Command::new(memleak_bin())
+        .args(["-p", "1"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run memleak as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("must be run as root"), "{stderr}");
+}
