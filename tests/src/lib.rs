@@ -1,6 +1,8 @@
 //! Shared by the integration tests and `cargo xtask demo`: the fixture
 //! programs, the memleak binary, and a parser for its reports.
 
+pub mod container;
+
 use std::{
     env,
     path::PathBuf,

@@ -1,0 +1,78 @@
+//! `cargo xtask setup`: what building the eBPF programs needs, installed
+//! only where missing, so a fresh machine needs nothing by hand.
+//! - the nightly toolchain with rust-src (for `-Z build-std=core`);
+//! - bpf-linker, linked against the LLVM inside the Rust toolchain (same
+//!   LLVM major as rustc, no system LLVM needed).
+
+use std::{fs, os::unix::fs::symlink, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::cargo;
+
+pub fn run() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"])?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("setup: installing the nightly toolchain");
+        output("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+    }
+    let installed = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: adding rust-src to nightly");
+        output("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    // The stable toolchain ships libLLVM.so.<major>.<minor>-rust-<version>:
+    // build bpf-linker against it through a prefix of two symlinks.
+    let sysroot = PathBuf::from(output("rustc", &["--print", "sysroot"])?.trim());
+    let lib = sysroot.join("lib");
+    let llvm = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}: install the rustc toolchain with rustup", lib.display()))?;
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("cannot read the LLVM version from {llvm}"))?
+        .to_string();
+    let prefix = crate::workspace_root().join("target/llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so", llvm.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        symlink(lib.join(&llvm), &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!("setup: building bpf-linker against {llvm} (about 2 minutes, once)");
+    // SAFETY: single-threaded here, before any other thread reads the environment.
+    unsafe { std::env::set_var("LLVM_PREFIX", &prefix) };
+    let feature = format!("llvm-{major}");
+    cargo(&["install", "bpf-linker", "--version", "~0.13", "--no-default-features", "--features", &feature])
+}
