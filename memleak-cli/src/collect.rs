@@ -6,14 +6,16 @@ use std::collections::HashMap as StdHashMap;
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{HashMap, MapData, PerCpuArray},
 };
-use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, STAT_COUNT, Stat, maps};
+use memleak_common::{
+    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, STAT_COUNT, Stack, Stat, maps,
+};
 
 pub struct Recorded {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     combined: HashMap<MapData, CombinedKey, CombinedAlloc>,
-    stacks: StackTraceMap<MapData>,
+    stacks: HashMap<MapData, u64, Stack>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -23,7 +25,7 @@ impl Recorded {
         Ok(Self {
             allocs: HashMap::try_from(take(maps::ALLOCS)?)?,
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
-            stacks: StackTraceMap::try_from(take(maps::STACKS)?)?,
+            stacks: HashMap::try_from(take(maps::STACKS)?)?,
             stats: PerCpuArray::try_from(take(maps::STATS)?)?,
         })
     }
@@ -48,10 +50,10 @@ impl Recorded {
     }
 
     /// Return addresses of a stack, innermost first (empty if it is gone).
-    pub fn stack(&self, stack_id: u32) -> Vec<u64> {
+    pub fn stack(&self, stack_id: u64) -> Vec<u64> {
         self.stacks
             .get(&stack_id, 0)
-            .map(|s| s.frames().iter().map(|f| f.ip).collect())
+            .map(|s| s.ips[..(s.len as usize).min(MAX_STACK_DEPTH)].to_vec())
             .unwrap_or_default()
     }
 
@@ -72,7 +74,7 @@ pub fn lost_warnings(before: &[u64], now: &[u64]) -> Vec<String> {
     let what = |i: usize| match i {
         i if i == Stat::AllocMapFull as usize => "allocations not tracked (allocation map full, raise --max-allocs)",
         i if i == Stat::StackLost as usize => {
-            "allocations recorded without a stack (stack map full or busy, raise --max-stacks)"
+            "allocations recorded without a stack (stack map full, raise --max-stacks)"
         }
         i if i == Stat::CombinedMapFull as usize => {
             "allocations missing from the per-stack totals (combined map full, raise --max-stacks)"

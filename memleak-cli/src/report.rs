@@ -16,7 +16,7 @@ pub struct Block {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StackTotal {
     pub tgid: u32,
-    pub stack_id: u32,
+    pub stack_id: u64,
     pub bytes: u64,
     pub count: u64,
     /// The blocks, by address (empty in --combined-only mode).
@@ -30,7 +30,7 @@ pub fn by_stack(
     now_ns: u64,
     min_age_ns: u64,
 ) -> Vec<StackTotal> {
-    let mut totals: HashMap<(u32, u32), StackTotal> = HashMap::new();
+    let mut totals: HashMap<(u32, u64), StackTotal> = HashMap::new();
     for (key, info) in allocs {
         if now_ns.saturating_sub(info.timestamp_ns) < min_age_ns {
             continue;
@@ -122,8 +122,8 @@ pub fn clock_now() -> String {
 mod tests {
     use super::*;
 
-    fn alloc(addr: u64, size: u64, ts: u64, stack_id: u32) -> (AllocKey, AllocInfo) {
-        (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id, _pad: 0 })
+    fn alloc(addr: u64, size: u64, ts: u64, stack_id: u64) -> (AllocKey, AllocInfo) {
+        (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id })
     }
 
     #[test]
@@ -151,7 +151,7 @@ mod tests {
 
     #[test]
     fn combined_drops_empty_stacks_and_sorts() {
-        let k = |s| CombinedKey { tgid: 1, stack_id: s };
+        let k = |s| CombinedKey { tgid: 1, _pad: 0, stack_id: s };
         let totals = from_combined([
             (k(1), CombinedAlloc { total_size: 10, count: 1 }),
             (k(2), CombinedAlloc { total_size: 0, count: 0 }),

@@ -20,20 +20,34 @@ pub struct AllocInfo {
     pub size: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at return.
     pub timestamp_ns: u64,
-    /// Index into `STACKS`, or [`NO_STACK`] when no stack id could be taken.
-    pub stack_id: u32,
-    pub _pad: u32,
+    /// Key into `STACKS` (a hash of the frames), or [`NO_STACK`] when the
+    /// stack could not be recorded.
+    pub stack_id: u64,
 }
 
 /// `stack_id` of an allocation whose user stack could not be recorded.
-pub const NO_STACK: u32 = u32::MAX;
+pub const NO_STACK: u64 = 0;
+
+/// Deepest user stack recorded (the kernel's default perf_event_max_stack).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// A user stack, innermost frame first: value of `STACKS`, keyed by a
+/// 64-bit hash of its frames. (A kernel stack-trace map keyed by a bucket
+/// index loses stacks whose buckets collide; with a full hash, none.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Stack {
+    pub len: u64,
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
 
 /// Key of `COMBINED`: outstanding totals per process and stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CombinedKey {
     pub tgid: u32,
-    pub stack_id: u32,
+    pub _pad: u32,
+    pub stack_id: u64,
 }
 
 /// Value of `COMBINED`, updated with atomic adds from every CPU.
@@ -75,7 +89,7 @@ pub const PENDING_HAS_OLD: u32 = 2;
 pub enum Stat {
     /// `ALLOCS` was full: the allocation is not tracked.
     AllocMapFull = 0,
-    /// No user stack id: stack map full or hash bucket taken.
+    /// No user stack: the stack map is full, or the walk failed.
     StackLost = 1,
     /// `COMBINED` was full: `--combined-only` totals miss the allocation.
     CombinedMapFull = 2,
@@ -116,4 +130,5 @@ mod pod {
     unsafe impl aya::Pod for AllocInfo {}
     unsafe impl aya::Pod for CombinedKey {}
     unsafe impl aya::Pod for CombinedAlloc {}
+    unsafe impl aya::Pod for Stack {}
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 
-use crate::record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id};
+use crate::record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id, unmap};
 
 // One program per hook, named after the function it probes.
 
@@ -176,8 +176,7 @@ pub fn mmap_exit(ctx: RetProbeContext) -> u32 {
 /// munmap(addr, length).
 #[uprobe]
 pub fn munmap_enter(ctx: ProbeContext) -> u32 {
-    let addr: u64 = ctx.arg(0).unwrap_or(0);
-    forget(thread_id() >> 32, addr);
+    unmap(thread_id() >> 32, ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0));
     0
 }
 

@@ -4,9 +4,9 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, StackTrace},
+    maps::{HashMap, PerCpuArray},
 };
-use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, Pending, STAT_COUNT};
+use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, Pending, STAT_COUNT, Stack};
 
 /// Outstanding allocations. Not preallocated: memory follows what is live.
 #[map]
@@ -18,9 +18,13 @@ pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
 pub static COMBINED: HashMap<CombinedKey, CombinedAlloc> =
     HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
-/// User stacks, by id.
+/// User stacks, by the hash of their frames.
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(1 << 14, 0);
+pub static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 14, BPF_F_NO_PREALLOC);
+
+/// Where bpf_get_stack writes, per CPU (a stack is too big for the BPF stack).
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
 /// Allocator calls under way, per thread (pid_tgid).
 #[map]

@@ -5,17 +5,19 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    programs::{RetProbeContext, tracing::StackIdContext},
+    EbpfContext as _,
+    helpers::generated::bpf_get_stack,
+    programs::RetProbeContext,
 };
 use aya_log_ebpf::info;
 use memleak_common::{
-    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, NO_STACK, PENDING_HAS_OLD, PENDING_RECORD, Pending,
-    Stat,
+    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_HAS_OLD,
+    PENDING_RECORD, Pending, Stat,
 };
 
 use crate::{
     config,
-    maps::{ALLOCS, COMBINED, MMAP_PENDING, PENDING, STACKS, STATS},
+    maps::{ALLOCS, COMBINED, MMAP_PENDING, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
 /// An entry whose return did not come within this long is stale (its thread
@@ -163,22 +165,55 @@ pub fn exit_mmap(ctx: &RetProbeContext, addr: u64) {
     }
 }
 
+/// The caller's user stack, stored in STACKS under a hash of its frames.
+#[inline(always)]
+fn user_stack(ctx: &RetProbeContext) -> u64 {
+    let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    let stack = unsafe { &mut *stack };
+    let bytes = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            stack.ips.as_mut_ptr().cast(),
+            (MAX_STACK_DEPTH * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if bytes <= 0 {
+        count(Stat::StackLost);
+        return NO_STACK;
+    }
+    let depth = (bytes as usize / 8).min(MAX_STACK_DEPTH);
+    stack.len = depth as u64;
+    // 64-bit multiplicative hash of the frames: no collisions in practice,
+    // unlike a stack-trace map's bucket index.
+    let mut hash = 0x9e37_79b9_7f4a_7c15u64 ^ depth as u64;
+    for &ip in stack.ips.iter().take(depth) {
+        hash = (hash.rotate_left(23) ^ ip).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    }
+    let id = if hash == NO_STACK { 1 } else { hash };
+    if STACKS.get_ptr(&id).is_none() {
+        match STACKS.insert(&id, stack, BPF_NOEXIST as u64) {
+            Ok(()) | Err(EEXIST) => {}
+            Err(_) => {
+                count(Stat::StackLost);
+                return NO_STACK;
+            }
+        }
+    }
+    id
+}
+
 /// Records a new block with the caller's stack.
 #[inline(always)]
 fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as u32,
-        Err(_) => {
-            count(Stat::StackLost);
-            NO_STACK
-        }
-    };
     let info = AllocInfo {
         size,
         timestamp_ns: now(),
-        stack_id,
-        _pad: 0,
+        stack_id: user_stack(ctx),
     };
+    let stack_id = info.stack_id;
     if config::trace() {
         info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
     }
@@ -224,7 +259,7 @@ fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
     Some(info)
 }
 
-/// free and munmap.
+/// free.
 #[inline(always)]
 pub fn forget(tgid: u64, addr: u64) {
     let tgid = tgid as u32;
@@ -234,12 +269,30 @@ pub fn forget(tgid: u64, addr: u64) {
     let _ = take(tgid, addr);
 }
 
+/// munmap(addr, len): a mapping unmapped from its start for less than its
+/// length keeps its tail, which is tracked on from addr + len.
+#[inline(always)]
+pub fn unmap(tgid: u64, addr: u64, len: u64) {
+    let tgid = tgid as u32;
+    if tgid == config::self_tgid() {
+        return;
+    }
+    if let Some(mut info) = take(tgid, addr)
+        && len > 0
+        && len < info.size
+    {
+        info.size -= len;
+        track(tgid, addr + len, info);
+    }
+}
+
 /// Adds (or removes) one block to its stack's totals, atomically: threads
 /// allocating from the same stack on several CPUs must not lose updates.
 #[inline(always)]
 fn combine(tgid: u32, info: AllocInfo, add: bool) {
     let key = CombinedKey {
         tgid,
+        _pad: 0,
         stack_id: info.stack_id,
     };
     let totals = match COMBINED.get_ptr_mut(&key) {
