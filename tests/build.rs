@@ -8,6 +8,7 @@ use std::{env, path::PathBuf, process::Command};
 const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("fibonacci", "fibonacci.c", &[]),
     ("fibonacci-fixed", "fibonacci.c", &["-DFIX_LEAK"]),
+    ("exact", "exact.c", &[]),
 ];
 
 fn main() {

@@ -61,16 +61,11 @@ impl Drop for Container {
     fn drop(&mut self) {
         // PID 1 of its namespace ignores SIGTERM from outside: SIGKILL.
         // SAFETY: signalling a process we started.
-        unsafe { libc_kill(self.pid as i32, 9) };
+        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
         let _ = self.launcher.kill();
         let _ = self.launcher.wait();
         let _ = fs::remove_dir_all(&self.rootfs);
     }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 fn unique() -> u64 {

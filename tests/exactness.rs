@@ -1,0 +1,126 @@
+//! Exact numbers: scenarios of the `exact` fixture whose outstanding bytes
+//! and blocks are known to the byte, traced from attach to a SIGINT report.
+
+use std::time::Duration;
+
+use memleak_tests::{Report, Stack, fixture, parse_reports, scenario::trace_scenario};
+
+fn report(args: &[&str], memleak_args: &[&str]) -> (Report, String) {
+    let mut all = vec!["-o", "0", "-T", "5000"];
+    all.extend_from_slice(memleak_args);
+    all.push("600"); // the SIGINT report is the one that counts
+    let traced = trace_scenario(&fixture("exact"), args, &all, Duration::from_secs(180));
+    assert!(traced.status.success(), "{:?}\n{}\n{}", traced.status, traced.stdout, traced.stderr);
+    let mut reports = parse_reports(&traced.stdout);
+    assert_eq!(reports.len(), 1, "{}", traced.stdout);
+    (reports.pop().unwrap(), traced.stderr)
+}
+
+fn in_function<'a>(report: &'a Report, function: &str) -> Vec<&'a Stack> {
+    report.stacks.iter().filter(|s| s.starts_with(&[function])).collect()
+}
+
+fn totals(stacks: &[&Stack]) -> (u64, u64) {
+    (stacks.iter().map(|s| s.bytes).sum(), stacks.iter().map(|s| s.count).sum())
+}
+
+#[test]
+fn sixteen_threads_of_churn_leave_exactly_nothing() {
+    for mode in [&[][..], &["--combined-only"]] {
+        let (report, stderr) = report(&["threads", "16", "150000"], mode);
+        assert!(report.stacks.is_empty(), "{mode:?}: {report:?}\n{stderr}");
+        assert!(!stderr.contains("warning"), "{stderr}");
+    }
+}
+
+#[test]
+fn sixteen_threads_of_churn_then_a_known_leak_per_thread() {
+    // The control for the test above: the probes do see every thread.
+    for mode in [&[][..], &["--combined-only"]] {
+        let (report, _) = report(&["threads", "16", "100000", "3"], mode);
+        assert_eq!(report.stacks.len(), 1, "{mode:?}: {report:?}");
+        assert!(report.stacks[0].starts_with(&["churn_leak", "churn"]), "{report:?}");
+        assert_eq!((report.stacks[0].bytes, report.stacks[0].count), (16 * 3 * 777, 16 * 3));
+    }
+}
+
+#[test]
+fn exact_bytes_and_blocks_from_a_known_stack() {
+    for mode in [&[][..], &["--combined-only"]] {
+        let (report, _) = report(&["exact", "37"], mode);
+        assert_eq!(report.stacks.len(), 1, "{mode:?}: {report:?}");
+        let stack = &report.stacks[0];
+        assert!(stack.starts_with(&["leak_exact", "main"]), "{stack:?}");
+        assert_eq!((stack.bytes, stack.count), (8 * 37 * 38, 37));
+    }
+}
+
+#[test]
+fn realloc_chain_null_zero_and_failure() {
+    let (report, _) = report(&["realloc"], &["-a"]);
+    let stacks = in_function(&report, "realloc_chain");
+    assert_eq!(stacks.len(), report.stacks.len(), "{report:?}");
+    let mut sizes: Vec<u64> = stacks.iter().flat_map(|s| s.blocks.iter().map(|b| b.1)).collect();
+    sizes.sort();
+    // realloc -> 64; realloc(NULL, 128); realloc(q, 0) frees; a failed
+    // realloc leaves its 1000-byte block.
+    assert_eq!(sizes, [64, 128, 1000], "{report:?}");
+}
+
+#[test]
+fn aligned_allocators_record_requested_sizes() {
+    let (report, _) = report(&["aligned"], &["-a"]);
+    let stacks = in_function(&report, "aligned");
+    assert_eq!(stacks.len(), report.stacks.len(), "{report:?}");
+    let mut sizes: Vec<u64> = stacks.iter().flat_map(|s| s.blocks.iter().map(|b| b.1)).collect();
+    sizes.sort();
+    assert_eq!(sizes, [100, 100, 1000, 5000, 8192], "{report:?}");
+}
+
+#[test]
+fn calloc_overflow_and_free_null_record_nothing() {
+    let (report, _) = report(&["edge"], &[]);
+    assert!(report.stacks.is_empty(), "{report:?}");
+}
+
+#[test]
+fn malloc_served_by_mmap_counts_once() {
+    let (report, _) = report(&["big"], &[]);
+    assert_eq!(report.stacks.len(), 1, "{report:?}");
+    assert!(report.stacks[0].starts_with(&["big"]), "{report:?}");
+    assert_eq!((report.stacks[0].bytes, report.stacks[0].count), (1 << 20, 1));
+}
+
+#[test]
+fn munmap_of_a_head_keeps_the_tail() {
+    let page = 4096; // x86_64
+    let (report, _) = report(&["munmap"], &["-a"]);
+    assert_eq!(report.stacks.len(), 1, "{report:?}");
+    let stack = &report.stacks[0];
+    assert!(stack.starts_with(&["unmap_head"]), "{stack:?}");
+    assert_eq!((stack.bytes, stack.count), (3 * page, 1));
+}
+
+#[test]
+fn half_a_million_blocks_from_a_thousand_stacks_all_reported() {
+    for mode in [&[][..], &["--combined-only"]] {
+        let (report, stderr) = report(&["stacks", "1000", "500"], mode);
+        let walks = in_function(&report, "walk");
+        assert_eq!(walks.len(), 1000, "{mode:?}: distinct stacks\n{stderr}");
+        assert!(walks.iter().all(|s| (s.bytes, s.count) == (500 * 16, 500)), "{mode:?}");
+        assert_eq!(totals(&walks), (500_000 * 16, 500_000));
+        assert!(!stderr.contains("warning"), "{stderr}");
+    }
+}
+
+#[test]
+fn full_allocation_map_is_counted_and_the_rest_stays_exact() {
+    let (report, stderr) = report(&["exact", "37"], &["--max-allocs", "10"]);
+    assert!(
+        stderr.contains("warning: 27 allocations not tracked (allocation map full, raise --max-allocs)"),
+        "{stderr}"
+    );
+    assert_eq!(report.stacks.len(), 1, "{report:?}");
+    // The first ten blocks: 16 * (1 + ... + 10).
+    assert_eq!((report.stacks[0].bytes, report.stacks[0].count), (16 * 55, 10));
+}

@@ -1,0 +1,108 @@
+//! Runs one scenario of the `exact` fixture under memleak, in order:
+//! attach first, then the scenario, then one report on SIGINT. No timing
+//! guesses: the fixture waits for a line on stdin and says "done".
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use crate::{Running, memleak_bin};
+
+pub struct Traced {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Traces `fixture ARGS` with `memleak -p PID MEMLEAK_ARGS`, which should
+/// have a long interval: the report that counts is the one printed on SIGINT.
+pub fn trace_scenario(fixture: &Path, args: &[&str], memleak_args: &[&str], limit: Duration) -> Traced {
+    let mut app = Command::new(fixture)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fixture");
+    let pid = app.id().to_string();
+    let mut app_in = app.stdin.take().unwrap();
+    let app_out = BufReader::new(app.stdout.take().unwrap());
+    let app = Running { child: app };
+
+    let mut tracer = Command::new(memleak_bin())
+        .args(["-p", &pid])
+        .args(memleak_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start memleak");
+    let (attached_tx, attached_rx) = mpsc::channel();
+    let stdout = read_lines(tracer.stdout.take().unwrap(), Some(("Attaching", attached_tx)));
+    let stderr = read_lines(tracer.stderr.take().unwrap(), None);
+
+    let finish = |tracer: &mut Child| {
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+    };
+    if attached_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        finish(&mut tracer);
+        panic!("memleak did not attach:\n{}\n{}", stdout.join().unwrap(), stderr.join().unwrap());
+    }
+    app_in.write_all(b"go\n").unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in app_out.lines().map_while(Result::ok) {
+            if line == "done" {
+                let _ = done_tx.send(());
+            }
+        }
+    });
+    if done_rx.recv_timeout(limit).is_err() {
+        finish(&mut tracer);
+        panic!("fixture {args:?} did not finish within {limit:?}");
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let status = wait_limited(&mut tracer, Duration::from_secs(30));
+    drop(app);
+    Traced { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+fn wait_limited(child: &mut Child, limit: Duration) -> ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("memleak did not exit within {limit:?} of SIGINT");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Collects a stream; signals once when a line starts with the marker.
+fn read_lines(
+    stream: impl Read + Send + 'static,
+    mut marker: Option<(&'static str, mpsc::Sender<()>)>,
+) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Some((prefix, tx)) = &marker
+                && line.starts_with(prefix)
+            {
+                let _ = tx.send(());
+                marker = None;
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    })
+}
