@@ -29,6 +29,11 @@ fn interval_zero() {
 }
 
 #[test]
+fn min_size_above_max_size() {
+    fails_with(&["-p", "1", "-z", "10", "-Z", "5"], 2, "--min-size 10 is larger than --max-size 5");
+}
+
+#[test]
 fn system_wide_is_refused_until_supported() {
     fails_with(&[], 6, "not supported yet");
 }

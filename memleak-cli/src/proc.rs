@@ -17,6 +17,9 @@ use crate::error::{Kind, user_error};
 pub struct Target {
     pub pid: u32,
     pub comm: String,
+    /// Start time (clock ticks after boot): tells this process from a later
+    /// one that reuses its PID.
+    pub start_time: u64,
 }
 
 impl Target {
@@ -37,7 +40,20 @@ impl Target {
                 format!("PID {pid} ({}) is a kernel thread: it has no user-space allocator to trace", stat.comm),
             ));
         }
-        Ok(Self { pid, comm: stat.comm })
+        Ok(Self { pid, comm: stat.comm, start_time: stat.start_time })
+    }
+
+    /// Fails if `pid` now names another process than the one opened (it
+    /// exited and the PID was reused), or none.
+    pub fn check_same(&self) -> anyhow::Result<()> {
+        let now = Self::open(self.pid)?;
+        if now.start_time != self.start_time {
+            return Err(user_error(
+                Kind::NoProcess,
+                format!("process {} ({}) exited and its PID now names another process ({})", self.pid, self.comm, now.comm),
+            ));
+        }
+        Ok(())
     }
 
     /// The process's mappings now.
@@ -230,7 +246,7 @@ garbage line
 
     #[test]
     fn host_path_goes_through_proc_root() {
-        let t = Target { pid: 42, comm: "app".into() };
+        let t = Target { pid: 42, comm: "app".into(), start_time: 1 };
         assert_eq!(t.host_path(Path::new("/lib/libc.so.6")), PathBuf::from("/proc/42/root/lib/libc.so.6"));
     }
 
@@ -238,9 +254,51 @@ garbage line
     fn real_process_is_found_and_missing_one_is_not() {
         let me = Target::open(std::process::id()).unwrap();
         assert!(me.maps().unwrap().iter().any(Mapping::is_file));
+        me.check_same().unwrap();
+        let reused = Target { start_time: me.start_time + 1, ..me.clone() };
+        let err = reused.check_same().unwrap_err();
+        assert!(err.to_string().contains("now names another process"), "{err}");
         let err = Target::open(u32::MAX - 1).unwrap_err();
         assert_eq!(crate::error::exit_code(&err), Kind::NoProcess as u8);
         let err = Target::open(2).unwrap_err(); // kthreadd
         assert!(err.to_string().contains("kernel thread"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any text: parsing never panics, and what it returns is well-formed.
+        #[test]
+        fn maps_parser_never_panics(text in "\\PC*") {
+            for m in parse_maps(&text) {
+                let _ = (m.module_name(), m.is_file(), m.contains(m.start));
+            }
+        }
+
+        #[test]
+        fn maps_lines_round_trip(start in 0u64..1 << 47, len in 1u64..1 << 30, offset in any::<u32>(),
+                                 inode in any::<u32>(), path in "(/[a-z0-9._ -]{1,12}){0,4}") {
+            let line = format!("{:x}-{:x} r-xp {:08x} fd:01 {inode}    {path}", start, start + len, offset);
+            let m = &parse_maps(&line)[0];
+            prop_assert_eq!((m.start, m.end, m.offset, m.inode), (start, start + len, offset as u64, inode as u64));
+            prop_assert_eq!(&m.path, path.trim_start());
+        }
+
+        #[test]
+        fn stat_parser_never_panics(text in "\\PC*") {
+            let _ = Stat::parse(&text);
+        }
+
+        #[test]
+        fn stat_comm_may_hold_anything(comm in "[^\n]{0,15}", flags in any::<u32>(), start in any::<u64>()) {
+            let line = format!("7 ({comm}) S 1 1 1 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0");
+            let stat = Stat::parse(&line).unwrap();
+            prop_assert_eq!((stat.comm, stat.flags, stat.start_time), (comm, flags as u64, start));
+        }
     }
 }

@@ -195,3 +195,30 @@ mod tests {
         assert_eq!(c.as_bytes()[2], b':');
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Aggregation keeps every byte and block of the old-enough
+        /// allocations, and orders stacks biggest first.
+        #[test]
+        fn aggregation_conserves_bytes(allocs in prop::collection::vec(
+            (any::<u64>(), 1u32..4, 0u64..1 << 40, 0u64..2000, 0u64..8), 0..200), min_age in 0u64..1500) {
+            let mut unique = std::collections::HashMap::new();
+            for (addr, tgid, size, ts, stack) in allocs {
+                unique.insert(AllocKey { addr, tgid, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id: stack });
+            }
+            let now = 2000;
+            let totals = by_stack(unique.clone(), now, min_age);
+            let old: Vec<&AllocInfo> = unique.values().filter(|i| now - i.timestamp_ns >= min_age).collect();
+            prop_assert_eq!(totals.iter().map(|t| t.bytes).sum::<u64>(), old.iter().map(|i| i.size).sum::<u64>());
+            prop_assert_eq!(totals.iter().map(|t| t.count).sum::<u64>(), old.len() as u64);
+            prop_assert!(totals.windows(2).all(|w| w[0].bytes >= w[1].bytes));
+            prop_assert!(totals.iter().all(|t| t.blocks.len() as u64 == t.count));
+        }
+    }
+}

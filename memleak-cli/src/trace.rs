@@ -24,6 +24,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let target = Target::open(pid)?;
     // SAFETY: PidFd owns its fd and keeps it open while registered.
     let exited = unsafe { AsyncFd::register(PidFd::open(pid)?) }.context("watching the target")?;
+    // The pidfd pins the process from here on; make sure it is the one we
+    // looked at, not a newcomer that took the PID in between.
+    target.check_same()?;
     let mut ebpf = loader::load(&Config::from_args(&args))?;
     let mut logger = if args.trace { Some(trace_logger(&mut ebpf)?) } else { None };
     let attached = attach::attach(&mut ebpf, &target, args.obj.as_deref())?;
