@@ -34,8 +34,8 @@ fn min_size_above_max_size() {
 }
 
 #[test]
-fn system_wide_is_refused_until_supported() {
-    fails_with(&[], 6, "not supported yet");
+fn kernel_only_with_a_pid() {
+    fails_with(&["-p", "1", "--kernel-only"], 2, "--kernel-only applies to system-wide tracing");
 }
 
 #[test]

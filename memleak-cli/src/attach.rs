@@ -3,7 +3,7 @@
 //! namespace (a container) gets probes on its own libc, not the host's.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     num::NonZeroU32,
     path::{Path, PathBuf},
 };
@@ -14,7 +14,7 @@ use crate::{
     elf,
     error::{Kind, user_error},
     loader,
-    proc::{Mapping, Target, module_name},
+    proc::{self, Mapping, Target, mapped_file, module_name},
 };
 
 /// One allocator function: the program at its entry and the one at its return.
@@ -64,11 +64,33 @@ pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::R
     let maps = target.maps()?;
     let object = allocator_object(&maps, obj, target.pid)?;
     let host_path = match maps.iter().find(|m| m.path == object) {
-        Some(mapping) => target.mapped_file(mapping),
+        Some(mapping) => mapped_file(target.pid, mapping),
         None => PathBuf::from(&object),
     };
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(target.pid).expect("pid is non-zero"));
+    probe_object(ebpf, &host_path, &object, scope).map_err(|e| {
+        if Path::new(&format!("/proc/{}", target.pid)).exists() {
+            e
+        } else {
+            user_error(Kind::NoProcess, format!("process {} exited", target.pid))
+        }
+    })
+}
+
+/// Attaches every hook to the object at `path` (valid on the host) for
+/// process `pid`, mapped or not yet (-c: the command has not exec'd).
+pub fn attach_file(ebpf: &mut Ebpf, path: &Path, pid: NonZeroU32) -> anyhow::Result<Attached> {
+    if !path.exists() {
+        return Err(user_error(Kind::Attach, format!("-O {}: no such file", path.display())));
+    }
+    probe_object(ebpf, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid))
+}
+
+/// Attaches every hook the object defines, at `host_path` (a path valid on
+/// the host), for the processes in `scope`.
+fn probe_object(ebpf: &mut Ebpf, host_path: &Path, object: &str, scope: UProbeScope) -> anyhow::Result<Attached> {
     let names: Vec<&str> = HOOKS.iter().map(|h| h.function).collect();
-    let offsets = elf::function_offsets(&host_path, &names).map_err(|e| {
+    let offsets = elf::function_offsets(host_path, &names).map_err(|e| {
         user_error(Kind::Attach, format!("cannot read the allocator object {object}: {e:#}"))
     })?;
     if let Some(missing) = REQUIRED.iter().find(|f| !offsets.contains_key(**f)) {
@@ -77,11 +99,14 @@ pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::R
             format!("{object} does not define {missing}: pass the allocator library with -O"),
         ));
     }
-
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(target.pid).expect("pid is non-zero"));
-    let mut attached = Attached { object: object.clone(), host_path: host_path.clone(), functions: vec![], missing: vec![] };
-    // Aliases (mmap64 = mmap, ...) share an offset: probing one twice
-    // would count every call twice.
+    let mut attached = Attached {
+        object: object.to_string(),
+        host_path: host_path.to_path_buf(),
+        functions: vec![],
+        missing: vec![],
+    };
+    // Aliases (memalign = aligned_alloc in glibc) share an offset: probing
+    // one twice would count every call twice.
     let mut seen: HashMap<u64, &str> = HashMap::new();
     for hook in HOOKS {
         let Some(&offset) = offsets.get(hook.function) else {
@@ -92,23 +117,72 @@ pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::R
             continue;
         }
         for program in std::iter::once(hook.entry).chain(hook.exit) {
-            loader::uprobe(ebpf, program)?
-                .attach(offset, &host_path, scope)
-                .map_err(|e| {
-                    let gone = !Path::new(&format!("/proc/{}", target.pid)).exists();
-                    if gone {
-                        user_error(Kind::NoProcess, format!("process {} exited", target.pid))
-                    } else {
-                        user_error(
-                            Kind::Attach,
-                            format!("cannot probe {} in {object}: {e:#}", hook.function),
-                        )
-                    }
-                })?;
+            loader::uprobe(ebpf, program)?.attach(offset, host_path, scope).map_err(|e| {
+                user_error(Kind::Attach, format!("cannot probe {} in {object}: {e:#}", hook.function))
+            })?;
         }
         attached.functions.push((hook.function, offset));
     }
     Ok(attached)
+}
+
+/// System-wide: the allocator objects probed so far, one per file (the
+/// host's libc and each container's own), found by scanning /proc.
+#[derive(Default)]
+pub struct SystemProbes {
+    files: HashSet<(u64, u64)>,
+    pub objects: Vec<Attached>,
+}
+
+impl SystemProbes {
+    /// Probes `obj` (a host path) for every process.
+    pub fn object(&mut self, ebpf: &mut Ebpf, obj: &Path) -> anyhow::Result<()> {
+        if !obj.is_absolute() || !obj.exists() {
+            return Err(user_error(Kind::Attach, format!("-O {}: system-wide tracing needs an existing absolute path", obj.display())));
+        }
+        let object = obj.to_string_lossy().into_owned();
+        self.objects.push(probe_object(ebpf, obj, &object, UProbeScope::AllProcesses)?);
+        Ok(())
+    }
+
+    /// Probes the allocator of every process whose allocator file is not
+    /// probed yet; returns how many files were added. Called at start and
+    /// each interval, so new containers and programs are caught.
+    pub fn scan(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<usize> {
+        use std::os::unix::fs::MetadataExt as _;
+        let me = std::process::id();
+        let mut added = 0;
+        for pid in proc::pids() {
+            if pid == me {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
+            let maps = proc::parse_maps(&text);
+            let Some(mapping) = maps.iter().find(|m| m.is_file() && is_libc(m.module_name())) else { continue };
+            let host_path = mapped_file(pid, mapping);
+            let Ok(meta) = std::fs::metadata(&host_path) else { continue };
+            if !self.files.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            let label = format!("{} (of pid {pid})", mapping.path);
+            match probe_object(ebpf, &host_path, &label, UProbeScope::AllProcesses) {
+                Ok(attached) => {
+                    self.objects.push(attached);
+                    added += 1;
+                }
+                // The process may be gone by now; its file is retried if
+                // another process maps it.
+                Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {
+                    self.files.remove(&(meta.dev(), meta.ino()));
+                }
+                Err(e) => eprintln!("warning: {e:#}"),
+            }
+        }
+        if self.objects.is_empty() {
+            return Err(user_error(Kind::Attach, "no process maps a libc: pass the allocator object with -O"));
+        }
+        Ok(added)
+    }
 }
 
 /// The object whose allocator the target calls: `-O` if given (a path, or
@@ -143,7 +217,7 @@ pub fn allocator_object(maps: &[Mapping], obj: Option<&Path>, pid: u32) -> anyho
     }
 }
 
-fn is_libc(name: &str) -> bool {
+pub fn is_libc(name: &str) -> bool {
     name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so")) || name.starts_with("ld-musl-")
 }
 

@@ -69,9 +69,21 @@ pub struct Args {
     #[arg(short = 'O', long, value_name = "OBJ")]
     pub obj: Option<PathBuf>,
 
-    /// Trace kernel percpu allocations.
+    /// Also trace kernel per-CPU allocations (system-wide mode).
     #[arg(long)]
     pub percpu: bool,
+
+    /// System-wide: show at most this many processes, most outstanding bytes first.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top_procs: usize,
+
+    /// System-wide: trace only kernel allocators (kmalloc, slab, pages).
+    #[arg(long, conflicts_with = "user_only")]
+    pub kernel_only: bool,
+
+    /// System-wide: trace only user-space allocators.
+    #[arg(long)]
+    pub user_only: bool,
 
     /// Most outstanding allocations tracked at once.
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
@@ -93,7 +105,28 @@ pub struct Args {
     pub count: Option<u64>,
 }
 
+/// What to trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// One running process.
+    Pid(u32),
+    /// A command memleak starts (split on white space, no shell).
+    Command(Vec<String>),
+    /// Every process, and the kernel.
+    System { user: bool, kernel: bool },
+}
+
 impl Args {
+    pub fn mode(&self) -> Mode {
+        if let Some(pid) = self.pid {
+            Mode::Pid(pid)
+        } else if let Some(command) = &self.command {
+            Mode::Command(command.split_whitespace().map(String::from).collect())
+        } else {
+            Mode::System { user: !self.kernel_only, kernel: !self.user_only }
+        }
+    }
+
     /// Checks what clap cannot: value combinations, and options that belong
     /// to modes not built yet (refused, never silently ignored).
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -120,23 +153,20 @@ impl Args {
         if self.pid == Some(0) {
             return Err(user_error(Kind::Usage, "PID 0 is not a process"));
         }
-        if self.command.is_some() {
-            return Err(user_error(
-                Kind::Unsupported,
-                "-c/--command is not supported yet: start the program, then use -p PID",
-            ));
+        if self.top_procs == 0 {
+            return Err(user_error(Kind::Usage, "--top-procs must be at least 1"));
         }
-        if self.percpu {
-            return Err(user_error(
-                Kind::Unsupported,
-                "--percpu (kernel allocations) is not supported yet",
-            ));
+        let system_only = [("--kernel-only", self.kernel_only), ("--user-only", self.user_only), ("--percpu", self.percpu)];
+        if self.pid.is_some() || self.command.is_some() {
+            if self.pid.is_some() && self.command.is_some() {
+                return Err(user_error(Kind::Usage, "-p and -c exclude each other"));
+            }
+            if let Some((flag, _)) = system_only.iter().find(|(_, on)| *on) {
+                return Err(user_error(Kind::Usage, format!("{flag} applies to system-wide tracing (no -p, no -c)")));
+            }
         }
-        if self.pid.is_none() {
-            return Err(user_error(
-                Kind::Unsupported,
-                "system-wide tracing is not supported yet: pass -p PID",
-            ));
+        if self.command.as_deref().is_some_and(|c| c.split_whitespace().next().is_none()) {
+            return Err(user_error(Kind::Usage, "-c needs a command"));
         }
         Ok(())
     }
@@ -184,11 +214,17 @@ mod tests {
     }
 
     #[test]
-    fn later_modes_are_refused_not_ignored() {
-        for args in [&["-c", "ls"][..], &["-p", "1", "--percpu"], &[]] {
+    fn modes() {
+        assert_eq!(parse(&["-p", "5"]).unwrap().mode(), Mode::Pid(5));
+        assert_eq!(parse(&[]).unwrap().mode(), Mode::System { user: true, kernel: true });
+        assert_eq!(parse(&["--kernel-only"]).unwrap().mode(), Mode::System { user: false, kernel: true });
+        assert_eq!(parse(&["--user-only"]).unwrap().mode(), Mode::System { user: true, kernel: false });
+        assert_eq!(parse(&["-c", "./app 50 3"]).unwrap().mode(), Mode::Command(vec!["./app".into(), "50".into(), "3".into()]));
+        assert!(parse(&["--kernel-only", "--user-only"]).is_err());
+        for args in [&["-p", "1", "--percpu"][..], &["-p", "1", "--kernel-only"], &["-p", "1", "-c", "ls"], &["-c", " "]] {
             let err = parse(args).unwrap().validate().unwrap_err();
-            assert_eq!(crate::error::exit_code(&err), Kind::Unsupported as u8, "{args:?}");
-            assert!(err.to_string().contains("not supported yet"), "{err}");
+            assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}: {err}");
         }
+        parse(&["--percpu", "--top-procs", "3", "10"]).unwrap().validate().unwrap();
     }
 }

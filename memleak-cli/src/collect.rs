@@ -40,6 +40,19 @@ impl Recorded {
         seen.into_iter().collect()
     }
 
+    /// Removes everything recorded for these processes (they exited).
+    pub fn forget_processes(&mut self, tgids: &std::collections::HashSet<u32>) {
+        let allocs: Vec<AllocKey> = self.allocs.keys().filter_map(Result::ok).filter(|k| tgids.contains(&k.tgid)).collect();
+        for key in allocs {
+            let _ = self.allocs.remove(&key);
+        }
+        let combined: Vec<CombinedKey> =
+            self.combined.keys().filter_map(Result::ok).filter(|k| tgids.contains(&k.tgid)).collect();
+        for key in combined {
+            let _ = self.combined.remove(&key);
+        }
+    }
+
     /// The kernel's running totals per (process, stack).
     pub fn combined(&self) -> Vec<(CombinedKey, CombinedAlloc)> {
         let mut seen: StdHashMap<CombinedKey, CombinedAlloc> = StdHashMap::new();

@@ -13,8 +13,6 @@ pub enum Kind {
     Permission = 4,
     /// The allocator library or its symbols cannot be found or probed.
     Attach = 5,
-    /// An option that memleak accepts but does not implement yet.
-    Unsupported = 6,
 }
 
 /// An error whose message is meant for the user as is.

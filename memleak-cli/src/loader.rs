@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use aya::{Ebpf, EbpfLoader};
-use memleak_common::{globals, maps};
+use memleak_common::{FIELD_COUNT, globals, maps};
 
 use crate::{
     cli::Args,
@@ -21,6 +21,10 @@ pub struct Config {
     pub trace: bool,
     pub max_allocs: u32,
     pub max_stacks: u32,
+    /// Tracepoint field offsets (kernel tracing only).
+    pub field_offsets: [u32; FIELD_COUNT],
+    /// Kernel text whose allocations are not traced (kernel tracing only).
+    pub skip_caller: [u64; 2],
 }
 
 impl Config {
@@ -32,6 +36,8 @@ impl Config {
             trace: args.trace,
             max_allocs: args.max_allocs,
             max_stacks: args.max_stacks,
+            field_offsets: [0; FIELD_COUNT],
+            skip_caller: [0; 2],
         }
     }
 }
@@ -48,6 +54,9 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
         .override_global(globals::SELF_TGID, &self_tgid, true)
         .override_global(globals::TRACE, &trace, true)
+        .override_global(globals::FIELD_OFFSETS, &config.field_offsets, true)
+        .override_global(globals::PAGE_SIZE, &page_size(), true)
+        .override_global(globals::SKIP_CALLER, &config.skip_caller, true)
         .map_max_entries(maps::ALLOCS, config.max_allocs)
         .map_max_entries(maps::STACKS, config.max_stacks)
         .map_max_entries(maps::COMBINED, combined)
@@ -63,6 +72,11 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
                 anyhow::Error::new(e).context("loading the BPF programs")
             }
         })
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf with a valid name.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
 /// Root, or the capabilities BPF tracing needs.

@@ -3,11 +3,14 @@
 mod attach;
 mod cli;
 mod collect;
+mod command;
 mod elf;
 mod error;
+mod kernel;
 mod loader;
 mod proc;
 mod report;
+mod reporter;
 mod symbolize;
 mod trace;
 
@@ -28,7 +31,7 @@ fn main() -> ExitCode {
             .block_on(trace::run(args))
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("memleak: {err:#}");
             ExitCode::from(error::exit_code(&err))

@@ -67,29 +67,30 @@ impl Target {
         })?;
         Ok(parse_maps(&text))
     }
+}
 
-    /// A host path to the file behind `mapping`: through /proc/PID/root when
-    /// that still leads to the mapped inode, else through
-    /// /proc/PID/map_files (the file was deleted or replaced since).
-    pub fn mapped_file(&self, mapping: &Mapping) -> PathBuf {
-        use std::os::unix::fs::MetadataExt as _;
-        let rooted = self.host_path(Path::new(&mapping.path));
-        match fs::metadata(&rooted) {
-            Ok(meta) if meta.ino() == mapping.inode => rooted,
-            _ => PathBuf::from(format!(
-                "/proc/{}/map_files/{:x}-{:x}",
-                self.pid, mapping.start, mapping.end
-            )),
-        }
+/// A host path to the file behind `mapping` of process `pid`: through
+/// /proc/PID/root when that still leads to the mapped inode, else through
+/// /proc/PID/map_files (the file was deleted or replaced since).
+pub fn mapped_file(pid: u32, mapping: &Mapping) -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let rooted = Path::new(&format!("/proc/{pid}/root")).join(mapping.path.trim_start_matches('/'));
+    match fs::metadata(&rooted) {
+        Ok(meta) if meta.ino() == mapping.inode => rooted,
+        _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end)),
     }
+}
 
-    /// A path to `path` (as the process sees it) that is valid on the host,
-    /// whatever mount namespace the process lives in.
-    pub fn host_path(&self, path: &Path) -> PathBuf {
-        let mut host = PathBuf::from(format!("/proc/{}/root", self.pid));
-        host.push(path.strip_prefix("/").unwrap_or(path));
-        host
-    }
+/// The PIDs of all processes now.
+pub fn pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// A process's command name, or "?" once it is gone.
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm")).map_or_else(|_| "?".into(), |c| c.trim_end().to_string())
 }
 
 /// The fields of /proc/PID/stat that memleak uses.
@@ -245,9 +246,17 @@ garbage line
     }
 
     #[test]
-    fn host_path_goes_through_proc_root() {
-        let t = Target { pid: 42, comm: "app".into(), start_time: 1 };
-        assert_eq!(t.host_path(Path::new("/lib/libc.so.6")), PathBuf::from("/proc/42/root/lib/libc.so.6"));
+    fn mapped_files_go_through_proc_root_or_map_files() {
+        let pid = std::process::id();
+        let maps = Target::open(pid).unwrap().maps().unwrap();
+        let libc = maps.iter().find(|m| m.path.contains("/libc.so")).unwrap();
+        assert_eq!(mapped_file(pid, libc), Path::new(&format!("/proc/{pid}/root{}", libc.path)));
+        let mut gone = libc.clone();
+        gone.path = "/no/longer/there (deleted)".into();
+        assert_eq!(
+            mapped_file(pid, &gone),
+            PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", libc.start, libc.end))
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use std::{collections::HashMap, io::Write};
 
-use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, NO_STACK};
+use memleak_common::{
+    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel,
+};
 
 /// One outstanding allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +79,43 @@ fn sort(totals: &mut [StackTotal]) {
     });
 }
 
-/// Writes one interval's report: the header, then up to `top` stacks, each
-/// with its blocks (if `show_allocs`) and its frames from `frames`.
+/// Outstanding memory of one process (or kernel allocator), its stacks
+/// biggest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessTotal {
+    pub tgid: u32,
+    pub bytes: u64,
+    pub count: u64,
+    pub stacks: Vec<StackTotal>,
+}
+
+/// Groups stack totals by process: user processes biggest first, then the
+/// kernel's allocators.
+pub fn by_process(totals: Vec<StackTotal>) -> Vec<ProcessTotal> {
+    let mut procs: HashMap<u32, ProcessTotal> = HashMap::new();
+    for total in totals {
+        let p = procs.entry(total.tgid).or_insert_with(|| ProcessTotal {
+            tgid: total.tgid,
+            bytes: 0,
+            count: 0,
+            stacks: Vec::new(),
+        });
+        p.bytes += total.bytes;
+        p.count += total.count;
+        p.stacks.push(total);
+    }
+    let mut procs: Vec<ProcessTotal> = procs.into_values().collect();
+    for p in &mut procs {
+        sort(&mut p.stacks);
+    }
+    procs.sort_unstable_by(|a, b| {
+        (is_kernel(a.tgid), b.bytes, a.tgid).cmp(&(is_kernel(b.tgid), a.bytes, b.tgid))
+    });
+    procs
+}
+
+/// Writes one interval's report for one process: the header, then up to
+/// `top` stacks, each with its blocks (if `show_allocs`) and its frames.
 pub fn write(
     out: &mut impl Write,
     clock: &str,
@@ -88,14 +125,54 @@ pub fn write(
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations:")?;
+    write_stacks(out, top, totals, show_allocs, frames)
+}
+
+/// Writes a system-wide report: each process (at most `top_procs`, biggest
+/// first) with its top stacks, then the kernel's allocators.
+pub fn write_system(
+    out: &mut impl Write,
+    clock: &str,
+    top: usize,
+    top_procs: usize,
+    procs: &[ProcessTotal],
+    show_allocs: bool,
+    comm: &mut dyn FnMut(u32) -> String,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
+    writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations, by process:")?;
+    let user = procs.iter().filter(|p| !is_kernel(p.tgid)).take(top_procs);
+    for p in user.chain(procs.iter().filter(|p| is_kernel(p.tgid))) {
+        let name = match p.tgid {
+            KERNEL_SLAB => "kernel slab".to_string(),
+            KERNEL_PAGES => "kernel pages".to_string(),
+            KERNEL_PERCPU => "kernel percpu".to_string(),
+            tgid => format!("{tgid} {}", comm(tgid)),
+        };
+        writeln!(out, "{name}: {} bytes in {} {}", p.bytes, p.count, plural(p.count))?;
+        write_stacks(out, top, &p.stacks, show_allocs, frames)?;
+    }
+    Ok(())
+}
+
+fn plural(count: u64) -> &'static str {
+    if count == 1 { "allocation" } else { "allocations" }
+}
+
+fn write_stacks(
+    out: &mut impl Write,
+    top: usize,
+    totals: &[StackTotal],
+    show_allocs: bool,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
     for total in totals.iter().take(top) {
         if show_allocs {
             for b in &total.blocks {
                 writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
             }
         }
-        let plural = if total.count == 1 { "allocation" } else { "allocations" };
-        writeln!(out, "    {} bytes in {} {plural} from stack", total.bytes, total.count)?;
+        writeln!(out, "    {} bytes in {} {} from stack", total.bytes, total.count, plural(total.count))?;
         if total.stack_id == NO_STACK {
             writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
             continue;
@@ -186,6 +263,33 @@ mod tests {
         assert!(text.contains("30 bytes in 1 allocation from stack\n        [stack not recorded"), "{text}");
         assert!(text.contains("20 bytes in 1 allocation"));
         assert!(!text.contains("10 bytes"), "{text}");
+    }
+
+    #[test]
+    fn system_report_groups_by_process_then_kernel() {
+        let mut allocs = vec![alloc(0x10, 100, 0, 1), alloc(0x20, 50, 0, 2)];
+        let mut other = alloc(0x10, 500, 0, 1);
+        other.0.tgid = 9;
+        allocs.push(other);
+        let mut slab = alloc(0xffff0000, 64, 0, 3);
+        slab.0.tgid = KERNEL_SLAB;
+        allocs.push(slab);
+        let procs = by_process(by_stack(allocs, 1, 0));
+        assert_eq!(procs.iter().map(|p| (p.tgid, p.bytes)).collect::<Vec<_>>(), [(9, 500), (7, 150), (KERNEL_SLAB, 64)]);
+        let mut out = Vec::new();
+        let mut comm = |tgid: u32| format!("app{tgid}");
+        let mut frames = |_: &StackTotal| vec!["f+0x1 [m]".to_string()];
+        write_system(&mut out, "01:02:03", 1, 1, &procs, false, &mut comm, &mut frames).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[01:02:03] Top 1 stacks with outstanding allocations, by process:\n\
+             9 app9: 500 bytes in 1 allocation\n\
+             \x20   500 bytes in 1 allocation from stack\n\
+             \x20       f+0x1 [m]\n\
+             kernel slab: 64 bytes in 1 allocation\n\
+             \x20   64 bytes in 1 allocation from stack\n\
+             \x20       f+0x1 [m]\n"
+        );
     }
 
     #[test]

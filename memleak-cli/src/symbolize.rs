@@ -17,7 +17,7 @@ use std::{
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blaze,
-    source::{Elf, Source},
+    source::{Elf, Kernel, Source},
 };
 
 use crate::proc::{self, Mapping};
@@ -154,6 +154,32 @@ impl Symbolizer {
         self.modules.push(Module { file, name: m.module_name().to_string() });
         self.opened.insert(key, self.modules.len() - 1);
         Some(self.modules.len() - 1)
+    }
+
+    /// Frames of a kernel stack (return addresses, innermost first), from
+    /// /proc/kallsyms.
+    pub fn kernel_frames(&mut self, addrs: &[u64]) -> Vec<Frame> {
+        const KERNEL: u32 = u32::MAX;
+        let missing: Vec<u64> = addrs.iter().copied().filter(|a| !self.cache.contains_key(&(KERNEL, *a))).collect();
+        if !missing.is_empty() {
+            let lookups: Vec<u64> = missing.iter().map(|a| a.saturating_sub(1)).collect();
+            let src = Source::Kernel(Kernel::default());
+            let frames: Vec<Option<Frame>> = match self.blaze.symbolize(&src, Input::AbsAddr(&lookups)) {
+                Ok(results) => results.into_iter().zip(&missing).map(|(s, a)| to_frame(*a, "kernel", s)).collect(),
+                Err(_) => vec![None; missing.len()],
+            };
+            for (&addr, frame) in missing.iter().zip(frames) {
+                let frame = frame.unwrap_or(Frame {
+                    addr,
+                    symbol: None,
+                    module: Some("kernel".into()),
+                    source: None,
+                    inlined: vec![],
+                });
+                self.cache.insert((KERNEL, addr), frame);
+            }
+        }
+        addrs.iter().map(|a| self.cache[&(KERNEL, *a)].clone()).collect()
     }
 
     /// Frames for `addrs` (return addresses, innermost first) of process `pid`.

@@ -1,48 +1,162 @@
 //! The tool's one flow: load, attach, report every interval, clean up.
 
-use std::{io::Write as _, time::Duration};
+use std::{num::NonZeroU32, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+use aya::Ebpf;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
-    time::{MissedTickBehavior, interval_at, Instant},
+    time::{Instant, MissedTickBehavior, interval_at},
 };
 
 use crate::{
-    attach,
-    cli::Args,
-    collect::{self, Recorded},
+    attach::{self, Attached, SystemProbes},
+    cli::{Args, Mode},
+    collect::Recorded,
+    command::{self, Held},
+    kernel,
     loader::{self, Config},
     proc::{PidFd, Target},
-    report::{self, StackTotal},
-    symbolize::Symbolizer,
+    reporter::{Reporter, Scope},
 };
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    let pid = args.pid.expect("validated: -p is given");
+/// Traces as `args` say; returns the exit code (the command's with -c).
+pub async fn run(args: Args) -> anyhow::Result<u8> {
+    match args.mode() {
+        Mode::Pid(pid) => trace_pid(&args, pid).await.map(|()| 0),
+        Mode::Command(argv) => trace_command(&args, &argv).await,
+        Mode::System { user, kernel } => trace_system(&args, user, kernel).await.map(|()| 0),
+    }
+}
+
+async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let target = Target::open(pid)?;
-    // SAFETY: PidFd owns its fd and keeps it open while registered.
-    let exited = unsafe { AsyncFd::register(PidFd::open(pid)?) }.context("watching the target")?;
+    let exited = watch(pid)?;
     // The pidfd pins the process from here on; make sure it is the one we
     // looked at, not a newcomer that took the PID in between.
     target.check_same()?;
-    let mut ebpf = loader::load(&Config::from_args(&args))?;
-    let mut logger = if args.trace { Some(trace_logger(&mut ebpf)?) } else { None };
+    let mut ebpf = loader::load(&Config::from_args(args))?;
+    let mut logger = trace_logger(args, &mut ebpf)?;
     let attached = attach::attach(&mut ebpf, &target, args.obj.as_deref())?;
+    verbose(args, &attached);
     let recorded = Recorded::take(&mut ebpf)?;
-    if args.verbose {
-        eprintln!("memleak: probes on {} (via {}):", attached.object, attached.host_path.display());
-        for (function, offset) in &attached.functions {
-            eprintln!("memleak:   {function} at file offset {offset:#x}");
-        }
-        if !attached.missing.is_empty() {
-            eprintln!("memleak:   not defined there: {}", attached.missing.join(", "));
-        }
-    }
     println!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm);
+    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid));
+    let end = report_loop(args, &mut reporter, &mut logger, Some(&exited), |_| Ok(())).await?;
+    if end == End::TargetExited {
+        eprintln!("memleak: process {pid} ({}) exited", target.comm);
+    }
+    reporter.report()?;
+    detach(ebpf);
+    Ok(())
+}
 
-    let mut reporter = Reporter::new(&args, recorded, pid);
+async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
+    let held = Held::spawn(argv)?;
+    let pid = held.pid;
+    let exited = watch(pid)?;
+    let mut ebpf = loader::load(&Config::from_args(args))?;
+    let mut logger = trace_logger(args, &mut ebpf)?;
+    // The command will map the same libc as we do (or -O's object): probe
+    // it for the child's PID now; the kernel puts the breakpoints into the
+    // new program's mappings when it execs.
+    let obj = match &args.obj {
+        Some(obj) => obj.clone(),
+        None => own_libc()?,
+    };
+    let target = Target { pid, comm: argv[0].clone(), start_time: 0 };
+    let attached = attach::attach_file(&mut ebpf, &obj, NonZeroU32::new(pid).expect("child pid"))?;
+    verbose(args, &attached);
+    let recorded = Recorded::take(&mut ebpf)?;
+    held.release()?;
+    command::wait_for_exec(pid, &argv[0]);
+    println!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" "));
+    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid));
+    let end = report_loop(args, &mut reporter, &mut logger, Some(&exited), |_| Ok(())).await?;
+    let code = if end == End::TargetExited {
+        let code = command::reap(pid);
+        eprintln!("memleak: {} exited{}", target.comm, code.map(|c| format!(" with {c}")).unwrap_or_default());
+        code
+    } else {
+        None
+    };
+    reporter.report()?;
+    detach(ebpf);
+    Ok(code.map_or(0, |c| c as u8))
+}
+
+async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Result<()> {
+    let mut config = Config::from_args(args);
+    if kernel_too {
+        kernel::ensure_tracefs()?;
+        config.field_offsets = kernel::field_offsets()?;
+        config.skip_caller = kernel::bpf_refill_range();
+    }
+    let mut ebpf = loader::load(&config)?;
+    let mut logger = trace_logger(args, &mut ebpf)?;
+    let mut probes = SystemProbes::default();
+    let mut what = vec![];
+    if user {
+        match &args.obj {
+            Some(obj) => probes.object(&mut ebpf, obj)?,
+            None => {
+                probes.scan(&mut ebpf)?;
+            }
+        }
+        for attached in &probes.objects {
+            verbose(args, attached);
+        }
+        what.push(format!("all processes ({} allocator files)", probes.objects.len()));
+    }
+    if kernel_too {
+        let events = kernel::attach(&mut ebpf, args.percpu)?;
+        if args.verbose {
+            eprintln!("memleak: kernel tracepoints: {}", events.join(", "));
+        }
+        what.push("kernel allocators".to_string());
+    }
+    let recorded = Recorded::take(&mut ebpf)?;
+    println!("Tracing {}, Ctrl+C to quit.", what.join(" and "));
+    let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs });
+    let rescan = user && args.obj.is_none();
+    let verbose_on = args.verbose;
+    report_loop(args, &mut reporter, &mut logger, None, |_| {
+        // Programs and containers started since: probe their allocators too.
+        if rescan {
+            let before = probes.objects.len();
+            if probes.scan(&mut ebpf)? > 0 && verbose_on {
+                for attached in &probes.objects[before..] {
+                    eprintln!("memleak: now also probing {}", attached.object);
+                }
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    reporter.report()?;
+    drop(probes);
+    detach(ebpf);
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Count,
+    Signal,
+    TargetExited,
+}
+
+/// Reports every interval until COUNT reports, a signal, or the target's
+/// exit; `each_tick` runs before each report. The caller prints the last
+/// report (on a signal or exit), then detaches.
+async fn report_loop(
+    args: &Args,
+    reporter: &mut Reporter,
+    logger: &mut Option<TraceLogger>,
+    exited: Option<&AsyncFd<PidFd>>,
+    mut each_tick: impl FnMut(&mut Reporter) -> anyhow::Result<()>,
+) -> anyhow::Result<End> {
     let period = Duration::from_secs(args.interval);
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -52,91 +166,75 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = ticks.tick() => {
-                reporter.report()?;
+                each_tick(reporter)?;
                 reports += 1;
                 if args.count.is_some_and(|c| reports >= c) {
-                    break;
+                    return Ok(End::Count);
                 }
-            }
-            _ = sigint.recv() => { reporter.report()?; break; }
-            _ = sigterm.recv() => { reporter.report()?; break; }
-            _ = exited.readable() => {
-                eprintln!("memleak: process {pid} ({}) exited", target.comm);
                 reporter.report()?;
-                break;
             }
-            _ = trace_events(&mut logger) => {}
+            _ = sigint.recv() => return Ok(End::Signal),
+            _ = sigterm.recv() => return Ok(End::Signal),
+            _ = target_exit(exited) => return Ok(End::TargetExited),
+            _ = trace_events(logger) => {}
         }
     }
-    // Dropping the Ebpf detaches every probe. The kernel unregisters
-    // perf-event uprobes one at a time, ~0.1 s each, under one lock.
+}
+
+async fn target_exit(exited: Option<&AsyncFd<PidFd>>) {
+    match exited {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn watch(pid: u32) -> anyhow::Result<AsyncFd<PidFd>> {
+    // SAFETY: PidFd owns its fd and keeps it open while registered.
+    unsafe { AsyncFd::register(PidFd::open(pid)?) }.context("watching the target")
+}
+
+/// Detaches every probe. The kernel unregisters perf-event uprobes one at
+/// a time, ~0.1 s each, under one lock.
+fn detach(ebpf: Ebpf) {
     drop(ebpf);
-    Ok(())
 }
 
-/// Prints each interval's report.
-struct Reporter {
-    pid: u32,
-    recorded: Recorded,
-    symbolizer: Symbolizer,
-    lost: Vec<u64>,
-    top: usize,
-    min_age_ns: u64,
-    show_allocs: bool,
-    combined_only: bool,
+/// The libc this process runs on: what a command started from here loads.
+fn own_libc() -> anyhow::Result<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    crate::proc::parse_maps(&maps)
+        .into_iter()
+        .find(|m| m.is_file() && attach::is_libc(m.module_name()))
+        .map(|m| PathBuf::from(m.path))
+        .context("memleak itself maps no libc: pass the command's allocator with -O")
 }
 
-impl Reporter {
-    fn new(args: &Args, recorded: Recorded, pid: u32) -> Self {
-        let mut symbolizer = Symbolizer::new(true);
-        // Open the target's files now: its frames must still resolve if it
-        // exits before the first report.
-        symbolizer.refresh(pid);
-        Self {
-            pid,
-            lost: recorded.lost().to_vec(),
-            recorded,
-            symbolizer,
-            top: args.top,
-            min_age_ns: args.older.saturating_mul(1_000_000),
-            show_allocs: args.show_allocs,
-            combined_only: args.combined_only,
-        }
+fn verbose(args: &Args, attached: &Attached) {
+    if !args.verbose {
+        return;
     }
-
-    fn report(&mut self) -> anyhow::Result<()> {
-        // Libraries loaded since the last report (dlopen) get opened too.
-        self.symbolizer.refresh(self.pid);
-        let totals = if self.combined_only {
-            report::from_combined(self.recorded.combined())
-        } else {
-            report::by_stack(self.recorded.allocations(), monotonic_ns(), self.min_age_ns)
-        };
-        let lost = self.recorded.lost();
-        for warning in collect::lost_warnings(&self.lost, &lost) {
-            eprintln!("{warning}");
-        }
-        self.lost = lost.to_vec();
-        let Self { recorded, symbolizer, .. } = self;
-        let mut frames = |total: &StackTotal| {
-            let addrs = recorded.stack(total.stack_id);
-            symbolizer.frames(total.tgid, &addrs).iter().flat_map(|f| f.lines()).collect()
-        };
-        let mut out = std::io::stdout().lock();
-        report::write(&mut out, &report::clock_now(), self.top, &totals, self.show_allocs, &mut frames)?;
-        out.flush()?;
-        Ok(())
+    eprintln!("memleak: probes on {} (via {}):", attached.object, attached.host_path.display());
+    for (function, offset) in &attached.functions {
+        eprintln!("memleak:   {function} at file offset {offset:#x}");
+    }
+    if !attached.missing.is_empty() {
+        eprintln!("memleak:   not defined there: {}", attached.missing.join(", "));
     }
 }
 
 type TraceLogger = AsyncFd<aya_log::EbpfLogger<TracePrinter>>;
 
 /// `-t`: the kernel side logs each call through aya-log; print them as they come.
-fn trace_logger(ebpf: &mut aya::Ebpf) -> anyhow::Result<TraceLogger> {
+fn trace_logger(args: &Args, ebpf: &mut Ebpf) -> anyhow::Result<Option<TraceLogger>> {
+    if !args.trace {
+        return Ok(None);
+    }
     let logger = aya_log::EbpfLogger::init_with_logger(ebpf, TracePrinter)
         .context("starting the -t event log")?;
     // SAFETY: the logger owns its ring buffer fd for as long as it lives.
-    Ok(unsafe { AsyncFd::register(logger) }?)
+    Ok(Some(unsafe { AsyncFd::register(logger) }?))
 }
 
 async fn trace_events(logger: &mut Option<TraceLogger>) {
@@ -159,12 +257,4 @@ impl log::Log for TracePrinter {
         println!("{}", record.args());
     }
     fn flush(&self) {}
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

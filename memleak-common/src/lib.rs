@@ -83,6 +83,41 @@ pub const PENDING_RECORD: u32 = 1;
 /// `Pending::old` holds realloc's old block, taken out of the maps at entry.
 pub const PENDING_HAS_OLD: u32 = 2;
 
+/// `AllocKey::tgid` of kernel allocations: kmalloc and slab objects (by
+/// address), whole pages (by page frame number), per-CPU chunks (by address).
+pub const KERNEL_SLAB: u32 = u32::MAX;
+pub const KERNEL_PAGES: u32 = u32::MAX - 1;
+pub const KERNEL_PERCPU: u32 = u32::MAX - 2;
+
+/// Whether a `tgid` is one of the kernel pseudo-processes above.
+pub const fn is_kernel(tgid: u32) -> bool {
+    tgid >= KERNEL_PERCPU
+}
+
+/// Indexes into the `FIELD_OFFSETS` global: where the kmem tracepoints keep
+/// the fields memleak reads, as the running kernel's tracefs format files
+/// say (no kernel headers needed).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    KmallocPtr = 0,
+    KmallocBytes = 1,
+    KfreePtr = 2,
+    CacheAllocPtr = 3,
+    CacheAllocBytes = 4,
+    CacheFreePtr = 5,
+    PageAllocPfn = 6,
+    PageAllocOrder = 7,
+    PageFreePfn = 8,
+    PercpuAllocPtr = 9,
+    PercpuAllocBytes = 10,
+    PercpuFreePtr = 11,
+    KmallocCallSite = 12,
+    CacheAllocCallSite = 13,
+}
+
+pub const FIELD_COUNT: usize = 14;
+
 /// Indexes of the per-CPU `STATS` counters of events that could not be recorded.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +146,13 @@ pub mod globals {
     pub const SELF_TGID: &str = "SELF_TGID";
     /// u32: non-zero to log every call (`-t`).
     pub const TRACE: &str = "TRACE";
+    /// [u32; FIELD_COUNT]: tracepoint field offsets, by `Field`.
+    pub const FIELD_OFFSETS: &str = "FIELD_OFFSETS";
+    /// u64: the page size, for mm_page_alloc's order.
+    pub const PAGE_SIZE: &str = "PAGE_SIZE";
+    /// [u64; 2]: kernel text range [start, end) whose slab allocations are
+    /// not traced: the BPF map allocator's refill (memleak's own maps).
+    pub const SKIP_CALLER: &str = "SKIP_CALLER";
 }
 
 /// Map names, written once here so both sides agree.

@@ -12,6 +12,14 @@ static SAMPLE_EVERY: u64 = 1;
 static SELF_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static TRACE: u32 = 0;
+#[unsafe(no_mangle)]
+static FIELD_OFFSETS: [u32; FIELD_COUNT] = [0; FIELD_COUNT];
+#[unsafe(no_mangle)]
+static PAGE_SIZE: u64 = 4096;
+#[unsafe(no_mangle)]
+static SKIP_CALLER: [u64; 2] = [0; 2];
+
+use memleak_common::{FIELD_COUNT, Field};
 
 // Volatile reads keep the compiler from folding the defaults in.
 #[inline(always)]
@@ -33,4 +41,19 @@ pub fn self_tgid() -> u32 {
 #[inline(always)]
 pub fn trace() -> bool {
     unsafe { core::ptr::read_volatile(&TRACE) != 0 }
+}
+#[inline(always)]
+pub fn field_offset(field: Field) -> usize {
+    unsafe { core::ptr::read_volatile(&FIELD_OFFSETS[field as usize]) as usize }
+}
+#[inline(always)]
+pub fn page_size() -> u64 {
+    unsafe { core::ptr::read_volatile(&PAGE_SIZE) }
+}
+/// Whether a kernel allocation comes from the BPF map allocator (our own
+/// maps growing): tracing those would feed on itself.
+#[inline(always)]
+pub fn skipped_caller(call_site: u64) -> bool {
+    let (start, end) = unsafe { (core::ptr::read_volatile(&SKIP_CALLER[0]), core::ptr::read_volatile(&SKIP_CALLER[1])) };
+    start <= call_site && call_site < end
 }

@@ -5,7 +5,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    EbpfContext as _,
+    EbpfContext,
     helpers::generated::bpf_get_stack,
     programs::RetProbeContext,
 };
@@ -165,9 +165,10 @@ pub fn exit_mmap(ctx: &RetProbeContext, addr: u64) {
     }
 }
 
-/// The caller's user stack, stored in STACKS under a hash of its frames.
+/// The current stack (user with BPF_F_USER_STACK, else kernel), stored in
+/// STACKS under a hash of its frames.
 #[inline(always)]
-fn user_stack(ctx: &RetProbeContext) -> u64 {
+fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> u64 {
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
         return NO_STACK;
     };
@@ -177,7 +178,7 @@ fn user_stack(ctx: &RetProbeContext) -> u64 {
             ctx.as_ptr(),
             stack.ips.as_mut_ptr().cast(),
             (MAX_STACK_DEPTH * 8) as u32,
-            BPF_F_USER_STACK as u64,
+            flags,
         )
     };
     if bytes <= 0 {
@@ -211,13 +212,35 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
     let info = AllocInfo {
         size,
         timestamp_ns: now(),
-        stack_id: user_stack(ctx),
+        stack_id: stack_id(ctx, BPF_F_USER_STACK as u64),
     };
     let stack_id = info.stack_id;
     if config::trace() {
         info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
     }
     track(tgid, addr, info);
+}
+
+/// A kernel allocation (tracepoints): recorded with the kernel stack.
+#[inline(always)]
+pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) {
+    if addr == 0 {
+        return;
+    }
+    let info = AllocInfo {
+        size,
+        timestamp_ns: now(),
+        stack_id: stack_id(ctx, 0),
+    };
+    track(space, addr, info);
+}
+
+/// A kernel free.
+#[inline(always)]
+pub fn forget_kernel(space: u32, addr: u64) {
+    if addr != 0 {
+        let _ = take(space, addr);
+    }
 }
 
 /// Puts a block into ALLOCS and COMBINED.

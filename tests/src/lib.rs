@@ -90,6 +90,9 @@ pub struct Stack {
     /// (addr, size) of the `-a` lines printed before it.
     pub blocks: Vec<(u64, u64)>,
     pub frames: Vec<String>,
+    /// System-wide reports: the process ("PID COMM") or kernel allocator
+    /// ("kernel slab") the stack belongs to.
+    pub process: Option<String>,
 }
 
 impl Stack {
@@ -111,11 +114,20 @@ pub struct Report {
 pub fn parse_reports(text: &str) -> Vec<Report> {
     let mut reports: Vec<Report> = Vec::new();
     let mut blocks = Vec::new();
+    let mut process = None;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix('[')
             && rest.contains("] Top ")
         {
             reports.push(Report { clock: rest[..8.min(rest.len())].to_string(), stacks: vec![] });
+            process = None;
+            continue;
+        }
+        if !line.starts_with(' ')
+            && let Some((name, rest)) = line.split_once(": ")
+            && rest.contains(" bytes in ")
+        {
+            process = Some(name.to_string());
             continue;
         }
         let Some(report) = reports.last_mut() else { continue };
@@ -132,6 +144,7 @@ pub fn parse_reports(text: &str) -> Vec<Report> {
                 count: words[3].parse().unwrap_or(0),
                 blocks: std::mem::take(&mut blocks),
                 frames: vec![],
+                process: process.clone(),
             });
         } else if line.starts_with("        ")
             && let Some(stack) = report.stacks.last_mut()
@@ -145,6 +158,23 @@ pub fn parse_reports(text: &str) -> Vec<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_system_reports_by_process() {
+        let text = "[01:02:03] Top 1 stacks with outstanding allocations, by process:
+9 app 9: 500 bytes in 1 allocation
+    500 bytes in 1 allocation from stack
+        f+0x1 [m]
+kernel slab: 64 bytes in 1 allocation
+    64 bytes in 1 allocation from stack
+        kmalloc+0x1 [kernel]
+";
+        let r = &parse_reports(text)[0];
+        assert_eq!(r.stacks.len(), 2);
+        assert_eq!(r.stacks[0].process.as_deref(), Some("9 app 9"));
+        assert_eq!(r.stacks[1].process.as_deref(), Some("kernel slab"));
+        assert_eq!(r.stacks[1].frames, ["kmalloc+0x1 [kernel]"]);
+    }
 
     #[test]
     fn parses_reports_with_blocks_and_frames() {

@@ -1,0 +1,79 @@
+//! Kernel allocators, through the kmem and percpu tracepoints (no kprobes
+//! needed). Field offsets come from the running kernel's tracefs formats.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use memleak_common::{Field, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB};
+
+use crate::{
+    config::{field_offset, page_size, skipped_caller},
+    record::{forget_kernel, record_kernel},
+};
+
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, field: Field) -> T
+where
+    T: Default,
+{
+    // SAFETY: read_at checks the access against the tracepoint record.
+    unsafe { ctx.read_at::<T>(field_offset(field)) }.unwrap_or_default()
+}
+
+#[tracepoint]
+pub fn kmalloc(ctx: TracePointContext) -> u32 {
+    if skipped_caller(field(&ctx, Field::KmallocCallSite)) {
+        return 0;
+    }
+    let ptr: u64 = field(&ctx, Field::KmallocPtr);
+    record_kernel(&ctx, KERNEL_SLAB, ptr, field(&ctx, Field::KmallocBytes));
+    0
+}
+
+#[tracepoint]
+pub fn kfree(ctx: TracePointContext) -> u32 {
+    forget_kernel(KERNEL_SLAB, field(&ctx, Field::KfreePtr));
+    0
+}
+
+#[tracepoint]
+pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
+    if skipped_caller(field(&ctx, Field::CacheAllocCallSite)) {
+        return 0;
+    }
+    let ptr: u64 = field(&ctx, Field::CacheAllocPtr);
+    record_kernel(&ctx, KERNEL_SLAB, ptr, field(&ctx, Field::CacheAllocBytes));
+    0
+}
+
+#[tracepoint]
+pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
+    forget_kernel(KERNEL_SLAB, field(&ctx, Field::CacheFreePtr));
+    0
+}
+
+/// Pages are keyed by page frame number.
+#[tracepoint]
+pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
+    let pfn: u64 = field(&ctx, Field::PageAllocPfn);
+    let order: u32 = field(&ctx, Field::PageAllocOrder);
+    record_kernel(&ctx, KERNEL_PAGES, pfn, page_size() << (order & 31));
+    0
+}
+
+#[tracepoint]
+pub fn mm_page_free(ctx: TracePointContext) -> u32 {
+    forget_kernel(KERNEL_PAGES, field(&ctx, Field::PageFreePfn));
+    0
+}
+
+#[tracepoint]
+pub fn percpu_alloc_percpu(ctx: TracePointContext) -> u32 {
+    let ptr: u64 = field(&ctx, Field::PercpuAllocPtr);
+    record_kernel(&ctx, KERNEL_PERCPU, ptr, field(&ctx, Field::PercpuAllocBytes));
+    0
+}
+
+#[tracepoint]
+pub fn percpu_free_percpu(ctx: TracePointContext) -> u32 {
+    forget_kernel(KERNEL_PERCPU, field(&ctx, Field::PercpuFreePtr));
+    0
+}

@@ -1,0 +1,117 @@
+//! Tracing with no PID: every process, new ones (containers too), the
+//! kernel's allocators, and `-c COMMAND`.
+
+use std::{fs, thread, time::Duration};
+
+use memleak_tests::{Report, Running, Stack, container::Container, fixture, parse_reports, run_memleak};
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn leak_of<'a>(report: &'a Report, pid: u32) -> Option<&'a Stack> {
+    let prefix = format!("{pid} ");
+    report
+        .stacks
+        .iter()
+        .find(|s| s.process.as_deref().is_some_and(|p| p.starts_with(&prefix)) && s.starts_with(&["fibonacci", "child"]))
+}
+
+#[test]
+fn no_pid_names_each_leaker_biggest_first_and_not_the_clean_one() {
+    let fast = Running::spawn(fixture("fibonacci"), &["50"]); // 20 blocks/s
+    let slow = Running::spawn(fixture("fibonacci"), &["250"]); // 4 blocks/s
+    let clean = Running::spawn(fixture("fibonacci-fixed"), &["50"]);
+    thread::sleep(Duration::from_millis(200));
+    let out = run_memleak(&args(&["--user-only", "--top-procs", "50", "-T", "3", "1", "3"]), Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports = parse_reports(&stdout);
+    assert_eq!(reports.len(), 3, "{stdout}");
+    let last = &reports[2];
+    let (f, s) = (leak_of(last, fast.pid()).expect(&stdout), leak_of(last, slow.pid()).expect(&stdout));
+    for stack in [f, s] {
+        assert_eq!(stack.bytes, 8192 * stack.count, "{stack:?}");
+    }
+    // Both leak since before attach, at 20/s and 4/s: whatever the load on
+    // the machine delays, the counts keep that ratio.
+    let ratio = f.count as f64 / s.count as f64;
+    assert!(s.count >= 6 && (3.5..=6.5).contains(&ratio), "{} {}", f.count, s.count);
+    let order: Vec<&str> = last.stacks.iter().filter_map(|s| s.process.as_deref()).collect();
+    let pos = |pid: u32| order.iter().position(|p| p.starts_with(&format!("{pid} "))).unwrap();
+    assert!(pos(fast.pid()) < pos(slow.pid()), "biggest first: {order:?}");
+    let clean_prefix = format!("{} ", clean.pid());
+    assert!(!order.iter().any(|p| p.starts_with(&clean_prefix)), "the fixed program is listed:\n{stdout}");
+}
+
+#[test]
+fn a_container_started_after_tracing_began_is_caught() {
+    let tracer = std::process::Command::new(memleak_tests::memleak_bin())
+        .args(["--user-only", "--top-procs", "50", "1", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    // Its libc is a file of its own: memleak must find and probe it.
+    let container = Container::start(&fixture("fibonacci"), &["50"]);
+    let out = tracer.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports = parse_reports(&stdout);
+    let last = reports.last().expect(&stdout);
+    let stack = leak_of(last, container.pid).unwrap_or_else(|| panic!("container pid {} missing:\n{stdout}", container.pid));
+    assert!(stack.count >= 3 && stack.bytes == 8192 * stack.count, "{stack:?}");
+    assert!(stack.frames[0].contains("[app]"), "{stack:?}");
+}
+
+#[test]
+fn command_is_traced_from_its_first_allocation_and_gives_its_exit_code() {
+    let cmd = format!("{} 50 12", fixture("fibonacci").display());
+    let out = run_memleak(&args(&["-o", "0", "-c", &cmd, "30"]), Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports = parse_reports(&stdout);
+    assert_eq!(reports.len(), 1, "{stdout}");
+    let stack = reports[0].stacks.iter().find(|s| s.starts_with(&["fibonacci", "child"])).expect(&stdout);
+    // All 12, the first included: the probes were in before exec.
+    assert_eq!((stack.count, stack.bytes), (12, 12 * 8192));
+
+    let out = run_memleak(&args(&["-c", "false", "30"]), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "the command's exit code");
+    let out = run_memleak(&args(&["-c", "/no/such/command"]), Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such command"));
+}
+
+#[test]
+fn kernel_allocations_are_reported_with_kernel_symbols() {
+    let dir = std::env::temp_dir().join(format!("memleak-kernel-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let churn_dir = dir.clone();
+    let churn = thread::spawn(move || {
+        // Inodes and dentries: slab allocations, kept while the files exist.
+        for i in 0..3000 {
+            fs::write(churn_dir.join(format!("f{i}")), b"x").unwrap();
+            if i % 2 == 0 {
+                fs::remove_file(churn_dir.join(format!("f{i}"))).unwrap();
+            }
+            thread::sleep(Duration::from_micros(300));
+        }
+    });
+    let out = run_memleak(&args(&["--kernel-only", "-o", "0", "1", "2"]), Duration::from_secs(30));
+    churn.join().unwrap();
+    let _ = fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports = parse_reports(&stdout);
+    assert_eq!(reports.len(), 2, "{stdout}");
+    let kernel: Vec<&Stack> = reports.iter().flat_map(|r| &r.stacks).filter(|s| s.process.as_deref().is_some_and(|p| p.starts_with("kernel"))).collect();
+    assert!(!kernel.is_empty(), "{stdout}");
+    // Symbolized: function+offset [kernel], not bare addresses.
+    assert!(
+        kernel.iter().any(|s| s.frames.iter().any(|f| f.contains("+0x") && f.ends_with("[kernel]") && !f.starts_with("0x"))),
+        "{stdout}"
+    );
+    assert!(!reports.iter().flat_map(|r| &r.stacks).any(|s| s.process.as_deref().is_some_and(|p| !p.starts_with("kernel"))));
+}
