@@ -118,7 +118,7 @@ fn full_allocation_map_is_counted_and_the_rest_stays_exact() {
     let (report, stderr) = report(&["exact", "37"], &["--max-allocs", "10"]);
     assert!(
         stderr.contains("warning: 27 allocations not tracked (allocation map full, raise --max-allocs)"),
-        "{stderr}"
+        "{stderr}\n{report:?}"
     );
     assert_eq!(report.stacks.len(), 1, "{report:?}");
     // The first ten blocks: 16 * (1 + ... + 10).

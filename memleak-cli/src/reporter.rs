@@ -42,7 +42,8 @@ impl Reporter {
         }
         Self {
             scope,
-            lost: recorded.lost().to_vec(),
+            // The maps are new: everything counted so far counts.
+            lost: vec![0; memleak_common::STAT_COUNT as usize],
             recorded,
             symbolizer,
             top: args.top,

@@ -30,7 +30,21 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
     }
 }
 
+/// SIGINT and SIGTERM, caught from the start: a signal that comes while
+/// attaching must not kill memleak with its last report unprinted.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> anyhow::Result<Self> {
+        Ok(Self { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+    }
+}
+
 async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
+    let mut signals = Signals::catch()?;
     let target = Target::open(pid)?;
     let exited = watch(pid)?;
     // The pidfd pins the process from here on; make sure it is the one we
@@ -41,9 +55,9 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let attached = attach::attach(&mut ebpf, &target, args.obj.as_deref())?;
     verbose(args, &attached);
     let recorded = Recorded::take(&mut ebpf)?;
-    println!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm);
     let mut reporter = Reporter::new(args, recorded, Scope::Process(pid));
-    let end = report_loop(args, &mut reporter, &mut logger, Some(&exited), |_| Ok(())).await?;
+    println!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm);
+    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     if end == End::TargetExited {
         eprintln!("memleak: process {pid} ({}) exited", target.comm);
     }
@@ -53,6 +67,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
 }
 
 async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
+    let mut signals = Signals::catch()?;
     let held = Held::spawn(argv)?;
     let pid = held.pid;
     let exited = watch(pid)?;
@@ -71,9 +86,9 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let recorded = Recorded::take(&mut ebpf)?;
     held.release()?;
     command::wait_for_exec(pid, &argv[0]);
-    println!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" "));
     let mut reporter = Reporter::new(args, recorded, Scope::Process(pid));
-    let end = report_loop(args, &mut reporter, &mut logger, Some(&exited), |_| Ok(())).await?;
+    println!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" "));
+    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     let code = if end == End::TargetExited {
         let code = command::reap(pid);
         eprintln!("memleak: {} exited{}", target.comm, code.map(|c| format!(" with {c}")).unwrap_or_default());
@@ -87,6 +102,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
 }
 
 async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Result<()> {
+    let mut signals = Signals::catch()?;
     let mut config = Config::from_args(args);
     if kernel_too {
         kernel::ensure_tracefs()?;
@@ -117,11 +133,11 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         what.push("kernel allocators".to_string());
     }
     let recorded = Recorded::take(&mut ebpf)?;
-    println!("Tracing {}, Ctrl+C to quit.", what.join(" and "));
     let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs });
+    println!("Tracing {}, Ctrl+C to quit.", what.join(" and "));
     let rescan = user && args.obj.is_none();
     let verbose_on = args.verbose;
-    report_loop(args, &mut reporter, &mut logger, None, |_| {
+    report_loop(args, &mut reporter, &mut signals, &mut logger, None, |_| {
         // Programs and containers started since: probe their allocators too.
         if rescan {
             let before = probes.objects.len();
@@ -153,6 +169,7 @@ enum End {
 async fn report_loop(
     args: &Args,
     reporter: &mut Reporter,
+    signals: &mut Signals,
     logger: &mut Option<TraceLogger>,
     exited: Option<&AsyncFd<PidFd>>,
     mut each_tick: impl FnMut(&mut Reporter) -> anyhow::Result<()>,
@@ -160,8 +177,6 @@ async fn report_loop(
     let period = Duration::from_secs(args.interval);
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut reports = 0;
     loop {
         tokio::select! {
@@ -173,8 +188,8 @@ async fn report_loop(
                 }
                 reporter.report()?;
             }
-            _ = sigint.recv() => return Ok(End::Signal),
-            _ = sigterm.recv() => return Ok(End::Signal),
+            _ = signals.int.recv() => return Ok(End::Signal),
+            _ = signals.term.recv() => return Ok(End::Signal),
             _ = target_exit(exited) => return Ok(End::TargetExited),
             _ = trace_events(logger) => {}
         }
