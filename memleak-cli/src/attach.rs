@@ -1,9 +1,15 @@
 //! Puts the probes on the allocator the target really uses: the file it
-//! maps, reached through /proc/PID/root so that a process in another mount
+//! maps, reached through /proc/PID so that a process in another mount
 //! namespace (a container) gets probes on its own libc, not the host's.
+//!
+//! Which file serves malloc: an allocator library the process maps
+//! (jemalloc, tcmalloc, mimalloc interpose malloc), else the executable if
+//! it defines malloc itself (static, or its own allocator), else libc. C++
+//! operator new/delete are probed where they are defined (libstdc++, or the
+//! allocator library), so stacks of `new` start in the caller.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     num::NonZeroU32,
     path::{Path, PathBuf},
 };
@@ -13,40 +19,12 @@ use aya::{Ebpf, programs::uprobe::UProbeScope};
 use crate::{
     elf,
     error::{Kind, user_error},
+    hooks::{C_API, CXX_API, Shape},
     loader,
     proc::{self, Mapping, Target, mapped_file, module_name},
 };
 
-/// One allocator function: the program at its entry and the one at its return.
-struct Hook {
-    function: &'static str,
-    entry: &'static str,
-    exit: Option<&'static str>,
-}
-
-const fn hook(function: &'static str, entry: &'static str, exit: Option<&'static str>) -> Hook {
-    Hook { function, entry, exit }
-}
-
-/// The allocator family, as bcc hooks it. malloc and free are required.
-const HOOKS: &[Hook] = &[
-    hook("malloc", "malloc_enter", Some("malloc_exit")),
-    hook("free", "free_enter", None),
-    hook("calloc", "calloc_enter", Some("calloc_exit")),
-    hook("realloc", "realloc_enter", Some("realloc_exit")),
-    hook("reallocarray", "reallocarray_enter", Some("reallocarray_exit")),
-    hook("posix_memalign", "posix_memalign_enter", Some("posix_memalign_exit")),
-    hook("aligned_alloc", "aligned_alloc_enter", Some("aligned_alloc_exit")),
-    hook("memalign", "memalign_enter", Some("memalign_exit")),
-    hook("valloc", "valloc_enter", Some("valloc_exit")),
-    hook("pvalloc", "pvalloc_enter", Some("pvalloc_exit")),
-    hook("mmap", "mmap_enter", Some("mmap_exit")),
-    hook("munmap", "munmap_enter", None),
-];
-
-const REQUIRED: &[&str] = &["malloc", "free"];
-
-/// What was hooked, for the start-up message and `-v`.
+/// What was hooked in one object, for the start-up message and `-v`.
 #[derive(Debug)]
 pub struct Attached {
     /// The object as the target sees it (e.g. /lib/x86_64-linux-gnu/libc.so.6).
@@ -55,26 +33,37 @@ pub struct Attached {
     pub host_path: PathBuf,
     /// (function, file offset) of each probe placed.
     pub functions: Vec<(&'static str, u64)>,
-    /// Functions the object does not define.
-    pub missing: Vec<&'static str>,
 }
 
-/// Attaches every hook to the allocator object of `target`.
-pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::Result<Attached> {
+/// Attaches to the allocator objects of `target` (or `-O`'s).
+pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::Result<Vec<Attached>> {
     let maps = target.maps()?;
-    let object = allocator_object(&maps, obj, target.pid)?;
-    let host_path = match maps.iter().find(|m| m.path == object) {
-        Some(mapping) => mapped_file(target.pid, mapping),
-        None => PathBuf::from(&object),
-    };
     let scope = UProbeScope::OneProcess(NonZeroU32::new(target.pid).expect("pid is non-zero"));
-    probe_object(ebpf, &host_path, &object, scope).map_err(|e| {
+    let gone = |e: anyhow::Error| {
         if Path::new(&format!("/proc/{}", target.pid)).exists() {
             e
         } else {
             user_error(Kind::NoProcess, format!("process {} exited", target.pid))
         }
-    })
+    };
+    let host_path = |object: &str| match maps.iter().find(|m| m.path == object) {
+        Some(mapping) => mapped_file(target.pid, mapping),
+        None => PathBuf::from(object),
+    };
+    if let Some(obj) = obj {
+        let object = named_object(&maps, obj, target.pid)?;
+        let attached = probe_object(ebpf, &host_path(&object), &object, scope, true).map_err(gone)?;
+        return Ok(vec![attached]);
+    }
+    let serving = serving_object(target.pid, &maps)?;
+    let mut all = vec![probe_object(ebpf, &host_path(&serving), &serving, scope, true).map_err(gone)?];
+    if !all[0].functions.iter().any(|(f, _)| *f == "_Znwm")
+        && let Some(cxx) = maps.iter().find(|m| m.is_file() && is_cxx_runtime(m.module_name()))
+    {
+        let attached = probe_object(ebpf, &host_path(&cxx.path), &cxx.path, scope, false).map_err(gone)?;
+        all.push(attached);
+    }
+    Ok(all)
 }
 
 /// Attaches every hook to the object at `path` (valid on the host) for
@@ -83,51 +72,80 @@ pub fn attach_file(ebpf: &mut Ebpf, path: &Path, pid: NonZeroU32) -> anyhow::Res
     if !path.exists() {
         return Err(user_error(Kind::Attach, format!("-O {}: no such file", path.display())));
     }
-    probe_object(ebpf, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid))
+    probe_object(ebpf, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true)
 }
 
-/// Attaches every hook the object defines, at `host_path` (a path valid on
-/// the host), for the processes in `scope`.
-fn probe_object(ebpf: &mut Ebpf, host_path: &Path, object: &str, scope: UProbeScope) -> anyhow::Result<Attached> {
-    let names: Vec<&str> = HOOKS.iter().map(|h| h.function).collect();
+/// Attaches the hooks the object defines, at `host_path` (a path valid on
+/// the host), for the processes in `scope`. The object serving malloc must
+/// define malloc and free.
+fn probe_object(
+    ebpf: &mut Ebpf,
+    host_path: &Path,
+    object: &str,
+    scope: UProbeScope,
+    serves_malloc: bool,
+) -> anyhow::Result<Attached> {
+    let hooks: Vec<(&'static str, Shape)> =
+        if serves_malloc { C_API.iter().chain(CXX_API).copied().collect() } else { CXX_API.to_vec() };
+    let names: Vec<&str> = hooks.iter().map(|(f, _)| *f).collect();
     let offsets = elf::function_offsets(host_path, &names).map_err(|e| {
         user_error(Kind::Attach, format!("cannot read the allocator object {object}: {e:#}"))
     })?;
-    if let Some(missing) = REQUIRED.iter().find(|f| !offsets.contains_key(**f)) {
+    if serves_malloc && let Some(missing) = ["malloc", "free"].iter().find(|f| !offsets.contains_key(**f)) {
         return Err(user_error(
             Kind::Attach,
             format!("{object} does not define {missing}: pass the allocator library with -O"),
         ));
     }
-    let mut attached = Attached {
-        object: object.to_string(),
-        host_path: host_path.to_path_buf(),
-        functions: vec![],
-        missing: vec![],
-    };
-    // Aliases (memalign = aligned_alloc in glibc) share an offset: probing
-    // one twice would count every call twice.
-    let mut seen: HashMap<u64, &str> = HashMap::new();
-    for hook in HOOKS {
-        let Some(&offset) = offsets.get(hook.function) else {
-            attached.missing.push(hook.function);
-            continue;
-        };
-        if seen.insert(offset, hook.function).is_some() {
+    let mut attached = Attached { object: object.to_string(), host_path: host_path.to_path_buf(), functions: vec![] };
+    // Aliases (memalign = aligned_alloc in glibc, malloc = tc_malloc) share
+    // an offset: probing one twice would count every call twice.
+    let mut seen: HashSet<u64> = HashSet::new();
+    for (function, shape) in hooks {
+        let Some(&offset) = offsets.get(function) else { continue };
+        if !seen.insert(offset) {
             continue;
         }
-        for program in std::iter::once(hook.entry).chain(hook.exit) {
+        let (entry, exit) = shape.programs();
+        for program in std::iter::once(entry).chain(exit) {
             loader::uprobe(ebpf, program)?.attach(offset, host_path, scope).map_err(|e| {
-                user_error(Kind::Attach, format!("cannot probe {} in {object}: {e:#}", hook.function))
+                user_error(Kind::Attach, format!("cannot probe {function} in {object}: {e:#}"))
             })?;
         }
-        attached.functions.push((hook.function, offset));
+        attached.functions.push((function, offset));
     }
     Ok(attached)
 }
 
+/// The object whose malloc the process's calls reach.
+fn serving_object(pid: u32, maps: &[Mapping]) -> anyhow::Result<String> {
+    let files: Vec<&Mapping> = maps.iter().filter(|m| m.is_file()).collect();
+    if let Some(lib) = files.iter().find(|m| is_allocator_library(m.module_name())) {
+        return Ok(lib.path.clone());
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+    let exe_mapping = exe.as_ref().and_then(|exe| files.iter().find(|m| &m.path == exe));
+    if let Some(exe) = exe_mapping {
+        let defines = elf::function_offsets(&mapped_file(pid, exe), &["malloc", "free"]).unwrap_or_default();
+        if defines.len() == 2 {
+            return Ok(exe.path.clone());
+        }
+    }
+    if let Some(libc) = files.iter().find(|m| is_libc(m.module_name())) {
+        return Ok(libc.path.clone());
+    }
+    let why = match exe_mapping {
+        Some(exe) if elf::is_stripped(&mapped_file(pid, exe)).unwrap_or(false) => {
+            format!("process {pid} is statically linked and stripped: {} has no malloc symbol to probe (rebuild it with symbols, or pass the allocator with -O)", exe.path)
+        }
+        _ => format!("process {pid} maps no libc or known allocator: pass the object that holds malloc with -O"),
+    };
+    Err(user_error(Kind::Attach, why))
+}
+
 /// System-wide: the allocator objects probed so far, one per file (the
-/// host's libc and each container's own), found by scanning /proc.
+/// host's libc, each container's own, allocator and C++ libraries), found
+/// by scanning /proc.
 #[derive(Default)]
 pub struct SystemProbes {
     files: HashSet<(u64, u64)>,
@@ -138,16 +156,19 @@ impl SystemProbes {
     /// Probes `obj` (a host path) for every process.
     pub fn object(&mut self, ebpf: &mut Ebpf, obj: &Path) -> anyhow::Result<()> {
         if !obj.is_absolute() || !obj.exists() {
-            return Err(user_error(Kind::Attach, format!("-O {}: system-wide tracing needs an existing absolute path", obj.display())));
+            return Err(user_error(
+                Kind::Attach,
+                format!("-O {}: system-wide tracing needs an existing absolute path", obj.display()),
+            ));
         }
         let object = obj.to_string_lossy().into_owned();
-        self.objects.push(probe_object(ebpf, obj, &object, UProbeScope::AllProcesses)?);
+        self.objects.push(probe_object(ebpf, obj, &object, UProbeScope::AllProcesses, true)?);
         Ok(())
     }
 
-    /// Probes the allocator of every process whose allocator file is not
-    /// probed yet; returns how many files were added. Called at start and
-    /// each interval, so new containers and programs are caught.
+    /// Probes the allocator files of every process not probed yet; returns
+    /// how many were added. Called at start and each interval, so new
+    /// containers and programs are caught.
     pub fn scan(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<usize> {
         use std::os::unix::fs::MetadataExt as _;
         let me = std::process::id();
@@ -158,24 +179,31 @@ impl SystemProbes {
             }
             let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
             let maps = proc::parse_maps(&text);
-            let Some(mapping) = maps.iter().find(|m| m.is_file() && is_libc(m.module_name())) else { continue };
-            let host_path = mapped_file(pid, mapping);
-            let Ok(meta) = std::fs::metadata(&host_path) else { continue };
-            if !self.files.insert((meta.dev(), meta.ino())) {
-                continue;
-            }
-            let label = format!("{} (of pid {pid})", mapping.path);
-            match probe_object(ebpf, &host_path, &label, UProbeScope::AllProcesses) {
-                Ok(attached) => {
-                    self.objects.push(attached);
-                    added += 1;
+            let mut paths = HashSet::new();
+            for mapping in maps.iter().filter(|m| m.is_file() && paths.insert(m.path.as_str())) {
+                let name = mapping.module_name();
+                let serves_malloc = is_libc(name) || is_allocator_library(name);
+                if !serves_malloc && !is_cxx_runtime(name) {
+                    continue;
                 }
-                // The process may be gone by now; its file is retried if
-                // another process maps it.
-                Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {
-                    self.files.remove(&(meta.dev(), meta.ino()));
+                let host_path = mapped_file(pid, mapping);
+                let Ok(meta) = std::fs::metadata(&host_path) else { continue };
+                if !self.files.insert((meta.dev(), meta.ino())) {
+                    continue;
                 }
-                Err(e) => eprintln!("warning: {e:#}"),
+                let label = format!("{} (of pid {pid})", mapping.path);
+                match probe_object(ebpf, &host_path, &label, UProbeScope::AllProcesses, serves_malloc) {
+                    Ok(attached) => {
+                        self.objects.push(attached);
+                        added += 1;
+                    }
+                    // The process may be gone by now; its file is retried if
+                    // another process maps it.
+                    Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {
+                        self.files.remove(&(meta.dev(), meta.ino()));
+                    }
+                    Err(e) => eprintln!("warning: {e:#}"),
+                }
             }
         }
         if self.objects.is_empty() {
@@ -185,40 +213,36 @@ impl SystemProbes {
     }
 }
 
-/// The object whose allocator the target calls: `-O` if given (a path, or
-/// a library name looked up in the target's maps), else the mapped libc.
-pub fn allocator_object(maps: &[Mapping], obj: Option<&Path>, pid: u32) -> anyhow::Result<String> {
-    let files = || maps.iter().filter(|m| m.is_file());
-    match obj {
-        Some(obj) if obj.is_absolute() => {
-            let text = obj.to_string_lossy().into_owned();
-            if files().any(|m| m.path == text) || obj.exists() {
-                Ok(text)
-            } else {
-                Err(user_error(Kind::Attach, format!("-O {text}: no such file, and process {pid} does not map it")))
-            }
-        }
-        Some(obj) => {
-            let name = obj.to_string_lossy();
-            files()
-                .find(|m| module_name(&m.path) == name || module_name(&m.path).starts_with(&format!("{name}.")))
-                .map(|m| m.path.clone())
-                .ok_or_else(|| user_error(Kind::Attach, format!("-O {name}: process {pid} maps no such library")))
-        }
-        None => files()
-            .find(|m| is_libc(module_name(&m.path)))
-            .map(|m| m.path.clone())
-            .ok_or_else(|| {
-                user_error(
-                    Kind::Attach,
-                    format!("process {pid} maps no libc (statically linked?): pass the object that holds malloc with -O"),
-                )
-            }),
+/// `-O OBJ`: a path, or a library name looked up in the target's maps.
+pub fn named_object(maps: &[Mapping], obj: &Path, pid: u32) -> anyhow::Result<String> {
+    let mut files = maps.iter().filter(|m| m.is_file());
+    if obj.is_absolute() {
+        let text = obj.to_string_lossy().into_owned();
+        return if files.any(|m| m.path == text) || obj.exists() {
+            Ok(text)
+        } else {
+            Err(user_error(Kind::Attach, format!("-O {text}: no such file, and process {pid} does not map it")))
+        };
     }
+    let name = obj.to_string_lossy();
+    files
+        .find(|m| module_name(&m.path) == name || module_name(&m.path).starts_with(&format!("{name}.")))
+        .map(|m| m.path.clone())
+        .ok_or_else(|| user_error(Kind::Attach, format!("-O {name}: process {pid} maps no such library")))
 }
 
 pub fn is_libc(name: &str) -> bool {
     name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so")) || name.starts_with("ld-musl-")
+}
+
+/// Libraries that replace malloc when loaded.
+fn is_allocator_library(name: &str) -> bool {
+    ["libjemalloc.so", "libtcmalloc.so", "libtcmalloc_minimal.so", "libmimalloc.so"].iter().any(|l| name.starts_with(l))
+}
+
+/// Libraries that define C++ operator new/delete.
+fn is_cxx_runtime(name: &str) -> bool {
+    name.starts_with("libstdc++.so") || name.starts_with("libc++.so")
 }
 
 #[cfg(test)]
@@ -234,33 +258,32 @@ mod tests {
 ";
 
     #[test]
-    fn default_object_is_the_mapped_libc() {
-        let maps = parse_maps(MAPS);
-        assert_eq!(allocator_object(&maps, None, 1).unwrap(), "/lib/x86_64-linux-gnu/libc.so.6");
+    fn allocator_libraries_serve_malloc_before_libc() {
+        assert_eq!(serving_object(u32::MAX - 1, &parse_maps(MAPS)).unwrap(), "/usr/lib/libjemalloc.so.2");
+        let plain = "7f00-7f10 r-xp 00028000 00:2a 13 /lib/x86_64-linux-gnu/libc.so.6\n";
+        assert_eq!(serving_object(u32::MAX - 1, &parse_maps(plain)).unwrap(), "/lib/x86_64-linux-gnu/libc.so.6");
+        let err = serving_object(u32::MAX - 1, &parse_maps("5600-5700 r-xp 00001000 00:2a 12 /app\n")).unwrap_err();
+        assert!(err.to_string().contains("-O"), "{err}");
     }
 
     #[test]
     fn obj_by_library_name_or_path() {
         let maps = parse_maps(MAPS);
-        assert_eq!(allocator_object(&maps, Some(Path::new("libjemalloc")), 1).unwrap(), "/usr/lib/libjemalloc.so.2");
-        assert_eq!(allocator_object(&maps, Some(Path::new("libjemalloc.so.2")), 1).unwrap(), "/usr/lib/libjemalloc.so.2");
-        assert_eq!(allocator_object(&maps, Some(Path::new("/app")), 1).unwrap(), "/app");
-        let err = allocator_object(&maps, Some(Path::new("libtcmalloc")), 1).unwrap_err();
+        assert_eq!(named_object(&maps, Path::new("libjemalloc"), 1).unwrap(), "/usr/lib/libjemalloc.so.2");
+        assert_eq!(named_object(&maps, Path::new("libjemalloc.so.2"), 1).unwrap(), "/usr/lib/libjemalloc.so.2");
+        assert_eq!(named_object(&maps, Path::new("/app"), 1).unwrap(), "/app");
+        let err = named_object(&maps, Path::new("libtcmalloc"), 1).unwrap_err();
         assert_eq!(crate::error::exit_code(&err), Kind::Attach as u8);
-        let err = allocator_object(&maps, Some(Path::new("/no/such/lib.so")), 1).unwrap_err();
+        let err = named_object(&maps, Path::new("/no/such/lib.so"), 1).unwrap_err();
         assert!(err.to_string().contains("no such file"), "{err}");
     }
 
     #[test]
-    fn static_binary_has_no_default_object() {
-        let maps = parse_maps("5600-5700 r-xp 00001000 00:2a 12 /app\n");
-        let err = allocator_object(&maps, None, 9).unwrap_err();
-        assert!(err.to_string().contains("-O"), "{err}");
-    }
-
-    #[test]
-    fn libc_names() {
+    fn library_names() {
         assert!(is_libc("libc.so.6") && is_libc("libc-2.27.so") && is_libc("ld-musl-x86_64.so.1"));
         assert!(!is_libc("libcrypto.so.3") && !is_libc("libcap.so.2"));
+        assert!(is_allocator_library("libjemalloc.so.2") && is_allocator_library("libtcmalloc.so.4"));
+        assert!(is_allocator_library("libmimalloc.so.2.0") && !is_allocator_library("libc.so.6"));
+        assert!(is_cxx_runtime("libstdc++.so.6") && !is_cxx_runtime("libstdc.so"));
     }
 }

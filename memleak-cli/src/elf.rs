@@ -44,6 +44,13 @@ pub fn function_offsets(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<S
     Ok(found)
 }
 
+/// Whether `path` lacks a full symbol table (.symtab): a stripped binary.
+pub fn is_stripped(path: &Path) -> anyhow::Result<bool> {
+    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = object::File::parse(&*data)?;
+    Ok(file.symbols().next().is_none())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

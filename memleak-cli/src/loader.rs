@@ -10,7 +10,7 @@ use crate::{
     error::{Kind, user_error},
 };
 
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
 /// Kernel-side settings taken from the options.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,7 @@ mod collect;
 mod command;
 mod elf;
 mod error;
+mod hooks;
 mod kernel;
 mod loader;
 mod proc;

@@ -52,8 +52,9 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     target.check_same()?;
     let mut ebpf = loader::load(&Config::from_args(args))?;
     let mut logger = trace_logger(args, &mut ebpf)?;
-    let attached = attach::attach(&mut ebpf, &target, args.obj.as_deref())?;
-    verbose(args, &attached);
+    for attached in attach::attach(&mut ebpf, &target, args.obj.as_deref())? {
+        verbose(args, &attached);
+    }
     let recorded = Recorded::take(&mut ebpf)?;
     let mut reporter = Reporter::new(args, recorded, Scope::Process(pid));
     println!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm);
@@ -227,15 +228,14 @@ fn own_libc() -> anyhow::Result<PathBuf> {
 }
 
 fn verbose(args: &Args, attached: &Attached) {
+    let names: Vec<&str> = attached.functions.iter().map(|(f, _)| *f).collect();
     if !args.verbose {
+        eprintln!("memleak: probing {}: {}", attached.object, names.join(" "));
         return;
     }
     eprintln!("memleak: probes on {} (via {}):", attached.object, attached.host_path.display());
     for (function, offset) in &attached.functions {
         eprintln!("memleak:   {function} at file offset {offset:#x}");
-    }
-    if !attached.missing.is_empty() {
-        eprintln!("memleak:   not defined there: {}", attached.missing.join(", "));
     }
 }
 

@@ -21,14 +21,18 @@ use aya_ebpf::{
 
 use crate::record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id, unmap};
 
-// One program per hook, named after the function it probes.
+// One program per shape of allocator call, named after the libc function
+// of that shape; jemalloc, tcmalloc, mimalloc and C++ operator new/delete
+// variants with the same arguments reuse them (see memleak-cli/src/hooks.rs).
 
+/// malloc(size), and every call that takes the size first.
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
     enter(ctx.arg(0).unwrap_or(0), 0, 0);
     0
 }
 
+/// Return of every call that returns the block.
 #[uretprobe]
 pub fn malloc_exit(ctx: RetProbeContext) -> u32 {
     exit(&ctx, |_| ctx.ret::<u64>());
@@ -45,22 +49,10 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-#[uretprobe]
-pub fn calloc_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
-    0
-}
-
 /// realloc(ptr, size): frees ptr (restored if realloc fails) and allocates size.
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
     enter(ctx.arg(1).unwrap_or(0), 0, ctx.arg(0).unwrap_or(0));
-    0
-}
-
-#[uretprobe]
-pub fn realloc_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
     0
 }
 
@@ -73,9 +65,10 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-#[uretprobe]
-pub fn reallocarray_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
+/// memalign(align, size), aligned_alloc(align, size).
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(1).unwrap_or(0), 0, 0);
     0
 }
 
@@ -99,59 +92,7 @@ pub fn posix_memalign_exit(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// aligned_alloc(align, size).
-#[uprobe]
-pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(1).unwrap_or(0), 0, 0);
-    0
-}
-
-#[uretprobe]
-pub fn aligned_alloc_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
-    0
-}
-
-/// memalign(align, size).
-#[uprobe]
-pub fn memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(1).unwrap_or(0), 0, 0);
-    0
-}
-
-#[uretprobe]
-pub fn memalign_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
-    0
-}
-
-/// valloc(size).
-#[uprobe]
-pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(0).unwrap_or(0), 0, 0);
-    0
-}
-
-#[uretprobe]
-pub fn valloc_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
-    0
-}
-
-/// pvalloc(size).
-#[uprobe]
-pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(0).unwrap_or(0), 0, 0);
-    0
-}
-
-#[uretprobe]
-pub fn pvalloc_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
-    0
-}
-
-/// free(ptr).
+/// free(ptr), and every call that takes the block first.
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);

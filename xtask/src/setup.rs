@@ -2,7 +2,8 @@
 //! only where missing, so a fresh machine needs nothing by hand.
 //! - the nightly toolchain with rust-src (for `-Z build-std=core`);
 //! - bpf-linker, linked against the LLVM inside the Rust toolchain (same
-//!   LLVM major as rustc, no system LLVM needed).
+//!   LLVM major as rustc, no system LLVM needed);
+//! - the allocator libraries the test fixtures link against (Debian packages).
 
 use std::{fs, os::unix::fs::symlink, path::PathBuf, process::Command};
 
@@ -13,6 +14,29 @@ use crate::cargo;
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
+    fixture_libraries()?;
+    Ok(())
+}
+
+/// jemalloc, tcmalloc and mimalloc, for tests/fixtures/allocators.c.
+const PACKAGES: &[&str] = &["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev"];
+
+fn fixture_libraries() -> anyhow::Result<()> {
+    let installed = |p: &&str| {
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", p])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+    };
+    let missing: Vec<&str> = PACKAGES.iter().filter(|p| !installed(p)).copied().collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    output("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(&missing);
+    output("apt-get", &args).context("installing the fixtures' allocator libraries (needs root and apt)")?;
     Ok(())
 }
 
