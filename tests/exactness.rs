@@ -124,3 +124,19 @@ fn full_allocation_map_is_counted_and_the_rest_stays_exact() {
     // The first ten blocks: 16 * (1 + ... + 10).
     assert_eq!((report.stacks[0].bytes, report.stacks[0].count), (16 * 55, 10));
 }
+
+#[test]
+fn full_stack_map_is_counted_and_never_mixed_into_other_stacks() {
+    // 5 distinct stacks of 4 blocks; room for 2 stacks.
+    let (report, stderr) = report(&["stacks", "5", "4"], &["--max-stacks", "2"]);
+    assert!(
+        stderr.contains("warning: 12 allocations recorded without a stack (stack map full, raise --max-stacks)"),
+        "{stderr}\n{report:?}"
+    );
+    let walks = in_function(&report, "walk");
+    assert_eq!(walks.len(), 2, "{report:?}");
+    assert!(walks.iter().all(|s| (s.bytes, s.count) == (64, 4)), "{report:?}");
+    let lost: Vec<&Stack> = report.stacks.iter().filter(|s| s.frames.iter().any(|f| f.starts_with("[stack not recorded"))).collect();
+    assert_eq!(lost.len(), 1, "{report:?}");
+    assert_eq!((lost[0].bytes, lost[0].count), (12 * 16, 12));
+}
