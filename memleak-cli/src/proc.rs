@@ -131,6 +131,8 @@ pub struct Mapping {
     pub end: u64,
     pub perms: String,
     pub offset: u64,
+    /// Device, as "major:minor" in hex: with the inode, names the file.
+    pub dev: String,
     pub inode: u64,
     /// The path as the process sees it ("" for anonymous memory); a file
     /// deleted since it was mapped keeps its " (deleted)" suffix here.
@@ -168,7 +170,7 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
     let (start, end) = fields.next()?.split_once('-')?;
     let perms = fields.next()?;
     let offset = fields.next()?;
-    let _dev = fields.next()?;
+    let dev = fields.next()?;
     let inode = fields.next()?;
     let path = fields.next().unwrap_or("").trim_start();
     Some(Mapping {
@@ -176,6 +178,7 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
         end: u64::from_str_radix(end, 16).ok()?,
         perms: perms.to_string(),
         offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: dev.to_string(),
         inode: inode.parse().ok()?,
         path: path.to_string(),
     })
@@ -225,6 +228,7 @@ garbage line
         assert_eq!(maps[0].path, "/app");
         assert_eq!((maps[1].start, maps[1].end, maps[1].offset), (0x7f1e2a000000, 0x7f1e2a028000, 0x28000));
         assert_eq!(maps[1].module_name(), "libc.so.6");
+        assert_eq!((maps[1].dev.as_str(), maps[1].inode), ("fd:01", 1835));
         assert!(maps[1].is_file() && !maps[2].is_file() && !maps[3].is_file());
         assert_eq!(maps[3].path, "[stack]");
         assert_eq!(maps[4].path, "/srv/my app (deleted)");

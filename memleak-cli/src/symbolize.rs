@@ -94,8 +94,9 @@ pub struct Symbolizer {
     /// Each process's mappings, with the module behind file mappings.
     views: HashMap<u32, Vec<(Mapping, Option<usize>)>>,
     modules: Vec<Module>,
-    /// (inode, path) -> index in `modules`.
-    opened: HashMap<(u64, String), usize>,
+    /// (device, inode, path) -> index in `modules`: two containers' /app
+    /// may have the same inode number on different file systems.
+    opened: HashMap<(String, u64, String), usize>,
     warned: HashSet<String>,
 }
 
@@ -136,13 +137,11 @@ impl Symbolizer {
     }
 
     fn open(&mut self, pid: u32, m: &Mapping) -> Option<usize> {
-        let key = (m.inode, m.path.clone());
+        let key = (m.dev.clone(), m.inode, m.path.clone());
         if let Some(&i) = self.opened.get(&key) {
             return Some(i);
         }
-        let via_map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-        let rooted = format!("/proc/{pid}/root{}", m.path.strip_suffix(" (deleted)").unwrap_or(&m.path));
-        let file = match File::open(&via_map_files).or_else(|_| File::open(&rooted)) {
+        let file = match File::open(proc::mapped_file(pid, m)) {
             Ok(file) => file,
             Err(e) => {
                 if self.warned.insert(m.path.clone()) {
