@@ -93,7 +93,7 @@ pub fn enter(size: u64, memptr: u64, old_addr: u64) {
     if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
         count(Stat::PendingMapFull);
         if has_old {
-            track(tgid, old_addr, old);
+            track(tgid, old_addr, old, false);
         }
     }
 }
@@ -124,7 +124,7 @@ pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
         // Failed, or realloc(ptr, 0) which freed ptr. A failed realloc with a
         // non-zero size leaves the old block allocated.
         if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
-            track(tgid, pending.old_addr, pending.old);
+            track(tgid, pending.old_addr, pending.old, false);
         }
         return;
     }
@@ -182,12 +182,13 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
     if config::trace() {
         info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
     }
-    track(tgid, addr, info);
+    track(tgid, addr, info, true);
 }
 
-/// Puts a block into ALLOCS and COMBINED.
+/// Puts a block into ALLOCS and COMBINED; `new` for a block just allocated
+/// (not one given back, as after a failed realloc), counted in `allocs`.
 #[inline(always)]
-fn track(tgid: u32, addr: u64, info: AllocInfo) {
+fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool) {
     let key = AllocKey { addr, tgid, _pad: 0 };
     match ALLOCS.insert(&key, &info, BPF_NOEXIST as u64) {
         Ok(()) => {}
@@ -197,7 +198,7 @@ fn track(tgid: u32, addr: u64, info: AllocInfo) {
             // take the stale block out of the totals (bcc's --wa-missing-free,
             // always on).
             if let Some(stale) = ALLOCS.get_ptr(&key) {
-                combine(tgid, unsafe { *stale }, false);
+                combine(tgid, unsafe { *stale }, false, false);
             }
             if ALLOCS.insert(&key, &info, BPF_ANY as u64).is_err() {
                 count(Stat::AllocMapFull);
@@ -209,7 +210,7 @@ fn track(tgid: u32, addr: u64, info: AllocInfo) {
             return;
         }
     }
-    combine(tgid, info, true);
+    combine(tgid, info, true, new);
 }
 
 /// Removes a block from ALLOCS and COMBINED; returns what it was.
@@ -220,7 +221,7 @@ fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
     // Only the thread whose delete succeeds updates the totals, so a double
     // free racing on two threads subtracts once.
     ALLOCS.remove(&key).ok()?;
-    combine(tgid, info, false);
+    combine(tgid, info, false, false);
     Some(info)
 }
 
@@ -236,8 +237,9 @@ pub fn forget(tgid: u64, addr: u64) {
 
 /// Adds (or removes) one block to its stack's totals, atomically: threads
 /// allocating from the same stack on several CPUs must not lose updates.
+/// `new` also counts it in the stack's allocations since attach.
 #[inline(always)]
-fn combine(tgid: u32, info: AllocInfo, add: bool) {
+fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
     let key = CombinedKey {
         tgid,
         stack_id: info.stack_id,
@@ -268,6 +270,9 @@ fn combine(tgid: u32, info: AllocInfo, add: bool) {
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).total_size, size);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).count, n);
+        if new {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).allocs, 1);
+        }
     }
 }
 
