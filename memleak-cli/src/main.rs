@@ -5,11 +5,18 @@ mod cli;
 mod collect;
 mod elf;
 mod error;
+mod exports;
+mod flamegraph;
+mod folded;
+mod json;
 mod loader;
+mod pprof;
 mod proc;
 mod report;
+mod sort;
 mod symbolize;
 mod trace;
+mod trend;
 
 use std::process::ExitCode;
 

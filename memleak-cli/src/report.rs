@@ -5,6 +5,8 @@ use std::{collections::HashMap, io::Write};
 
 use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, NO_STACK};
 
+use crate::trend::Row;
+
 /// One outstanding allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Block {
@@ -21,6 +23,9 @@ pub struct StackTotal {
     pub count: u64,
     /// The blocks, by address (empty in --combined-only mode).
     pub blocks: Vec<Block>,
+    /// When its oldest block was allocated (CLOCK_MONOTONIC ns; None in
+    /// --combined-only mode).
+    pub oldest_ns: Option<u64>,
 }
 
 /// Groups allocations at least `min_age_ns` old by (process, stack),
@@ -41,9 +46,11 @@ pub fn by_stack(
             bytes: 0,
             count: 0,
             blocks: Vec::new(),
+            oldest_ns: None,
         });
         total.bytes += info.size;
         total.count += 1;
+        total.oldest_ns = Some(total.oldest_ns.map_or(info.timestamp_ns, |t| t.min(info.timestamp_ns)));
         total.blocks.push(Block { addr: key.addr, size: info.size });
     }
     let mut totals: Vec<StackTotal> = totals.into_values().collect();
@@ -65,6 +72,7 @@ pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAll
             bytes: c.total_size,
             count: c.count,
             blocks: Vec::new(),
+            oldest_ns: None,
         })
         .collect();
     sort(&mut totals);
@@ -78,24 +86,25 @@ fn sort(totals: &mut [StackTotal]) {
 }
 
 /// Writes one interval's report: the header, then up to `top` stacks, each
-/// with its blocks (if `show_allocs`) and its frames from `frames`.
+/// with its blocks (if `show_allocs`), bcc's line with the trend after it,
+/// and its frames from `frames`.
 pub fn write(
     out: &mut impl Write,
     clock: &str,
     top: usize,
-    totals: &[StackTotal],
+    rows: &[Row],
     show_allocs: bool,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations:")?;
-    for total in totals.iter().take(top) {
+    for Row { total, trend } in rows.iter().take(top) {
         if show_allocs {
             for b in &total.blocks {
                 writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
             }
         }
         let plural = if total.count == 1 { "allocation" } else { "allocations" };
-        writeln!(out, "    {} bytes in {} {plural} from stack", total.bytes, total.count)?;
+        writeln!(out, "    {} bytes in {} {plural} from stack  {}", total.bytes, total.count, trend.summary())?;
         if total.stack_id == NO_STACK {
             writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
             continue;
@@ -121,6 +130,12 @@ pub fn clock_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trend::Tracker;
+
+    /// Rows of a first report, 2 s after attach.
+    fn rows(totals: Vec<StackTotal>) -> Vec<Row> {
+        Tracker::new(0, 0).update(totals, 2_000_000_000, &Default::default())
+    }
 
     fn alloc(addr: u64, size: u64, ts: u64, stack_id: u32) -> (AllocKey, AllocInfo) {
         (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id, _pad: 0 })
@@ -139,6 +154,7 @@ mod tests {
         assert_eq!((totals[0].stack_id, totals[0].bytes, totals[0].count), (1, 16384, 2));
         assert_eq!(totals[0].blocks, [Block { addr: 0x10, size: 8192 }, Block { addr: 0x30, size: 8192 }]);
         assert_eq!((totals[1].stack_id, totals[1].bytes, totals[1].count), (2, 100, 1));
+        assert_eq!((totals[0].oldest_ns, totals[1].oldest_ns), (Some(100), Some(100)));
     }
 
     #[test]
@@ -153,9 +169,9 @@ mod tests {
     fn combined_drops_empty_stacks_and_sorts() {
         let k = |s| CombinedKey { tgid: 1, stack_id: s };
         let totals = from_combined([
-            (k(1), CombinedAlloc { total_size: 10, count: 1 }),
-            (k(2), CombinedAlloc { total_size: 0, count: 0 }),
-            (k(3), CombinedAlloc { total_size: 30, count: 3 }),
+            (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1 }),
+            (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4 }),
+            (k(3), CombinedAlloc { total_size: 30, count: 3, allocs: 3 }),
         ]);
         assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [3, 1]);
     }
@@ -165,13 +181,13 @@ mod tests {
         let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0);
         let mut out = Vec::new();
         let mut frames = |_: &StackTotal| vec!["fibonacci+0x1f [app]".to_string(), "child+0x4f [app]".to_string()];
-        write(&mut out, "03:00:41", 10, &totals, true, &mut frames).unwrap();
+        write(&mut out, "03:00:41", 10, &rows(totals), true, &mut frames).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[03:00:41] Top 10 stacks with outstanding allocations:\n\
              \x20   addr = 7f8f70861210 size = 8192\n\
              \x20   addr = 7f8f70863220 size = 8192\n\
-             \x20   16384 bytes in 2 allocations from stack\n\
+             \x20   16384 bytes in 2 allocations from stack  (+16384 B since last, 8192 B/s, oldest 2.0s)\n\
              \x20       fibonacci+0x1f [app]\n\
              \x20       child+0x4f [app]\n"
         );
@@ -181,9 +197,9 @@ mod tests {
     fn top_limits_stacks_and_lost_stacks_say_why() {
         let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0);
         let mut out = Vec::new();
-        write(&mut out, "00:00:00", 2, &totals, false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        write(&mut out, "00:00:00", 2, &rows(totals), false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("30 bytes in 1 allocation from stack\n        [stack not recorded"), "{text}");
+        assert!(text.contains("30 bytes in 1 allocation from stack  (+30 B since last, 15 B/s, oldest 2.0s)\n        [stack not recorded"), "{text}");
         assert!(text.contains("20 bytes in 1 allocation"));
         assert!(!text.contains("10 bytes"), "{text}");
     }
