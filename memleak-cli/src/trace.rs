@@ -40,6 +40,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // With --format json, stdout holds JSON only.
     let json = args.format == Format::Json;
     let mut logger = if args.trace { Some(trace_logger(&mut ebpf, json)?) } else { None };
+    // The run starts as the probes go in: nothing is outstanding before.
+    let started = (monotonic_ns(), SystemTime::now());
     let attached = attach::attach(&mut ebpf, &target, args.obj.as_deref())?;
     let recorded = Recorded::take(&mut ebpf)?;
     if args.verbose {
@@ -58,7 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("{attaching}");
     }
 
-    let mut reporter = Reporter::new(&args, recorded, &target, exports);
+    let mut reporter = Reporter::new(&args, recorded, &target, exports, started);
     let period = Duration::from_secs(args.interval);
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -110,18 +112,21 @@ struct Reporter {
     start_ns: u64,
     start: SystemTime,
     reports: u64,
-    /// The last report's stacks, every one: what the exit files hold.
+    /// The last report's stacks, every one: what the exit files hold, and
+    /// when it was taken (CLOCK_MONOTONIC).
     last: Vec<Row>,
+    last_ns: u64,
     exports: Exports,
 }
 
 impl Reporter {
-    fn new(args: &Args, recorded: Recorded, target: &Target, exports: Exports) -> Self {
+    /// `started`: CLOCK_MONOTONIC and wall-clock time of attach.
+    fn new(args: &Args, recorded: Recorded, target: &Target, exports: Exports, started: (u64, SystemTime)) -> Self {
         let mut symbolizer = Symbolizer::new(!args.no_source);
         // Open the target's files now: its frames must still resolve if it
         // exits before the first report.
         symbolizer.refresh(target.pid);
-        let start_ns = monotonic_ns();
+        let (start_ns, start) = started;
         let min_age_ns = args.older.saturating_mul(1_000_000);
         Self {
             pid: target.pid,
@@ -138,9 +143,10 @@ impl Reporter {
             sample_rate: args.sample_rate,
             trends: Tracker::new(start_ns, if args.combined_only { 0 } else { min_age_ns }),
             start_ns,
-            start: SystemTime::now(),
+            start,
             reports: 0,
             last: Vec::new(),
+            last_ns: start_ns,
             exports,
         }
     }
@@ -190,6 +196,7 @@ impl Reporter {
         }
         out.flush()?;
         self.last = rows;
+        self.last_ns = now;
         Ok(())
     }
 
@@ -213,7 +220,7 @@ impl Reporter {
                 },
             })
             .collect();
-        let elapsed_ns = monotonic_ns().saturating_sub(self.start_ns);
+        let elapsed_ns = self.last_ns.saturating_sub(self.start_ns);
         let comm = self.comms.get(&self.pid).map_or("?", String::as_str);
         let title = format!("pid {} ({comm}), {:.1} s after attach", self.pid, elapsed_ns as f64 / 1e9);
         let meta = pprof::Meta {
