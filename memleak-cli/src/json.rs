@@ -100,21 +100,25 @@ pub struct Context<'a> {
     pub comms: &'a HashMap<u32, String>,
 }
 
-/// One report: processes in order of their first row, each with its rows
-/// among the `top` first (as the text report shows them).
+/// One report: the traced processes (those in `comms`, by pid, even with
+/// nothing outstanding), then any other in order of its first row; each
+/// with its rows among the `top` first (as the text report shows them).
 pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTotal) -> Vec<Frame>) -> Interval {
-    let mut processes: Vec<Process> = Vec::new();
-    let mut index: HashMap<u32, usize> = HashMap::new();
+    let process = |pid: u32| Process {
+        pid,
+        comm: ctx.comms.get(&pid).cloned(),
+        bytes: 0,
+        count: 0,
+        stacks_total: 0,
+        stacks: vec![],
+    };
+    let mut traced: Vec<u32> = ctx.comms.keys().copied().collect();
+    traced.sort_unstable();
+    let mut processes: Vec<Process> = traced.iter().map(|&pid| process(pid)).collect();
+    let mut index: HashMap<u32, usize> = traced.iter().enumerate().map(|(i, &pid)| (pid, i)).collect();
     for (i, Row { total, trend }) in rows.iter().enumerate() {
         let p = *index.entry(total.tgid).or_insert_with(|| {
-            processes.push(Process {
-                pid: total.tgid,
-                comm: ctx.comms.get(&total.tgid).cloned(),
-                bytes: 0,
-                count: 0,
-                stacks_total: 0,
-                stacks: vec![],
-            });
+            processes.push(process(total.tgid));
             processes.len() - 1
         });
         let process = &mut processes[p];
@@ -320,13 +324,22 @@ mod tests {
         let v = encode(&[row(7, 1, 16384), lost, row(7, 2, 8192)], 2, true);
         let ps = v["processes"].as_array().unwrap();
         assert_eq!(ps.len(), 2);
-        assert_eq!((ps[0]["pid"].as_u64(), ps[0]["stacks_total"].as_u64(), ps[0]["bytes"].as_u64()), (Some(7), Some(2), Some(24576)));
-        assert_eq!(ps[0]["stacks"].as_array().unwrap().len(), 1);
-        assert_eq!(ps[0]["comm"], serde_json::Value::Null);
-        let s = &ps[1]["stacks"][0];
+        assert_eq!((ps[1]["pid"].as_u64(), ps[1]["stacks_total"].as_u64(), ps[1]["bytes"].as_u64()), (Some(7), Some(2), Some(24576)));
+        assert_eq!(ps[1]["stacks"].as_array().unwrap().len(), 1);
+        assert_eq!(ps[1]["comm"], serde_json::Value::Null);
+        assert_eq!(ps[1]["stacks"][0]["blocks"], serde_json::json!([{"addr": "0x7f00", "size": 8192}]));
+        let s = &ps[0]["stacks"][0];
         assert_eq!((s["stack_recorded"].as_bool(), s["frames"].as_array().unwrap().len()), (Some(false), 0));
         assert_eq!(s["trend"]["allocs"], serde_json::Value::Null);
-        assert_eq!(ps[0]["stacks"][0]["blocks"], serde_json::json!([{"addr": "0x7f00", "size": 8192}]));
+    }
+
+    #[test]
+    fn a_traced_process_with_nothing_outstanding_is_listed_empty() {
+        let v = encode(&[], 10, false);
+        assert_eq!(
+            v["processes"],
+            serde_json::json!([{"pid": 42, "comm": "app", "bytes": 0, "count": 0, "stacks_total": 0, "stacks": []}])
+        );
     }
 
     #[test]
