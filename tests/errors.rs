@@ -45,6 +45,19 @@ fn missing_obj() {
 }
 
 #[test]
+fn output_file_that_cannot_be_created() {
+    let me = std::process::id().to_string();
+    fails_with(&["-p", &me, "--pprof", "/no/such/dir/heap.pb.gz"], 2, "cannot create --pprof /no/such/dir/heap.pb.gz");
+}
+
+#[test]
+fn bad_sort_key() {
+    let out = run_memleak(&["-p".into(), "1".into(), "--sort".into(), "speed".into()], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("size, count, growth, age"));
+}
+
+#[test]
 fn not_root() {
     let out = Command::new(memleak_bin())
         .args(["-p", "1"])

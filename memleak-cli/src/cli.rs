@@ -4,7 +4,20 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::error::{Kind, user_error};
+use crate::{
+    error::{Kind, user_error},
+    sort::SortKey,
+};
+
+/// `--format`: how reports are printed on stdout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// bcc's report, with each stack's trend.
+    #[default]
+    Text,
+    /// One JSON object per report, one per line.
+    Json,
+}
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -16,7 +29,10 @@ use crate::error::{Kind, user_error};
         memleak -p 181 10 3             three reports, 10 s apart\n    \
         memleak -p 181 -o 60000         only allocations older than a minute\n    \
         memleak -p 181 --combined-only  totals per stack kept in the kernel (cheapest report)\n    \
-        memleak -p 181 -z 4096          only requests of 4 KiB or more"
+        memleak -p 181 -z 4096          only requests of 4 KiB or more\n    \
+        memleak -p 181 --sort growth    stacks that grew most since the last report first\n    \
+        memleak -p 181 --format json    one JSON object per report\n    \
+        memleak -p 181 10 3 --pprof heap.pb.gz --flamegraph heap.svg   files written at exit"
 )]
 pub struct Args {
     /// Trace this process (its allocator calls only). Without it: the whole system.
@@ -96,6 +112,30 @@ pub struct Args {
     /// Say what is hooked where.
     #[arg(short, long)]
     pub verbose: bool,
+
+    /// Order of the stacks in a report (and which are the top N).
+    #[arg(long, value_enum, value_name = "KEY", default_value_t = SortKey::Size)]
+    pub sort: SortKey,
+
+    /// Print frames without file:line (and without inlined functions).
+    #[arg(long)]
+    pub no_source: bool,
+
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// At exit, write the last report's stacks to FILE as collapsed stacks (`root;...;leaf bytes`).
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+
+    /// At exit, write an SVG flame graph of outstanding bytes to FILE.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<PathBuf>,
+
+    /// At exit, write a gzipped pprof profile (inuse_space, inuse_objects) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
 
     /// Seconds between reports.
     #[arg(default_value_t = 5)]
@@ -186,7 +226,24 @@ mod tests {
         assert_eq!(a.pid, Some(42));
         assert_eq!((a.interval, a.count, a.older, a.top, a.sample_rate), (5, None, 500, 10, 1));
         assert!(!a.show_allocs && !a.combined_only && !a.trace);
+        assert_eq!((a.sort, a.format, a.no_source), (SortKey::Size, Format::Text, false));
+        assert!(a.folded.is_none() && a.flamegraph.is_none() && a.pprof.is_none());
         a.validate().unwrap();
+    }
+
+    #[test]
+    fn trend_and_format_options() {
+        let a = parse(&["-p", "7", "--sort", "growth", "--no-source", "--format", "json", "--folded", "a.folded",
+                        "--flamegraph", "a.svg", "--pprof", "a.pb.gz"]).unwrap();
+        assert_eq!((a.sort, a.format, a.no_source), (SortKey::Growth, Format::Json, true));
+        assert_eq!(a.folded.as_deref(), Some(std::path::Path::new("a.folded")));
+        assert_eq!(a.flamegraph.as_deref(), Some(std::path::Path::new("a.svg")));
+        assert_eq!(a.pprof.as_deref(), Some(std::path::Path::new("a.pb.gz")));
+        for key in ["size", "count", "age"] {
+            parse(&["-p", "7", "--sort", key]).unwrap();
+        }
+        assert!(parse(&["-p", "7", "--sort", "speed"]).is_err());
+        assert!(parse(&["-p", "7", "--format", "xml"]).is_err());
     }
 
     #[test]

@@ -6,14 +6,21 @@ mod collect;
 mod command;
 mod elf;
 mod error;
+mod exports;
+mod flamegraph;
+mod folded;
 mod hooks;
+mod json;
 mod kernel;
 mod loader;
+mod pprof;
 mod proc;
 mod report;
 mod reporter;
+mod sort;
 mod symbolize;
 mod trace;
+mod trend;
 
 use std::process::ExitCode;
 

@@ -7,6 +7,8 @@ use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel,
 };
 
+use crate::trend::Row;
+
 /// One outstanding allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Block {
@@ -23,6 +25,9 @@ pub struct StackTotal {
     pub count: u64,
     /// The blocks, by address (empty in --combined-only mode).
     pub blocks: Vec<Block>,
+    /// When its oldest block was allocated (CLOCK_MONOTONIC ns; None in
+    /// --combined-only mode).
+    pub oldest_ns: Option<u64>,
 }
 
 /// Groups allocations at least `min_age_ns` old by (process, stack),
@@ -43,9 +48,11 @@ pub fn by_stack(
             bytes: 0,
             count: 0,
             blocks: Vec::new(),
+            oldest_ns: None,
         });
         total.bytes += info.size;
         total.count += 1;
+        total.oldest_ns = Some(total.oldest_ns.map_or(info.timestamp_ns, |t| t.min(info.timestamp_ns)));
         total.blocks.push(Block { addr: key.addr, size: info.size });
     }
     let mut totals: Vec<StackTotal> = totals.into_values().collect();
@@ -67,6 +74,7 @@ pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAll
             bytes: c.total_size,
             count: c.count,
             blocks: Vec::new(),
+            oldest_ns: None,
         })
         .collect();
     sort(&mut totals);
@@ -80,56 +88,52 @@ fn sort(totals: &mut [StackTotal]) {
 }
 
 /// Outstanding memory of one process (or kernel allocator), its stacks
-/// biggest first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// in the report's order.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProcessTotal {
     pub tgid: u32,
     pub bytes: u64,
     pub count: u64,
-    pub stacks: Vec<StackTotal>,
+    pub rows: Vec<Row>,
 }
 
-/// Groups stack totals by process: user processes biggest first, then the
-/// kernel's allocators.
-pub fn by_process(totals: Vec<StackTotal>) -> Vec<ProcessTotal> {
-    let mut procs: HashMap<u32, ProcessTotal> = HashMap::new();
-    for total in totals {
-        let p = procs.entry(total.tgid).or_insert_with(|| ProcessTotal {
-            tgid: total.tgid,
-            bytes: 0,
-            count: 0,
-            stacks: Vec::new(),
+/// Groups a report's rows by process, keeping their order within each:
+/// user processes biggest first, then the kernel's allocators.
+pub fn by_process(rows: Vec<Row>) -> Vec<ProcessTotal> {
+    let mut procs: Vec<ProcessTotal> = Vec::new();
+    let mut index: HashMap<u32, usize> = HashMap::new();
+    for row in rows {
+        let tgid = row.total.tgid;
+        let i = *index.entry(tgid).or_insert_with(|| {
+            procs.push(ProcessTotal { tgid, bytes: 0, count: 0, rows: Vec::new() });
+            procs.len() - 1
         });
-        p.bytes += total.bytes;
-        p.count += total.count;
-        p.stacks.push(total);
+        procs[i].bytes += row.total.bytes;
+        procs[i].count += row.total.count;
+        procs[i].rows.push(row);
     }
-    let mut procs: Vec<ProcessTotal> = procs.into_values().collect();
-    for p in &mut procs {
-        sort(&mut p.stacks);
-    }
-    procs.sort_unstable_by(|a, b| {
-        (is_kernel(a.tgid), b.bytes, a.tgid).cmp(&(is_kernel(b.tgid), a.bytes, b.tgid))
-    });
+    procs.sort_by(|a, b| (is_kernel(a.tgid), b.bytes, a.tgid).cmp(&(is_kernel(b.tgid), a.bytes, b.tgid)));
     procs
 }
 
 /// Writes one interval's report for one process: the header, then up to
-/// `top` stacks, each with its blocks (if `show_allocs`) and its frames.
+/// `top` stacks, each with its blocks (if `show_allocs`), bcc's line with
+/// the trend after it, and its frames from `frames`.
 pub fn write(
     out: &mut impl Write,
     clock: &str,
     top: usize,
-    totals: &[StackTotal],
+    rows: &[Row],
     show_allocs: bool,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations:")?;
-    write_stacks(out, top, totals, show_allocs, frames)
+    write_stacks(out, top, rows, show_allocs, frames)
 }
 
 /// Writes a system-wide report: each process (at most `top_procs`, biggest
 /// first) with its top stacks, then the kernel's allocators.
+#[allow(clippy::too_many_arguments)]
 pub fn write_system(
     out: &mut impl Write,
     clock: &str,
@@ -143,16 +147,20 @@ pub fn write_system(
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations, by process:")?;
     let user = procs.iter().filter(|p| !is_kernel(p.tgid)).take(top_procs);
     for p in user.chain(procs.iter().filter(|p| is_kernel(p.tgid))) {
-        let name = match p.tgid {
-            KERNEL_SLAB => "kernel slab".to_string(),
-            KERNEL_PAGES => "kernel pages".to_string(),
-            KERNEL_PERCPU => "kernel percpu".to_string(),
-            tgid => format!("{tgid} {}", comm(tgid)),
-        };
-        writeln!(out, "{name}: {} bytes in {} {}", p.bytes, p.count, plural(p.count))?;
-        write_stacks(out, top, &p.stacks, show_allocs, frames)?;
+        writeln!(out, "{}: {} bytes in {} {}", process_name(p.tgid, comm), p.bytes, p.count, plural(p.count))?;
+        write_stacks(out, top, &p.rows, show_allocs, frames)?;
     }
     Ok(())
+}
+
+/// "PID COMM", or the kernel allocator's name.
+pub fn process_name(tgid: u32, comm: &mut dyn FnMut(u32) -> String) -> String {
+    match tgid {
+        KERNEL_SLAB => "kernel slab".to_string(),
+        KERNEL_PAGES => "kernel pages".to_string(),
+        KERNEL_PERCPU => "kernel percpu".to_string(),
+        tgid => format!("{tgid} {}", comm(tgid)),
+    }
 }
 
 fn plural(count: u64) -> &'static str {
@@ -162,17 +170,24 @@ fn plural(count: u64) -> &'static str {
 fn write_stacks(
     out: &mut impl Write,
     top: usize,
-    totals: &[StackTotal],
+    rows: &[Row],
     show_allocs: bool,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
-    for total in totals.iter().take(top) {
+    for Row { total, trend } in rows.iter().take(top) {
         if show_allocs {
             for b in &total.blocks {
                 writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
             }
         }
-        writeln!(out, "    {} bytes in {} {} from stack", total.bytes, total.count, plural(total.count))?;
+        writeln!(
+            out,
+            "    {} bytes in {} {} from stack  {}",
+            total.bytes,
+            total.count,
+            plural(total.count),
+            trend.summary()
+        )?;
         if total.stack_id == NO_STACK {
             writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
             continue;
@@ -198,6 +213,12 @@ pub fn clock_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trend::Tracker;
+
+    /// Rows of a first report, 2 s after attach.
+    fn rows(totals: Vec<StackTotal>) -> Vec<Row> {
+        Tracker::new(0, 0).update(totals, 2_000_000_000, &Default::default())
+    }
 
     fn alloc(addr: u64, size: u64, ts: u64, stack_id: u64) -> (AllocKey, AllocInfo) {
         (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id })
@@ -216,6 +237,7 @@ mod tests {
         assert_eq!((totals[0].stack_id, totals[0].bytes, totals[0].count), (1, 16384, 2));
         assert_eq!(totals[0].blocks, [Block { addr: 0x10, size: 8192 }, Block { addr: 0x30, size: 8192 }]);
         assert_eq!((totals[1].stack_id, totals[1].bytes, totals[1].count), (2, 100, 1));
+        assert_eq!((totals[0].oldest_ns, totals[1].oldest_ns), (Some(100), Some(100)));
     }
 
     #[test]
@@ -230,9 +252,9 @@ mod tests {
     fn combined_drops_empty_stacks_and_sorts() {
         let k = |s| CombinedKey { tgid: 1, _pad: 0, stack_id: s };
         let totals = from_combined([
-            (k(1), CombinedAlloc { total_size: 10, count: 1 }),
-            (k(2), CombinedAlloc { total_size: 0, count: 0 }),
-            (k(3), CombinedAlloc { total_size: 30, count: 3 }),
+            (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1 }),
+            (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4 }),
+            (k(3), CombinedAlloc { total_size: 30, count: 3, allocs: 3 }),
         ]);
         assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [3, 1]);
     }
@@ -242,13 +264,13 @@ mod tests {
         let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0);
         let mut out = Vec::new();
         let mut frames = |_: &StackTotal| vec!["fibonacci+0x1f [app]".to_string(), "child+0x4f [app]".to_string()];
-        write(&mut out, "03:00:41", 10, &totals, true, &mut frames).unwrap();
+        write(&mut out, "03:00:41", 10, &rows(totals), true, &mut frames).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[03:00:41] Top 10 stacks with outstanding allocations:\n\
              \x20   addr = 7f8f70861210 size = 8192\n\
              \x20   addr = 7f8f70863220 size = 8192\n\
-             \x20   16384 bytes in 2 allocations from stack\n\
+             \x20   16384 bytes in 2 allocations from stack  (+16384 B since last, 8192 B/s, oldest 2.0s)\n\
              \x20       fibonacci+0x1f [app]\n\
              \x20       child+0x4f [app]\n"
         );
@@ -258,9 +280,9 @@ mod tests {
     fn top_limits_stacks_and_lost_stacks_say_why() {
         let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0);
         let mut out = Vec::new();
-        write(&mut out, "00:00:00", 2, &totals, false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        write(&mut out, "00:00:00", 2, &rows(totals), false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("30 bytes in 1 allocation from stack\n        [stack not recorded"), "{text}");
+        assert!(text.contains("30 bytes in 1 allocation from stack  (+30 B since last, 15 B/s, oldest 2.0s)\n        [stack not recorded"), "{text}");
         assert!(text.contains("20 bytes in 1 allocation"));
         assert!(!text.contains("10 bytes"), "{text}");
     }
@@ -274,7 +296,7 @@ mod tests {
         let mut slab = alloc(0xffff0000, 64, 0, 3);
         slab.0.tgid = KERNEL_SLAB;
         allocs.push(slab);
-        let procs = by_process(by_stack(allocs, 1, 0));
+        let procs = by_process(rows(by_stack(allocs, 1, 0)));
         assert_eq!(procs.iter().map(|p| (p.tgid, p.bytes)).collect::<Vec<_>>(), [(9, 500), (7, 150), (KERNEL_SLAB, 64)]);
         let mut out = Vec::new();
         let mut comm = |tgid: u32| format!("app{tgid}");
@@ -284,10 +306,10 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "[01:02:03] Top 1 stacks with outstanding allocations, by process:\n\
              9 app9: 500 bytes in 1 allocation\n\
-             \x20   500 bytes in 1 allocation from stack\n\
+             \x20   500 bytes in 1 allocation from stack  (+500 B since last, 250 B/s, oldest 2.0s)\n\
              \x20       f+0x1 [m]\n\
              kernel slab: 64 bytes in 1 allocation\n\
-             \x20   64 bytes in 1 allocation from stack\n\
+             \x20   64 bytes in 1 allocation from stack  (+64 B since last, 32 B/s, oldest 2.0s)\n\
              \x20       f+0x1 [m]\n"
         );
     }

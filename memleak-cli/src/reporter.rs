@@ -1,22 +1,30 @@
-//! Each interval's report: read the maps, aggregate, symbolize what is
-//! printed, write it, and warn about anything the kernel side lost.
+//! Each interval's report: read the maps, aggregate, follow each stack's
+//! trend, symbolize what is printed, write it (text or JSON), warn about
+//! anything the kernel side lost; and at exit, the files asked for.
 
-use std::{collections::HashSet, io::Write as _};
+use std::{
+    collections::{HashMap, HashSet},
+    io::Write as _,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
-use memleak_common::is_kernel;
+use memleak_common::{NO_STACK, is_kernel};
 
 use crate::{
-    cli::Args,
+    cli::{Args, Format},
     collect::{self, Recorded},
-    proc,
+    exports::{Exports, StackProfile},
+    json, pprof, proc,
     report::{self, StackTotal},
-    symbolize::Symbolizer,
+    sort::{self, SortKey},
+    symbolize::{Frame, Symbolizer},
+    trend::{self, Row, Tracker},
 };
 
 /// What a report covers.
 pub enum Scope {
-    /// One process (-p, -c).
-    Process(u32),
+    /// One process (-p, -c), and its name.
+    Process(u32, String),
     /// Every process and the kernel, grouped by process.
     System { top_procs: usize },
 }
@@ -30,16 +38,32 @@ pub struct Reporter {
     min_age_ns: u64,
     show_allocs: bool,
     combined_only: bool,
+    sort: SortKey,
+    format: Format,
+    sample_rate: u64,
+    trends: Tracker,
+    /// CLOCK_MONOTONIC and wall clock at attach.
+    start_ns: u64,
+    start: SystemTime,
+    reports: u64,
+    /// The last report's stacks, every one: what the exit files hold, and
+    /// when it was taken (CLOCK_MONOTONIC).
+    last: Vec<Row>,
+    last_ns: u64,
+    exports: Exports,
 }
 
 impl Reporter {
-    pub fn new(args: &Args, recorded: Recorded, scope: Scope) -> Self {
-        let mut symbolizer = Symbolizer::new(true);
-        if let Scope::Process(pid) = scope {
+    /// `started`: CLOCK_MONOTONIC and wall-clock time of attach.
+    pub fn new(args: &Args, recorded: Recorded, scope: Scope, exports: Exports, started: (u64, SystemTime)) -> Self {
+        let mut symbolizer = Symbolizer::new(!args.no_source);
+        if let Scope::Process(pid, _) = scope {
             // Open the target's files now: its frames must still resolve if
             // it exits before the first report.
             symbolizer.refresh(pid);
         }
+        let (start_ns, start) = started;
+        let min_age_ns = args.older.saturating_mul(1_000_000);
         Self {
             scope,
             // The maps are new: everything counted so far counts.
@@ -47,80 +71,171 @@ impl Reporter {
             recorded,
             symbolizer,
             top: args.top,
-            min_age_ns: args.older.saturating_mul(1_000_000),
+            min_age_ns,
             show_allocs: args.show_allocs,
             combined_only: args.combined_only,
+            sort: args.sort,
+            format: args.format,
+            sample_rate: args.sample_rate,
+            trends: Tracker::new(start_ns, if args.combined_only { 0 } else { min_age_ns }),
+            start_ns,
+            start,
+            reports: 0,
+            last: Vec::new(),
+            last_ns: start_ns,
+            exports,
         }
     }
 
     pub fn report(&mut self) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        let combined = self.recorded.combined();
         let mut totals = if self.combined_only {
-            report::from_combined(self.recorded.combined())
+            report::from_combined(combined.iter().copied())
         } else {
-            report::by_stack(self.recorded.allocations(), monotonic_ns(), self.min_age_ns)
+            report::by_stack(self.recorded.allocations(), now, self.min_age_ns)
         };
+        if let Scope::System { .. } = self.scope {
+            // A process that exited without freeing is not leaking any
+            // more: drop what it left, in the kernel maps too.
+            let dead: HashSet<u32> = totals
+                .iter()
+                .map(|t| t.tgid)
+                .filter(|&tgid| !is_kernel(tgid) && !std::path::Path::new(&format!("/proc/{tgid}")).exists())
+                .collect();
+            if !dead.is_empty() {
+                self.recorded.forget_processes(&dead);
+                totals.retain(|t| !dead.contains(&t.tgid));
+            }
+        }
+        let mut rows = self.trends.update(totals, now, &trend::counts(&combined));
+        sort::sort(&mut rows, self.sort);
+        self.reports += 1;
         let lost = self.recorded.lost();
         for warning in collect::lost_warnings(&self.lost, &lost) {
             eprintln!("{warning}");
         }
         self.lost = lost.to_vec();
-        let clock = report::clock_now();
-        let mut out = std::io::stdout().lock();
-        match self.scope {
-            Scope::Process(pid) => {
-                self.symbolizer.refresh(pid);
-                let Self { recorded, symbolizer, .. } = self;
-                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
-                report::write(&mut out, &clock, self.top, &totals, self.show_allocs, &mut frames)?;
-            }
+
+        // Refresh the mappings of the processes shown (dlopen, exec).
+        let shown: Vec<u32> = match self.scope {
+            Scope::Process(pid, _) => vec![pid],
             Scope::System { top_procs } => {
-                // A process that exited without freeing is not leaking any
-                // more: drop what it left, in the kernel maps too.
-                let dead: HashSet<u32> = totals
-                    .iter()
-                    .map(|t| t.tgid)
-                    .filter(|&tgid| !is_kernel(tgid) && !std::path::Path::new(&format!("/proc/{tgid}")).exists())
-                    .collect();
-                if !dead.is_empty() {
-                    self.recorded.forget_processes(&dead);
-                    totals.retain(|t| !dead.contains(&t.tgid));
-                }
-                let procs = report::by_process(totals);
-                for p in procs.iter().filter(|p| !is_kernel(p.tgid)).take(top_procs) {
-                    self.symbolizer.refresh(p.tgid);
-                }
-                let Self { recorded, symbolizer, .. } = self;
+                let mut seen = HashSet::new();
+                rows.iter().map(|r| r.total.tgid).filter(|t| !is_kernel(*t) && seen.insert(*t)).take(top_procs).collect()
+            }
+        };
+        for pid in shown {
+            self.symbolizer.refresh(pid);
+        }
+        let comms = self.comms(&rows);
+        let Self { recorded, symbolizer, .. } = self;
+        let mut out = std::io::stdout().lock();
+        match (self.format, &self.scope) {
+            (Format::Text, Scope::Process(..)) => {
                 let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
-                let mut comm = proc::comm;
+                report::write(&mut out, &report::clock_now(), self.top, &rows, self.show_allocs, &mut frames)?;
+            }
+            (Format::Text, Scope::System { top_procs }) => {
+                let procs = report::by_process(rows.clone());
+                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
+                let mut comm = |tgid: u32| comms.get(&tgid).cloned().unwrap_or_else(|| proc::comm(tgid));
                 report::write_system(
                     &mut out,
-                    &clock,
+                    &report::clock_now(),
                     self.top,
-                    top_procs,
+                    *top_procs,
                     &procs,
                     self.show_allocs,
                     &mut comm,
                     &mut frames,
                 )?;
             }
+            (Format::Json, _) => {
+                let ctx = json::Context {
+                    now: SystemTime::now(),
+                    elapsed_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
+                    report: self.reports,
+                    sort: self.sort.name(),
+                    min_age_ms: (!self.combined_only).then_some(self.min_age_ns / 1_000_000),
+                    top: self.top,
+                    show_allocs: self.show_allocs,
+                    comms: &comms,
+                };
+                let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, t);
+                json::write(&mut out, &json::interval(&ctx, &rows, &mut frames))?;
+            }
         }
         out.flush()?;
+        self.last = rows;
+        self.last_ns = now;
         Ok(())
+    }
+
+    /// Names of the processes a report names: the traced one, or (system
+    /// wide) every process in it, kernel allocators included.
+    fn comms(&self, rows: &[Row]) -> HashMap<u32, String> {
+        match &self.scope {
+            Scope::Process(pid, comm) => HashMap::from([(*pid, comm.clone())]),
+            Scope::System { .. } => rows
+                .iter()
+                .map(|r| r.total.tgid)
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .map(|tgid| {
+                    let name = if is_kernel(tgid) { report::process_name(tgid, &mut proc::comm) } else { proc::comm(tgid) };
+                    (tgid, name)
+                })
+                .collect(),
+        }
+    }
+
+    /// `--folded`, `--flamegraph`, `--pprof`: every stack of the last report.
+    pub fn write_exports(&mut self) -> anyhow::Result<()> {
+        if self.exports.is_empty() {
+            return Ok(());
+        }
+        let Self { recorded, symbolizer, .. } = self;
+        let stacks: Vec<StackProfile> = self
+            .last
+            .iter()
+            .map(|Row { total, .. }| StackProfile {
+                tgid: total.tgid,
+                bytes: total.bytes,
+                count: total.count,
+                frames: frames_of(recorded, symbolizer, total),
+            })
+            .collect();
+        let elapsed_ns = self.last_ns.saturating_sub(self.start_ns);
+        let what = match &self.scope {
+            Scope::Process(pid, comm) => format!("pid {pid} ({comm})"),
+            Scope::System { .. } => "all processes".to_string(),
+        };
+        let title = format!("{what}, {:.1} s after attach", elapsed_ns as f64 / 1e9);
+        let meta = pprof::Meta {
+            time_nanos: self.start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
+            duration_nanos: elapsed_ns as i64,
+            period: self.sample_rate as i64,
+        };
+        self.exports.write(&stacks, &title, &mut |pid, addr| symbolizer.mapping(pid, addr), meta)
     }
 }
 
-fn frame_lines(recorded: &Recorded, symbolizer: &mut Symbolizer, total: &StackTotal) -> Vec<String> {
+/// The frames of a stack: user frames of its process, or kernel frames.
+fn frames_of(recorded: &Recorded, symbolizer: &mut Symbolizer, total: &StackTotal) -> Vec<Frame> {
+    if total.stack_id == NO_STACK {
+        return vec![];
+    }
     let addrs = recorded.stack(total.stack_id);
-    let frames = if is_kernel(total.tgid) {
-        symbolizer.kernel_frames(&addrs)
-    } else {
-        symbolizer.frames(total.tgid, &addrs)
-    };
-    frames.iter().flat_map(|f| f.lines()).collect()
+    if is_kernel(total.tgid) { symbolizer.kernel_frames(&addrs) } else { symbolizer.frames(total.tgid, &addrs) }
+}
+
+fn frame_lines(recorded: &Recorded, symbolizer: &mut Symbolizer, total: &StackTotal) -> Vec<String> {
+    frames_of(recorded, symbolizer, total).iter().flat_map(|f| f.lines()).collect()
 }
 
 /// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid timespec pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };

@@ -20,7 +20,10 @@ use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
 };
 
-use crate::proc::{self, Mapping};
+use crate::{
+    pprof::MappingInfo,
+    proc::{self, Mapping},
+};
 
 /// One symbolized return address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +100,8 @@ pub struct Symbolizer {
     /// (device, inode, path) -> index in `modules`: two containers' /app
     /// may have the same inode number on different file systems.
     opened: HashMap<(String, u64, String), usize>,
+    /// GNU build ids of `modules`, read when first asked for.
+    build_ids: HashMap<usize, Option<Vec<u8>>>,
     warned: HashSet<String>,
 }
 
@@ -113,6 +118,7 @@ impl Symbolizer {
             views: HashMap::new(),
             modules: Vec::new(),
             opened: HashMap::new(),
+            build_ids: HashMap::new(),
             warned: HashSet::new(),
         }
     }
@@ -179,6 +185,24 @@ impl Symbolizer {
             }
         }
         addrs.iter().map(|a| self.cache[&(KERNEL, *a)].clone()).collect()
+    }
+
+    /// The file mapping of process `pid` that holds the call before return
+    /// address `addr`, with the file's build id (for pprof's mappings).
+    pub fn mapping(&mut self, pid: u32, addr: u64) -> Option<MappingInfo> {
+        let call = addr.saturating_sub(1);
+        let (m, module) = self.views.get(&pid)?.iter().find(|(m, _)| m.contains(call))?;
+        let module = (*module)?;
+        let (start, limit, file_offset, path) = (m.start, m.end, m.offset, m.path.clone());
+        let modules = &self.modules;
+        let build_id = self
+            .build_ids
+            .entry(module)
+            .or_insert_with(|| {
+                blazesym::helper::read_elf_build_id(&modules[module].fd_path()).ok().flatten().map(|b| b.to_vec())
+            })
+            .clone();
+        Some(MappingInfo { start, limit, file_offset, path, build_id })
     }
 
     /// Frames for `addrs` (return addresses, innermost first) of process `pid`.
@@ -337,6 +361,11 @@ mod tests {
         let mut later = Symbolizer::new(false);
         later.refresh(pid);
         assert!(later.frames(pid, &[addr])[0].symbol.is_some());
+        // The mapping of this test binary, with its build id if it has one.
+        let m = later.mapping(pid, addr).expect("mapped");
+        assert!(m.start < addr && addr <= m.limit, "{m:?}");
+        assert!(m.path.contains("memleak"), "{m:?}");
+        assert_eq!(later.mapping(pid, 0x10), None);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The tool's one flow: load, attach, report every interval, clean up.
 
-use std::{num::NonZeroU32, path::PathBuf, time::Duration};
+use std::{
+    num::NonZeroU32,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
 use aya::Ebpf;
@@ -12,13 +16,14 @@ use tokio::{
 
 use crate::{
     attach::{self, Attached, SystemProbes},
-    cli::{Args, Mode},
+    cli::{Args, Format, Mode},
     collect::Recorded,
     command::{self, Held},
+    exports::Exports,
     kernel,
     loader::{self, Config},
     proc::{PidFd, Target},
-    reporter::{Reporter, Scope},
+    reporter::{Reporter, Scope, monotonic_ns},
 };
 
 /// Traces as `args` say; returns the exit code (the command's with -c).
@@ -50,21 +55,24 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     // The pidfd pins the process from here on; make sure it is the one we
     // looked at, not a newcomer that took the PID in between.
     target.check_same()?;
+    let exports = Exports::create(args)?;
     let mut ebpf = loader::load(&Config::from_args(args))?;
     let mut logger = trace_logger(args, &mut ebpf)?;
+    // The run starts as the probes go in: nothing is outstanding before.
+    let started = (monotonic_ns(), SystemTime::now());
     for attached in attach::attach(&mut ebpf, &target, args.obj.as_deref())? {
         verbose(args, &attached);
     }
     let recorded = Recorded::take(&mut ebpf)?;
-    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid));
-    println!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm);
+    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, started);
+    say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm));
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     if end == End::TargetExited {
         eprintln!("memleak: process {pid} ({}) exited", target.comm);
     }
     reporter.report()?;
     detach(ebpf);
-    Ok(())
+    reporter.write_exports()
 }
 
 async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
@@ -72,6 +80,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let held = Held::spawn(argv)?;
     let pid = held.pid;
     let exited = watch(pid)?;
+    let exports = Exports::create(args)?;
     let mut ebpf = loader::load(&Config::from_args(args))?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     // The command will map the same libc as we do (or -O's object): probe
@@ -85,10 +94,12 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let attached = attach::attach_file(&mut ebpf, &obj, NonZeroU32::new(pid).expect("child pid"))?;
     verbose(args, &attached);
     let recorded = Recorded::take(&mut ebpf)?;
+    let started = (monotonic_ns(), SystemTime::now());
     held.release()?;
     command::wait_for_exec(pid, &argv[0]);
-    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid));
-    println!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" "));
+    let scope = Scope::Process(pid, crate::proc::module_name(&argv[0]).to_string());
+    let mut reporter = Reporter::new(args, recorded, scope, exports, started);
+    say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")));
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     let code = if end == End::TargetExited {
         let code = command::reap(pid);
@@ -99,6 +110,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     };
     reporter.report()?;
     detach(ebpf);
+    reporter.write_exports()?;
     Ok(code.map_or(0, |c| c as u8))
 }
 
@@ -110,8 +122,10 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         config.field_offsets = kernel::field_offsets()?;
         config.skip_caller = kernel::bpf_refill_range();
     }
+    let exports = Exports::create(args)?;
     let mut ebpf = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
+    let started = (monotonic_ns(), SystemTime::now());
     let mut probes = SystemProbes::default();
     let mut what = vec![];
     if user {
@@ -134,8 +148,8 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         what.push("kernel allocators".to_string());
     }
     let recorded = Recorded::take(&mut ebpf)?;
-    let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs });
-    println!("Tracing {}, Ctrl+C to quit.", what.join(" and "));
+    let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, started);
+    say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")));
     let rescan = user && args.obj.is_none();
     let verbose_on = args.verbose;
     report_loop(args, &mut reporter, &mut signals, &mut logger, None, |_| {
@@ -154,7 +168,16 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     reporter.report()?;
     drop(probes);
     detach(ebpf);
-    Ok(())
+    reporter.write_exports()
+}
+
+/// A status line: on stdout, or on stderr when stdout holds JSON only.
+fn say(args: &Args, line: &str) {
+    if args.format == Format::Json {
+        eprintln!("memleak: {line}");
+    } else {
+        println!("{line}");
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -246,7 +269,9 @@ fn trace_logger(args: &Args, ebpf: &mut Ebpf) -> anyhow::Result<Option<TraceLogg
     if !args.trace {
         return Ok(None);
     }
-    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, TracePrinter)
+    // With --format json, stdout holds the JSON only.
+    let printer = TracePrinter { to_stderr: args.format == Format::Json };
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, printer)
         .context("starting the -t event log")?;
     // SAFETY: the logger owns its ring buffer fd for as long as it lives.
     Ok(Some(unsafe { AsyncFd::register(logger) }?))
@@ -262,14 +287,20 @@ async fn trace_events(logger: &mut Option<TraceLogger>) {
     }
 }
 
-struct TracePrinter;
+struct TracePrinter {
+    to_stderr: bool,
+}
 
 impl log::Log for TracePrinter {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
-        println!("{}", record.args());
+        if self.to_stderr {
+            eprintln!("{}", record.args());
+        } else {
+            println!("{}", record.args());
+        }
     }
     fn flush(&self) {}
 }

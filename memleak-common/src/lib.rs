@@ -54,8 +54,13 @@ pub struct CombinedKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CombinedAlloc {
+    /// Outstanding bytes.
     pub total_size: u64,
+    /// Outstanding blocks.
     pub count: u64,
+    /// Blocks recorded on this stack since attach, freed or not; so
+    /// `allocs - count` of them were freed (or replaced, their free missed).
+    pub allocs: u64,
 }
 
 /// What an allocator entry probe leaves for its return probe, per thread.

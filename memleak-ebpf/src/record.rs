@@ -95,7 +95,7 @@ pub fn enter(size: u64, memptr: u64, old_addr: u64) {
     if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
         count(Stat::PendingMapFull);
         if has_old {
-            track(tgid, old_addr, old);
+            track(tgid, old_addr, old, false);
         }
     }
 }
@@ -126,7 +126,7 @@ pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
         // Failed, or realloc(ptr, 0) which freed ptr. A failed realloc with a
         // non-zero size leaves the old block allocated.
         if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
-            track(tgid, pending.old_addr, pending.old);
+            track(tgid, pending.old_addr, pending.old, false);
         }
         return;
     }
@@ -218,7 +218,7 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
     if config::trace() {
         info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
     }
-    track(tgid, addr, info);
+    track(tgid, addr, info, true);
 }
 
 /// A kernel allocation (tracepoints): recorded with the kernel stack.
@@ -232,7 +232,7 @@ pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) 
         timestamp_ns: now(),
         stack_id: stack_id(ctx, 0),
     };
-    track(space, addr, info);
+    track(space, addr, info, true);
 }
 
 /// A kernel free.
@@ -243,9 +243,10 @@ pub fn forget_kernel(space: u32, addr: u64) {
     }
 }
 
-/// Puts a block into ALLOCS and COMBINED.
+/// Puts a block into ALLOCS and COMBINED; `new` for a block just allocated
+/// (not one given back, as after a failed realloc), counted in `allocs`.
 #[inline(always)]
-fn track(tgid: u32, addr: u64, info: AllocInfo) {
+fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool) {
     let key = AllocKey { addr, tgid, _pad: 0 };
     match ALLOCS.insert(&key, &info, BPF_NOEXIST as u64) {
         Ok(()) => {}
@@ -255,7 +256,7 @@ fn track(tgid: u32, addr: u64, info: AllocInfo) {
             // take the stale block out of the totals (bcc's --wa-missing-free,
             // always on).
             if let Some(stale) = ALLOCS.get_ptr(&key) {
-                combine(tgid, unsafe { *stale }, false);
+                combine(tgid, unsafe { *stale }, false, false);
             }
             if ALLOCS.insert(&key, &info, BPF_ANY as u64).is_err() {
                 count(Stat::AllocMapFull);
@@ -267,7 +268,7 @@ fn track(tgid: u32, addr: u64, info: AllocInfo) {
             return;
         }
     }
-    combine(tgid, info, true);
+    combine(tgid, info, true, new);
 }
 
 /// Removes a block from ALLOCS and COMBINED; returns what it was.
@@ -278,7 +279,7 @@ fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
     // Only the thread whose delete succeeds updates the totals, so a double
     // free racing on two threads subtracts once.
     ALLOCS.remove(&key).ok()?;
-    combine(tgid, info, false);
+    combine(tgid, info, false, false);
     Some(info)
 }
 
@@ -305,14 +306,15 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) {
         && len < info.size
     {
         info.size -= len;
-        track(tgid, addr + len, info);
+        track(tgid, addr + len, info, false);
     }
 }
 
 /// Adds (or removes) one block to its stack's totals, atomically: threads
 /// allocating from the same stack on several CPUs must not lose updates.
+/// `new` also counts it in the stack's allocations since attach.
 #[inline(always)]
-fn combine(tgid: u32, info: AllocInfo, add: bool) {
+fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
     let key = CombinedKey {
         tgid,
         _pad: 0,
@@ -344,6 +346,9 @@ fn combine(tgid: u32, info: AllocInfo, add: bool) {
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).total_size, size);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).count, n);
+        if new {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).allocs, 1);
+        }
     }
 }
 

@@ -93,6 +93,11 @@ pub struct Stack {
     /// System-wide reports: the process ("PID COMM") or kernel allocator
     /// ("kernel slab") the stack belongs to.
     pub process: Option<String>,
+    /// The trend after "from stack", without its parentheses:
+    /// `+16384 B since last, 8192 B/s, oldest 2.1s, 5 allocs/0 frees, growing`.
+    pub trend: String,
+    /// The trend says `growing`.
+    pub growing: bool,
 }
 
 impl Stack {
@@ -137,14 +142,19 @@ pub fn parse_reports(text: &str) -> Vec<Report> {
             let addr = u64::from_str_radix(it.next().unwrap_or(""), 16).unwrap_or(0);
             let size = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
             blocks.push((addr, size));
-        } else if trimmed.ends_with("from stack") {
-            let words: Vec<&str> = trimmed.split_whitespace().collect();
+        } else if let Some((head, trend)) = trimmed.split_once(" from stack")
+            && head.contains(" bytes in ")
+        {
+            let words: Vec<&str> = head.split_whitespace().collect();
+            let trend = trend.trim().trim_start_matches('(').trim_end_matches(')').to_string();
             report.stacks.push(Stack {
                 bytes: words[0].parse().unwrap_or(0),
                 count: words[3].parse().unwrap_or(0),
                 blocks: std::mem::take(&mut blocks),
                 frames: vec![],
                 process: process.clone(),
+                growing: trend.split(", ").any(|part| part == "growing"),
+                trend,
             });
         } else if line.starts_with("        ")
             && let Some(stack) = report.stacks.last_mut()
@@ -182,7 +192,7 @@ kernel slab: 64 bytes in 1 allocation
 [03:00:41] Top 10 stacks with outstanding allocations:
     addr = 7f8f70863220 size = 8192
     addr = 7f8f70861210 size = 8192
-    16384 bytes in 2 allocations from stack
+    16384 bytes in 2 allocations from stack  (+8192 B since last, 8192 B/s, oldest 2.0s, 2 allocs/0 frees, growing)
         fibonacci+0x1f [app] fixtures/fibonacci.c:20
         child+0x40 [app]
     5 bytes in 1 allocation from stack
@@ -197,7 +207,10 @@ kernel slab: 64 bytes in 1 allocation
         assert_eq!(s.blocks, [(0x7f8f70863220, 8192), (0x7f8f70861210, 8192)]);
         assert!(s.starts_with(&["fibonacci", "child"]));
         assert!(!s.starts_with(&["child"]));
+        assert_eq!(s.trend, "+8192 B since last, 8192 B/s, oldest 2.0s, 2 allocs/0 frees, growing");
+        assert!(s.growing);
         assert_eq!(reports[0].stacks[1].frames, ["main+0x9 [app]"]);
+        assert_eq!((reports[0].stacks[1].trend.as_str(), reports[0].stacks[1].growing), ("", false));
         assert!(reports[1].stacks.is_empty());
     }
 }

@@ -1,0 +1,351 @@
+//! `--format json`: one JSON object per report, on one line of stdout
+//! (JSON Lines). The fields are documented in the README; add fields,
+//! never rename or remove them.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+use crate::{
+    report::StackTotal,
+    symbolize::Frame,
+    trend::{Row, Trend},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Interval {
+    /// Wall-clock time of the report, RFC 3339, UTC.
+    pub timestamp: String,
+    /// Seconds since the probes were attached.
+    pub elapsed_s: f64,
+    /// 1 for the first report.
+    pub report: u64,
+    /// `--sort`.
+    pub sort: &'static str,
+    /// `-o`: younger blocks are not counted (null with --combined-only).
+    pub min_age_ms: Option<u64>,
+    pub processes: Vec<Process>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: Option<String>,
+    /// Outstanding bytes and blocks over all of its stacks.
+    pub bytes: u64,
+    pub count: u64,
+    /// Its stacks with outstanding blocks; `stacks` holds the top ones.
+    pub stacks_total: usize,
+    pub stacks: Vec<Stack>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stack {
+    pub bytes: u64,
+    pub count: u64,
+    pub trend: TrendJson,
+    /// False when the kernel could not record the stack (`frames` is empty).
+    pub stack_recorded: bool,
+    /// Innermost first; functions inlined at an address come before the
+    /// function they were inlined into, with `inlined: true`.
+    pub frames: Vec<FrameJson>,
+    /// The blocks, with `-a` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Vec<BlockJson>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrendJson {
+    pub change_bytes: i64,
+    pub rate_bytes_per_s: Option<f64>,
+    pub oldest_age_ms: Option<u64>,
+    pub allocs: Option<u64>,
+    pub frees: Option<u64>,
+    pub reports: u32,
+    pub growing: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrameJson {
+    /// Return address, hex.
+    pub addr: String,
+    pub module: Option<String>,
+    pub symbol: Option<String>,
+    /// Of the return address in the function (null for inlined frames).
+    pub offset: Option<u64>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub inlined: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BlockJson {
+    pub addr: String,
+    pub size: u64,
+}
+
+/// What a report is about, besides its rows.
+pub struct Context<'a> {
+    pub now: SystemTime,
+    pub elapsed_s: f64,
+    pub report: u64,
+    pub sort: &'static str,
+    pub min_age_ms: Option<u64>,
+    pub top: usize,
+    pub show_allocs: bool,
+    pub comms: &'a HashMap<u32, String>,
+}
+
+/// One report: the traced processes (those in `comms`, by pid, even with
+/// nothing outstanding), then any other in order of its first row; each
+/// with its rows among the `top` first (as the text report shows them).
+pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTotal) -> Vec<Frame>) -> Interval {
+    let process = |pid: u32| Process {
+        pid,
+        comm: ctx.comms.get(&pid).cloned(),
+        bytes: 0,
+        count: 0,
+        stacks_total: 0,
+        stacks: vec![],
+    };
+    let mut traced: Vec<u32> = ctx.comms.keys().copied().collect();
+    traced.sort_unstable();
+    let mut processes: Vec<Process> = traced.iter().map(|&pid| process(pid)).collect();
+    let mut index: HashMap<u32, usize> = traced.iter().enumerate().map(|(i, &pid)| (pid, i)).collect();
+    for (i, Row { total, trend }) in rows.iter().enumerate() {
+        let p = *index.entry(total.tgid).or_insert_with(|| {
+            processes.push(process(total.tgid));
+            processes.len() - 1
+        });
+        let process = &mut processes[p];
+        process.bytes += total.bytes;
+        process.count += total.count;
+        process.stacks_total += 1;
+        if i >= ctx.top {
+            continue;
+        }
+        let recorded = total.stack_id != memleak_common::NO_STACK;
+        process.stacks.push(Stack {
+            bytes: total.bytes,
+            count: total.count,
+            trend: trend_json(trend),
+            stack_recorded: recorded,
+            frames: if recorded { frames(total).iter().flat_map(frame_json).collect() } else { vec![] },
+            blocks: ctx.show_allocs.then(|| {
+                total.blocks.iter().map(|b| BlockJson { addr: format!("{:#x}", b.addr), size: b.size }).collect()
+            }),
+        });
+    }
+    Interval {
+        timestamp: rfc3339(ctx.now),
+        elapsed_s: (ctx.elapsed_s * 1000.0).round() / 1000.0,
+        report: ctx.report,
+        sort: ctx.sort,
+        min_age_ms: ctx.min_age_ms,
+        processes,
+    }
+}
+
+/// Writes `interval` as one line.
+pub fn write(out: &mut impl Write, interval: &Interval) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, interval)?;
+    writeln!(out)
+}
+
+fn trend_json(t: &Trend) -> TrendJson {
+    TrendJson {
+        change_bytes: t.change_bytes,
+        rate_bytes_per_s: t.rate_bytes_per_s.map(|r| (r * 10.0).round() / 10.0),
+        oldest_age_ms: t.oldest_age_ns.map(|ns| ns / 1_000_000),
+        allocs: t.allocs,
+        frees: t.frees,
+        reports: t.reports,
+        growing: t.growing,
+    }
+}
+
+fn frame_json(f: &Frame) -> Vec<FrameJson> {
+    let addr = format!("{:#x}", f.addr);
+    let mut out: Vec<FrameJson> = f
+        .inlined
+        .iter()
+        .map(|(name, source)| FrameJson {
+            addr: addr.clone(),
+            module: f.module.clone(),
+            symbol: Some(name.clone()),
+            offset: None,
+            file: source.as_ref().map(|s| s.file.clone()),
+            line: source.as_ref().and_then(|s| s.line),
+            inlined: true,
+        })
+        .collect();
+    out.push(FrameJson {
+        addr,
+        module: f.module.clone(),
+        symbol: f.symbol.as_ref().map(|(name, _)| name.clone()),
+        offset: f.symbol.as_ref().map(|(_, offset)| *offset),
+        file: f.source.as_ref().map(|s| s.file.clone()),
+        line: f.source.as_ref().and_then(|s| s.line),
+        inlined: false,
+    });
+    out
+}
+
+/// `2025-06-01T12:00:00.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s % 3600 / 60,
+        s % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        report::Block,
+        symbolize::SourceLine,
+    };
+
+    fn row(tgid: u32, stack_id: u64, bytes: u64) -> Row {
+        Row {
+            total: StackTotal {
+                tgid,
+                stack_id,
+                bytes,
+                count: bytes / 8192,
+                blocks: vec![Block { addr: 0x7f00, size: 8192 }],
+                oldest_ns: Some(0),
+            },
+            trend: Trend {
+                change_bytes: 16384,
+                rate_bytes_per_s: Some(8192.04),
+                oldest_age_ns: Some(2_100_000_000),
+                allocs: Some(7),
+                frees: Some(2),
+                reports: 3,
+                growing: true,
+            },
+        }
+    }
+
+    fn frames(_: &StackTotal) -> Vec<Frame> {
+        vec![
+            Frame {
+                addr: 0x401136,
+                symbol: Some(("fibonacci".into(), 0x1f)),
+                module: Some("app".into()),
+                source: Some(SourceLine { file: "fixtures/fibonacci.c".into(), line: Some(20) }),
+                inlined: vec![("helper".into(), None)],
+            },
+            Frame { addr: 0x9, symbol: None, module: Some("libc.so.6".into()), source: None, inlined: vec![] },
+        ]
+    }
+
+    fn encode(rows: &[Row], top: usize, show_allocs: bool) -> serde_json::Value {
+        let comms = HashMap::from([(42, "app".to_string())]);
+        let ctx = Context {
+            now: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            elapsed_s: 3.00049,
+            report: 3,
+            sort: "size",
+            min_age_ms: Some(500),
+            top,
+            show_allocs,
+            comms: &comms,
+        };
+        let mut out = Vec::new();
+        write(&mut out, &interval(&ctx, rows, &mut frames)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "one line per report: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn one_object_per_report_with_stacks_trends_and_frames() {
+        let v = encode(&[row(42, 1, 40960), row(42, 2, 8192)], 10, false);
+        assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["elapsed_s"], 3.0);
+        assert_eq!((v["report"].as_u64(), v["sort"].as_str(), v["min_age_ms"].as_u64()), (Some(3), Some("size"), Some(500)));
+        let p = &v["processes"][0];
+        assert_eq!((p["pid"].as_u64(), p["comm"].as_str()), (Some(42), Some("app")));
+        assert_eq!((p["bytes"].as_u64(), p["count"].as_u64(), p["stacks_total"].as_u64()), (Some(49152), Some(6), Some(2)));
+        let s = &p["stacks"][0];
+        assert_eq!((s["bytes"].as_u64(), s["count"].as_u64()), (Some(40960), Some(5)));
+        assert_eq!(
+            s["trend"],
+            serde_json::json!({"change_bytes": 16384, "rate_bytes_per_s": 8192.0, "oldest_age_ms": 2100,
+                               "allocs": 7, "frees": 2, "reports": 3, "growing": true})
+        );
+        assert_eq!(s["stack_recorded"], true);
+        assert!(s.get("blocks").is_none(), "blocks only with -a");
+        assert_eq!(
+            s["frames"],
+            serde_json::json!([
+                {"addr": "0x401136", "module": "app", "symbol": "helper", "offset": null, "file": null, "line": null, "inlined": true},
+                {"addr": "0x401136", "module": "app", "symbol": "fibonacci", "offset": 31, "file": "fixtures/fibonacci.c", "line": 20, "inlined": false},
+                {"addr": "0x9", "module": "libc.so.6", "symbol": null, "offset": null, "file": null, "line": null, "inlined": false},
+            ])
+        );
+    }
+
+    #[test]
+    fn top_limits_stacks_not_totals_and_processes_stay_apart() {
+        let mut lost = row(42, memleak_common::NO_STACK, 8192);
+        lost.trend.allocs = None;
+        let v = encode(&[row(7, 1, 16384), lost, row(7, 2, 8192)], 2, true);
+        let ps = v["processes"].as_array().unwrap();
+        assert_eq!(ps.len(), 2);
+        assert_eq!((ps[1]["pid"].as_u64(), ps[1]["stacks_total"].as_u64(), ps[1]["bytes"].as_u64()), (Some(7), Some(2), Some(24576)));
+        assert_eq!(ps[1]["stacks"].as_array().unwrap().len(), 1);
+        assert_eq!(ps[1]["comm"], serde_json::Value::Null);
+        assert_eq!(ps[1]["stacks"][0]["blocks"], serde_json::json!([{"addr": "0x7f00", "size": 8192}]));
+        let s = &ps[0]["stacks"][0];
+        assert_eq!((s["stack_recorded"].as_bool(), s["frames"].as_array().unwrap().len()), (Some(false), 0));
+        assert_eq!(s["trend"]["allocs"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_traced_process_with_nothing_outstanding_is_listed_empty() {
+        let v = encode(&[], 10, false);
+        assert_eq!(
+            v["processes"],
+            serde_json::json!([{"pid": 42, "comm": "app", "bytes": 0, "count": 0, "stacks_total": 0, "stacks": []}])
+        );
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(4_107_542_399)), "2100-02-28T23:59:59.000Z");
+    }
+}
