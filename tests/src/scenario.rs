@@ -32,6 +32,7 @@ pub fn trace_scenario(fixture: &Path, args: &[&str], memleak_args: &[&str], limi
     let mut app_in = app.stdin.take().unwrap();
     let app_out = BufReader::new(app.stdout.take().unwrap());
     let app = Running { child: app };
+    wait_until_blocked(app.pid());
 
     let mut tracer = Command::new(memleak_bin())
         .args(["-p", &pid])
@@ -70,6 +71,21 @@ pub fn trace_scenario(fixture: &Path, args: &[&str], memleak_args: &[&str], limi
     let status = wait_limited(&mut tracer, Duration::from_secs(30));
     drop(app);
     Traced { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+/// Waits until the fixture sleeps (in its read of stdin): its libraries are
+/// all mapped by then, so what memleak reads in /proc/PID/maps is complete.
+fn wait_until_blocked(pid: u32) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        if state == Some('S') {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    panic!("fixture {pid} never waited for input");
 }
 
 fn wait_limited(child: &mut Child, limit: Duration) -> ExitStatus {
