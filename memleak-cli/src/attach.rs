@@ -21,6 +21,7 @@ use crate::{
     error::{Kind, user_error},
     hooks::{C_API, CXX_API, Shape},
     loader,
+    placement::{self, Placement},
     proc::{self, Mapping, Target, mapped_file, module_name},
 };
 
@@ -31,8 +32,8 @@ pub struct Attached {
     pub object: String,
     /// The file the probes are on, valid on the host.
     pub host_path: PathBuf,
-    /// (function, file offset) of each probe placed.
-    pub functions: Vec<(&'static str, u64)>,
+    /// Each function hooked: its file offset, and where its entry probe went.
+    pub functions: Vec<(&'static str, u64, Placement)>,
 }
 
 /// Attaches to the allocator objects of `target` (or `-O`'s).
@@ -57,7 +58,7 @@ pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::R
     }
     let serving = serving_object(target.pid, &maps)?;
     let mut all = vec![probe_object(ebpf, &host_path(&serving), &serving, scope, true).map_err(gone)?];
-    if !all[0].functions.iter().any(|(f, _)| *f == "_Znwm")
+    if !all[0].functions.iter().any(|(f, ..)| *f == "_Znwm")
         && let Some(cxx) = maps.iter().find(|m| m.is_file() && is_cxx_runtime(m.module_name()))
     {
         let attached = probe_object(ebpf, &host_path(&cxx.path), &cxx.path, scope, false).map_err(gone)?;
@@ -88,10 +89,10 @@ fn probe_object(
     let hooks: Vec<(&'static str, Shape)> =
         if serves_malloc { C_API.iter().chain(CXX_API).copied().collect() } else { CXX_API.to_vec() };
     let names: Vec<&str> = hooks.iter().map(|(f, _)| *f).collect();
-    let offsets = elf::function_offsets(host_path, &names).map_err(|e| {
+    let functions = elf::functions(host_path, &names).map_err(|e| {
         user_error(Kind::Attach, format!("cannot read the allocator object {object}: {e:#}"))
     })?;
-    if serves_malloc && let Some(missing) = ["malloc", "free"].iter().find(|f| !offsets.contains_key(**f)) {
+    if serves_malloc && let Some(missing) = ["malloc", "free"].iter().find(|f| !functions.contains_key(**f)) {
         return Err(user_error(
             Kind::Attach,
             format!("{object} does not define {missing}: pass the allocator library with -O"),
@@ -102,19 +103,34 @@ fn probe_object(
     // an offset: probing one twice would count every call twice.
     let mut seen: HashSet<u64> = HashSet::new();
     for (function, shape) in hooks {
-        let Some(&offset) = offsets.get(function) else { continue };
+        let Some(code) = functions.get(function) else { continue };
+        let offset = code.offset;
         if !seen.insert(offset) {
             continue;
         }
         let (entry, exit) = shape.programs();
-        for program in std::iter::once(entry).chain(exit) {
-            loader::uprobe(ebpf, program)?.attach(offset, host_path, scope).map_err(|e| {
+        let placement = place(shape, exit.is_some(), &code.code);
+        let probes = [(entry, offset + placement.delta)].into_iter().chain(exit.map(|exit| (exit, offset)));
+        for (program, at) in probes {
+            loader::uprobe(ebpf, program)?.attach(at, host_path, scope).map_err(|e| {
                 user_error(Kind::Attach, format!("cannot probe {function} in {object}: {e:#}"))
             })?;
         }
-        attached.functions.push((function, offset));
+        attached.functions.push((function, offset, placement));
     }
     Ok(attached)
+}
+
+/// Where a hook's entry probe goes. A return probe is placed by the kernel
+/// at the entry (it takes over the return address there), and a uprobe at
+/// the same place shares its trap: such hooks keep their entry probe there.
+/// Probes that ignore a NULL first argument (free, delete, munmap) may go
+/// past a prologue that branches away on NULL (see `placement`).
+fn place(shape: Shape, has_exit: bool, code: &[u8]) -> Placement {
+    if has_exit {
+        return Placement { delta: 0, why: "entry (shared with the return probe)" };
+    }
+    placement::entry_probe(code, matches!(shape, Shape::Free | Shape::Munmap))
 }
 
 /// The object whose malloc the process's calls reach.

@@ -1,14 +1,29 @@
 //! Finds where functions live in an ELF file, as file offsets (what the
-//! kernel's uprobes take), reading the file once for all of them.
+//! kernel's uprobes take), with their machine code (to place probes past
+//! prologues the kernel would single-step), reading the file once for all.
 
 use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::Context as _;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 
-/// File offsets of the named functions defined in `path` (dynamic symbols
-/// first, then the full symbol table); names not defined are absent.
-pub fn function_offsets(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<String, u64>> {
+/// Larger functions keep only their first bytes: enough to decode a
+/// prologue and the branches near it.
+const MAX_CODE: u64 = 64 * 1024;
+
+/// A function as the file holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Function {
+    /// File offset of its first instruction.
+    pub offset: u64,
+    /// Its machine code (the symbol's size, at most [`MAX_CODE`] bytes;
+    /// empty if the symbol has no size).
+    pub code: Vec<u8>,
+}
+
+/// The named functions defined in `path` (dynamic symbols first, then the
+/// full symbol table); names not defined are absent.
+pub fn functions(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<String, Function>> {
     let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let file = object::File::parse(&*data)
         .with_context(|| format!("{} is not an ELF file", path.display()))?;
@@ -38,10 +53,17 @@ pub fn function_offsets(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<S
             continue;
         }
         if let Some(offset) = to_offset(symbol.address()) {
-            found.insert(name.to_string(), offset);
+            let size = symbol.size().min(MAX_CODE) as usize;
+            let code = data.get(offset as usize..).map(|rest| &rest[..size.min(rest.len())]).unwrap_or_default();
+            found.insert(name.to_string(), Function { offset, code: code.to_vec() });
         }
     }
     Ok(found)
+}
+
+/// File offsets of the named functions defined in `path`.
+pub fn function_offsets(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<String, u64>> {
+    Ok(functions(path, names)?.into_iter().map(|(k, f)| (k, f.offset)).collect())
 }
 
 /// Whether `path` lacks a full symbol table (.symtab): a stripped binary.
@@ -52,11 +74,11 @@ pub fn is_stripped(path: &Path) -> anyhow::Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The libc this test binary runs on.
-    fn own_libc() -> std::path::PathBuf {
+    pub(crate) fn own_libc() -> std::path::PathBuf {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let line = maps.lines().find(|l| l.contains("/libc.so") || l.contains("/libc-")).unwrap();
         line.split_whitespace().last().unwrap().into()
@@ -80,6 +102,16 @@ mod tests {
         let maps = crate::proc::parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
         let m = maps.iter().find(|m| m.contains(addr)).unwrap();
         assert_eq!(addr - m.start + m.offset, offset);
+    }
+
+    #[test]
+    fn code_is_the_function_bytes() {
+        let libc = own_libc();
+        let f = &functions(&libc, &["free"]).unwrap()["free"];
+        assert!(!f.code.is_empty());
+        // SAFETY: reading the first bytes of libc's own free, mapped executable.
+        let live = unsafe { std::slice::from_raw_parts(libc::free as *const u8, f.code.len().min(16)) };
+        assert_eq!(&f.code[..live.len()], live);
     }
 
     #[test]

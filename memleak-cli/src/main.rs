@@ -13,6 +13,7 @@ mod hooks;
 mod json;
 mod kernel;
 mod loader;
+mod placement;
 mod pprof;
 mod proc;
 mod report;

@@ -251,14 +251,17 @@ fn own_libc() -> anyhow::Result<PathBuf> {
 }
 
 fn verbose(args: &Args, attached: &Attached) {
-    let names: Vec<&str> = attached.functions.iter().map(|(f, _)| *f).collect();
+    let names: Vec<&str> = attached.functions.iter().map(|(f, ..)| *f).collect();
     if !args.verbose {
         eprintln!("memleak: probing {}: {}", attached.object, names.join(" "));
         return;
     }
     eprintln!("memleak: probes on {} (via {}):", attached.object, attached.host_path.display());
-    for (function, offset) in &attached.functions {
-        eprintln!("memleak:   {function} at file offset {offset:#x}");
+    for (function, offset, placement) in &attached.functions {
+        eprintln!(
+            "memleak:   {function} at file offset {offset:#x}, entry probe at +{:#x}: {}",
+            placement.delta, placement.why
+        );
     }
 }
 
