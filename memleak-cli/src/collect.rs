@@ -1,13 +1,14 @@
 //! Reads what the kernel side recorded: outstanding allocations, per-stack
 //! totals, stacks, and the counters of what it could not record.
 
-use std::collections::HashMap as StdHashMap;
+use std::{collections::HashMap as StdHashMap, io, mem::size_of, os::fd::AsFd as _};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, IterableMap as _, MapData, PerCpuArray},
 };
+use crate::batch::{self, BatchReader};
 use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, STAT_COUNT, Stack, Stat, maps,
 };
@@ -17,6 +18,8 @@ pub struct Recorded {
     combined: HashMap<MapData, CombinedKey, CombinedAlloc>,
     stacks: HashMap<MapData, u64, Stack>,
     stats: PerCpuArray<MapData, u64>,
+    allocs_reader: BatchReader,
+    combined_reader: BatchReader,
 }
 
 impl Recorded {
@@ -27,12 +30,24 @@ impl Recorded {
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             stats: PerCpuArray::try_from(take(maps::STATS)?)?,
+            allocs_reader: BatchReader::new(size_of::<AllocKey>(), size_of::<AllocInfo>()),
+            combined_reader: BatchReader::new(size_of::<CombinedKey>(), size_of::<CombinedAlloc>()),
         })
     }
 
-    /// Outstanding allocations. The kernel changes the map while we walk
-    /// it, and a walk that loses its place starts over: keep each key once.
-    pub fn allocations(&self) -> Vec<(AllocKey, AllocInfo)> {
+    /// Outstanding allocations, read thousands per syscall
+    /// (`BPF_MAP_LOOKUP_BATCH`); on kernels without batch operations, one
+    /// entry at a time through aya.
+    pub fn allocations(&mut self) -> Vec<(AllocKey, AllocInfo)> {
+        let mut all = Vec::new();
+        let fd = self.allocs.map().fd().as_fd();
+        match self.allocs_reader.for_each(fd, |k, v| all.push((batch::read(k), batch::read(v)))) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+            Ok(_) => return all,
+            Err(e) => eprintln!("warning: reading the allocation map: {e}"),
+        }
+        // The kernel changes the map while we walk it, and a walk that
+        // loses its place starts over: keep each key once.
         let mut seen: StdHashMap<AllocKey, AllocInfo> = StdHashMap::new();
         for (key, info) in self.allocs.iter().filter_map(Result::ok) {
             seen.insert(key, info);
@@ -53,8 +68,15 @@ impl Recorded {
         }
     }
 
-    /// The kernel's running totals per (process, stack).
-    pub fn combined(&self) -> Vec<(CombinedKey, CombinedAlloc)> {
+    /// The kernel's running totals per (process, stack), batched too.
+    pub fn combined(&mut self) -> Vec<(CombinedKey, CombinedAlloc)> {
+        let mut all = Vec::new();
+        let fd = self.combined.map().fd().as_fd();
+        match self.combined_reader.for_each(fd, |k, v| all.push((batch::read(k), batch::read(v)))) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+            Ok(_) => return all,
+            Err(e) => eprintln!("warning: reading the per-stack totals: {e}"),
+        }
         let mut seen: StdHashMap<CombinedKey, CombinedAlloc> = StdHashMap::new();
         for (key, value) in self.combined.iter().filter_map(Result::ok) {
             seen.insert(key, value);

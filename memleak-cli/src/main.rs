@@ -1,6 +1,7 @@
 //! memleak: trace outstanding memory allocations with eBPF.
 
 mod attach;
+mod batch;
 mod cli;
 mod collect;
 mod command;
