@@ -35,24 +35,9 @@ impl Recorded {
         })
     }
 
-    /// Outstanding allocations, read thousands per syscall
-    /// (`BPF_MAP_LOOKUP_BATCH`); on kernels without batch operations, one
-    /// entry at a time through aya.
+    /// Outstanding allocations.
     pub fn allocations(&mut self) -> Vec<(AllocKey, AllocInfo)> {
-        let mut all = Vec::new();
-        let fd = self.allocs.map().fd().as_fd();
-        match self.allocs_reader.for_each(fd, |k, v| all.push((batch::read(k), batch::read(v)))) {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
-            Ok(_) => return all,
-            Err(e) => eprintln!("warning: reading the allocation map: {e}"),
-        }
-        // The kernel changes the map while we walk it, and a walk that
-        // loses its place starts over: keep each key once.
-        let mut seen: StdHashMap<AllocKey, AllocInfo> = StdHashMap::new();
-        for (key, info) in self.allocs.iter().filter_map(Result::ok) {
-            seen.insert(key, info);
-        }
-        seen.into_iter().collect()
+        read_all(&self.allocs, &mut self.allocs_reader, "the allocation map")
     }
 
     /// Removes everything recorded for these processes (they exited).
@@ -68,20 +53,9 @@ impl Recorded {
         }
     }
 
-    /// The kernel's running totals per (process, stack), batched too.
+    /// The kernel's running totals per (process, stack).
     pub fn combined(&mut self) -> Vec<(CombinedKey, CombinedAlloc)> {
-        let mut all = Vec::new();
-        let fd = self.combined.map().fd().as_fd();
-        match self.combined_reader.for_each(fd, |k, v| all.push((batch::read(k), batch::read(v)))) {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
-            Ok(_) => return all,
-            Err(e) => eprintln!("warning: reading the per-stack totals: {e}"),
-        }
-        let mut seen: StdHashMap<CombinedKey, CombinedAlloc> = StdHashMap::new();
-        for (key, value) in self.combined.iter().filter_map(Result::ok) {
-            seen.insert(key, value);
-        }
-        seen.into_iter().collect()
+        read_all(&self.combined, &mut self.combined_reader, "the per-stack totals")
     }
 
     /// Return addresses of a stack, innermost first (empty if it is gone).
@@ -102,6 +76,29 @@ impl Recorded {
         }
         totals
     }
+}
+
+/// Every entry of a hash map, read thousands per syscall
+/// (`BPF_MAP_LOOKUP_BATCH`); on kernels without batch operations, one entry
+/// at a time through aya.
+fn read_all<K, V>(map: &HashMap<MapData, K, V>, reader: &mut BatchReader, what: &str) -> Vec<(K, V)>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let mut all = Vec::new();
+    match reader.for_each(map.map().fd().as_fd(), |k, v| all.push((batch::read(k), batch::read(v)))) {
+        Ok(_) => return all,
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+        Err(e) => eprintln!("warning: reading {what}: {e}"),
+    }
+    // The kernel changes the map while we walk it, and a walk that loses
+    // its place starts over: keep each key once.
+    let mut seen: StdHashMap<K, V> = StdHashMap::new();
+    for (key, value) in map.iter().filter_map(Result::ok) {
+        seen.insert(key, value);
+    }
+    seen.into_iter().collect()
 }
 
 /// One warning line per counter that grew since `before`.
