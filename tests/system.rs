@@ -9,7 +9,7 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-fn leak_of<'a>(report: &'a Report, pid: u32) -> Option<&'a Stack> {
+fn leak_of(report: &Report, pid: u32) -> Option<&Stack> {
     let prefix = format!("{pid} ");
     report
         .stacks
