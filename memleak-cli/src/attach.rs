@@ -17,6 +17,7 @@ use std::{
 use aya::{Ebpf, programs::uprobe::UProbeScope};
 
 use crate::{
+    cli::Floor,
     elf,
     error::{Kind, user_error},
     hooks::{C_API, CXX_API, Shape},
@@ -37,8 +38,15 @@ pub struct Attached {
 }
 
 /// Attaches to the allocator objects of `target` (or `-O`'s).
-pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::Result<Vec<Attached>> {
+/// `floor` (bench only) swaps every program for an empty one.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    target: &Target,
+    obj: Option<&Path>,
+    floor: Option<Floor>,
+) -> anyhow::Result<Vec<Attached>> {
     let maps = target.maps()?;
+    preload(ebpf, floor)?;
     let scope = UProbeScope::OneProcess(NonZeroU32::new(target.pid).expect("pid is non-zero"));
     let gone = |e: anyhow::Error| {
         if Path::new(&format!("/proc/{}", target.pid)).exists() {
@@ -53,15 +61,15 @@ pub fn attach(ebpf: &mut Ebpf, target: &Target, obj: Option<&Path>) -> anyhow::R
     };
     if let Some(obj) = obj {
         let object = named_object(&maps, obj, target.pid)?;
-        let attached = probe_object(ebpf, &host_path(&object), &object, scope, true).map_err(gone)?;
+        let attached = probe_object(ebpf, &host_path(&object), &object, scope, true, floor).map_err(gone)?;
         return Ok(vec![attached]);
     }
     let serving = serving_object(target.pid, &maps)?;
-    let mut all = vec![probe_object(ebpf, &host_path(&serving), &serving, scope, true).map_err(gone)?];
+    let mut all = vec![probe_object(ebpf, &host_path(&serving), &serving, scope, true, floor).map_err(gone)?];
     if !all[0].functions.iter().any(|(f, ..)| *f == "_Znwm")
         && let Some(cxx) = maps.iter().find(|m| m.is_file() && is_cxx_runtime(m.module_name()))
     {
-        let attached = probe_object(ebpf, &host_path(&cxx.path), &cxx.path, scope, false).map_err(gone)?;
+        let attached = probe_object(ebpf, &host_path(&cxx.path), &cxx.path, scope, false, floor).map_err(gone)?;
         all.push(attached);
     }
     Ok(all)
@@ -73,7 +81,8 @@ pub fn attach_file(ebpf: &mut Ebpf, path: &Path, pid: NonZeroU32) -> anyhow::Res
     if !path.exists() {
         return Err(user_error(Kind::Attach, format!("-O {}: no such file", path.display())));
     }
-    probe_object(ebpf, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true)
+    preload(ebpf, None)?;
+    probe_object(ebpf, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, None)
 }
 
 /// Attaches the hooks the object defines, at `host_path` (a path valid on
@@ -85,6 +94,7 @@ fn probe_object(
     object: &str,
     scope: UProbeScope,
     serves_malloc: bool,
+    floor: Option<Floor>,
 ) -> anyhow::Result<Attached> {
     let hooks: Vec<(&'static str, Shape)> =
         if serves_malloc { C_API.iter().chain(CXX_API).copied().collect() } else { CXX_API.to_vec() };
@@ -108,8 +118,11 @@ fn probe_object(
         if !seen.insert(offset) {
             continue;
         }
-        let (entry, exit) = shape.programs();
-        let placement = place(shape, exit.is_some(), &code.code);
+        let (entry, exit) = programs(shape, floor);
+        let placement = match floor {
+            Some(Floor::Naive) => Placement { delta: 0, why: "entry (--floor naive)" },
+            _ => place(shape, exit.is_some(), &code.code),
+        };
         let probes = [(entry, offset + placement.delta)].into_iter().chain(exit.map(|exit| (exit, offset)));
         for (program, at) in probes {
             loader::uprobe(ebpf, program)?.attach(at, host_path, scope).map_err(|e| {
@@ -119,6 +132,28 @@ fn probe_object(
         attached.functions.push((function, offset, placement));
     }
     Ok(attached)
+}
+
+/// The programs a hook runs at entry and return: memleak's, or with
+/// `--floor` (bench only) empty ones.
+fn programs(shape: Shape, floor: Option<Floor>) -> (&'static str, Option<&'static str>) {
+    match floor {
+        None => shape.programs(),
+        Some(_) => ("floor_enter", shape.programs().1.map(|_| "floor_exit")),
+    }
+}
+
+/// Loads every program the hooks may run, on all CPUs at once, before
+/// the hooks are attached one by one.
+fn preload(ebpf: &mut Ebpf, floor: Option<Floor>) -> anyhow::Result<()> {
+    let mut names: Vec<&str> = vec![];
+    for (_, shape) in C_API.iter().chain(CXX_API) {
+        let (entry, exit) = programs(*shape, floor);
+        names.extend(std::iter::once(entry).chain(exit));
+    }
+    names.sort_unstable();
+    names.dedup();
+    loader::preload(ebpf, &names)
 }
 
 /// Where a hook's entry probe goes. A return probe is placed by the kernel
@@ -178,7 +213,8 @@ impl SystemProbes {
             ));
         }
         let object = obj.to_string_lossy().into_owned();
-        self.objects.push(probe_object(ebpf, obj, &object, UProbeScope::AllProcesses, true)?);
+        preload(ebpf, None)?;
+        self.objects.push(probe_object(ebpf, obj, &object, UProbeScope::AllProcesses, true, None)?);
         Ok(())
     }
 
@@ -188,6 +224,7 @@ impl SystemProbes {
     pub fn scan(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<usize> {
         use std::os::unix::fs::MetadataExt as _;
         let me = std::process::id();
+        preload(ebpf, None)?;
         let mut added = 0;
         for pid in proc::pids() {
             if pid == me {
@@ -208,7 +245,7 @@ impl SystemProbes {
                     continue;
                 }
                 let label = format!("{} (of pid {pid})", mapping.path);
-                match probe_object(ebpf, &host_path, &label, UProbeScope::AllProcesses, serves_malloc) {
+                match probe_object(ebpf, &host_path, &label, UProbeScope::AllProcesses, serves_malloc, None) {
                     Ok(attached) => {
                         self.objects.push(attached);
                         added += 1;

@@ -2,8 +2,14 @@
 //! Linux 5.6), which aya 0.14 does not offer. Walking a map with aya's
 //! iterator costs two syscalls per entry (next key, then lookup): 2 million
 //! syscalls at a million outstanding allocations.
+//!
+//! Even batched, the kernel's walk of a million-bucket table is most of a
+//! report (a cache miss or two and two small copies per bucket), so a big
+//! map is read on every CPU at once, each thread a range of its buckets
+//! (`read_split`).
 
 use std::{
+    collections::HashSet,
     io,
     mem::size_of,
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -25,22 +31,28 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Entries per syscall: large enough that the syscalls cost little, small
+/// enough that the buffers stay a few hundred KiB.
+const CHUNK: usize = 8192;
+
+/// What one batch call read: `n` entries from buckets `[from, next)`.
+struct Call {
+    n: usize,
+    next: u32,
+    /// The walk reached the end of the table.
+    done: bool,
+}
+
 /// Buffers for one map, kept across reads so a report allocates nothing
 /// per entry (nor per interval, once grown).
 pub struct BatchReader {
     key_size: usize,
-    /// Bytes per entry's value: the value size, or for a per-CPU map the
-    /// value size rounded up to 8 times the number of possible CPUs.
     value_size: usize,
     /// Entries per syscall; doubled when a hash bucket holds more.
     chunk: usize,
     keys: Vec<u8>,
     values: Vec<u8>,
 }
-
-/// Entries per syscall: large enough that the syscalls cost little, small
-/// enough that the buffers stay a few hundred KiB.
-const CHUNK: usize = 8192;
 
 impl BatchReader {
     pub fn new(key_size: usize, value_size: usize) -> Self {
@@ -52,18 +64,30 @@ impl BatchReader {
     /// not be seen; none is seen twice (the kernel reads bucket by bucket).
     /// `Err` with `ErrorKind::Unsupported` when the kernel lacks batch ops.
     pub fn for_each(&mut self, fd: BorrowedFd<'_>, mut f: impl FnMut(&[u8], &[u8])) -> io::Result<usize> {
-        // The batch token of a hash map is a bucket index (u32); the kernel
-        // copies key_size bytes when the key is larger.
-        let mut token_in = [0u8; 64];
-        let mut token_out = [0u8; 64];
-        let mut first = true;
+        let mut from = 0;
         let mut total = 0;
+        loop {
+            let call = self.call(fd, from)?;
+            self.entries(call.n).for_each(|(k, v)| f(k, v));
+            total += call.n;
+            if call.done {
+                return Ok(total);
+            }
+            from = call.next;
+        }
+    }
+
+    /// One batch read from bucket `from` (the batch token of a hash map is
+    /// a bucket index); the entries are in the buffers.
+    fn call(&mut self, fd: BorrowedFd<'_>, from: u32) -> io::Result<Call> {
+        let token_in = from;
+        let mut token_out = 0u32;
         loop {
             self.keys.resize(self.chunk * self.key_size, 0);
             self.values.resize(self.chunk * self.value_size, 0);
             let mut attr = BatchAttr {
-                in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
-                out_batch: token_out.as_mut_ptr() as u64,
+                in_batch: &token_in as *const u32 as u64,
+                out_batch: &mut token_out as *mut u32 as u64,
                 keys: self.keys.as_mut_ptr() as u64,
                 values: self.values.as_mut_ptr() as u64,
                 count: self.chunk as u32,
@@ -71,7 +95,7 @@ impl BatchReader {
                 ..Default::default()
             };
             // SAFETY: attr points at buffers of `count` keys and values and
-            // at tokens larger than any key; all outlive the call.
+            // at u32 tokens (a hash map's token is a u32); all outlive the call.
             let ret = unsafe {
                 libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
             };
@@ -84,26 +108,124 @@ impl BatchReader {
                     self.chunk *= 2;
                     continue;
                 }
-                Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) if first => {
+                Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) if from == 0 => {
                     return Err(io::Error::new(io::ErrorKind::Unsupported, err.unwrap()));
                 }
                 Some(_) => return Err(err.unwrap()),
             };
-            let n = attr.count as usize;
-            for i in 0..n {
-                f(
-                    &self.keys[i * self.key_size..(i + 1) * self.key_size],
-                    &self.values[i * self.value_size..(i + 1) * self.value_size],
-                );
-            }
-            total += n;
-            if done {
-                return Ok(total);
-            }
-            token_in = token_out;
-            first = false;
+            return Ok(Call { n: attr.count as usize, next: if done { u32::MAX } else { token_out }, done });
         }
     }
+
+    fn entries(&self, n: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.keys.chunks_exact(self.key_size).zip(self.values.chunks_exact(self.value_size)).take(n)
+    }
+}
+
+/// Reads a hash map of `n_buckets` buckets in `parts` bucket ranges, one
+/// thread each; `add` puts an entry into its thread's sink (from `make`).
+/// Returns the sinks, or `None` when the ranges could not be joined
+/// exactly (the caller then reads the map in one pass).
+///
+/// A batch call returns whole buckets, so a range's last call may run into
+/// the next range. That call's entries are held back, and the next range
+/// remembers the keys of its first two calls: held entries it also read are
+/// dropped. Were the overlap wider than those two calls (only if thousands
+/// of blocks were added there in between), no sink is returned: an entry is
+/// never counted twice.
+pub fn read_split<S: Send>(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    n_buckets: u32,
+    parts: u32,
+    make: impl Fn() -> S + Sync,
+    add: impl Fn(&mut S, &[u8], &[u8]) + Sync,
+) -> io::Result<Option<Vec<S>>> {
+    let bounds: Vec<u32> = (0..=parts).map(|i| (n_buckets as u64 * i as u64 / parts as u64) as u32).collect();
+    let ranges: Vec<io::Result<Range<S>>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = bounds
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                let (make, add) = (&make, &add);
+                let last = i + 1 == parts as usize;
+                scope.spawn(move || read_range(fd, key_size, value_size, w[0], (!last).then_some(w[1]), i > 0, make(), add))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("map reader thread panicked")).collect()
+    });
+    let mut ranges = ranges.into_iter().collect::<io::Result<Vec<_>>>()?;
+    for i in 0..ranges.len() - 1 {
+        let Some(held) = ranges[i].held.take() else { continue };
+        let next = &ranges[i + 1];
+        if held.next > next.covered {
+            return Ok(None);
+        }
+        let seen = next.first_keys.clone();
+        let sink = &mut ranges[i].sink;
+        for (k, v) in held.keys.chunks_exact(key_size).zip(held.values.chunks_exact(value_size)) {
+            if !seen.contains(k) {
+                add(sink, k, v);
+            }
+        }
+    }
+    Ok(Some(ranges.into_iter().map(|r| r.sink).collect()))
+}
+
+/// What one thread of `read_split` read.
+struct Range<S> {
+    sink: S,
+    /// The call that ran past the range's end, not yet added.
+    held: Option<Held>,
+    /// Keys read by the first two calls (ranges after the first), and the
+    /// bucket those calls reached.
+    first_keys: HashSet<Vec<u8>>,
+    covered: u32,
+}
+
+struct Held {
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    next: u32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_range<S>(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    start: u32,
+    end: Option<u32>,
+    remember_first: bool,
+    mut sink: S,
+    add: &(impl Fn(&mut S, &[u8], &[u8]) + Sync),
+) -> io::Result<Range<S>> {
+    let mut reader = BatchReader::new(key_size, value_size);
+    let (mut held, mut first_keys, mut covered) = (None, HashSet::new(), start);
+    let mut from = start;
+    for calls in 0.. {
+        let call = reader.call(fd, from)?;
+        if remember_first && calls < 2 {
+            first_keys.extend(reader.entries(call.n).map(|(k, _)| k.to_vec()));
+            covered = call.next;
+        }
+        if end.is_some_and(|end| call.next > end) {
+            let n = call.n;
+            held = Some(Held {
+                keys: reader.keys[..n * key_size].to_vec(),
+                values: reader.values[..n * value_size].to_vec(),
+                next: call.next,
+            });
+            break;
+        }
+        reader.entries(call.n).for_each(|(k, v)| add(&mut sink, k, v));
+        if call.done || Some(call.next) == end {
+            break;
+        }
+        from = call.next;
+    }
+    Ok(Range { sink, held, first_keys, covered })
 }
 
 /// A `#[repr(C)]` plain-data value read from map bytes.

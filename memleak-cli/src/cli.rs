@@ -137,12 +137,26 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
 
+    /// Bench only (`cargo xtask bench`): empty programs on every hook, at
+    /// function entries (naive) or where memleak puts its probes (placed).
+    #[arg(long, value_enum, hide = true)]
+    pub floor: Option<Floor>,
+
     /// Seconds between reports.
     #[arg(default_value_t = 5)]
     pub interval: u64,
 
     /// Number of reports, then exit (default: until Ctrl-C or the target exits).
     pub count: Option<u64>,
+}
+
+/// `--floor`: what a probe costs with no work in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Floor {
+    /// Entry probes at function entries, as other tracers put them.
+    Naive,
+    /// Entry probes where memleak puts them (see `placement`).
+    Placed,
 }
 
 /// What to trace.
@@ -204,6 +218,9 @@ impl Args {
             if let Some((flag, _)) = system_only.iter().find(|(_, on)| *on) {
                 return Err(user_error(Kind::Usage, format!("{flag} applies to system-wide tracing (no -p, no -c)")));
             }
+        }
+        if self.floor.is_some() && self.pid.is_none() {
+            return Err(user_error(Kind::Usage, "--floor needs -p"));
         }
         if self.command.as_deref().is_some_and(|c| c.split_whitespace().next().is_none()) {
             return Err(user_error(Kind::Usage, "-c needs a command"));

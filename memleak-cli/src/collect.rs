@@ -13,20 +13,29 @@ use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, STAT_COUNT, Stack, Stat, maps,
 };
 
+/// Maps of at least this many buckets are read on every CPU at once.
+const SPLIT_BUCKETS: u32 = 1 << 16;
+
 pub struct Recorded {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     combined: HashMap<MapData, CombinedKey, CombinedAlloc>,
     stacks: HashMap<MapData, u64, Stack>,
     stats: PerCpuArray<MapData, u64>,
     allocs_reader: BatchReader,
+    /// Buckets of the allocation map.
+    allocs_buckets: u32,
     combined_reader: BatchReader,
 }
 
 impl Recorded {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+        let allocs: HashMap<MapData, AllocKey, AllocInfo> = HashMap::try_from(take(maps::ALLOCS)?)?;
+        // The kernel gives a hash map a power of two of buckets.
+        let allocs_buckets = allocs.map().info()?.max_entries().next_power_of_two();
         Ok(Self {
-            allocs: HashMap::try_from(take(maps::ALLOCS)?)?,
+            allocs,
+            allocs_buckets,
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             stats: PerCpuArray::try_from(take(maps::STATS)?)?,
@@ -35,9 +44,35 @@ impl Recorded {
         })
     }
 
-    /// Outstanding allocations.
-    pub fn allocations(&mut self) -> Vec<(AllocKey, AllocInfo)> {
-        read_all(&self.allocs, &mut self.allocs_reader, "the allocation map")
+    /// Puts each outstanding allocation into a sink made by `make`, one
+    /// sink per thread when the map is big enough to read on every CPU
+    /// (see `batch::read_split`). Nothing is collected on the way: a
+    /// million allocations would cost 40 MB.
+    pub fn allocations_into<S: Send>(
+        &mut self,
+        make: impl Fn() -> S + Sync,
+        add: impl Fn(&mut S, AllocKey, AllocInfo) + Sync,
+    ) -> Vec<S> {
+        let what = "the allocation map";
+        let parts = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) as u32;
+        if parts > 1 && self.allocs_buckets >= SPLIT_BUCKETS {
+            let fd = self.allocs.map().fd().as_fd();
+            let (key_size, value_size) = (size_of::<AllocKey>(), size_of::<AllocInfo>());
+            let add_bytes = |s: &mut S, k: &[u8], v: &[u8]| add(s, batch::read(k), batch::read(v));
+            match batch::read_split(fd, key_size, value_size, self.allocs_buckets, parts, &make, add_bytes) {
+                Ok(Some(sinks)) => return sinks,
+                // Ranges that could not be joined exactly: read it in one pass.
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+                Err(e) => {
+                    eprintln!("warning: reading {what}: {e}");
+                    return vec![make()];
+                }
+            }
+        }
+        let mut sink = make();
+        for_each(&self.allocs, &mut self.allocs_reader, what, |k, v| add(&mut sink, k, v));
+        vec![sink]
     }
 
     /// Removes everything recorded for these processes (they exited).
@@ -55,7 +90,9 @@ impl Recorded {
 
     /// The kernel's running totals per (process, stack).
     pub fn combined(&mut self) -> Vec<(CombinedKey, CombinedAlloc)> {
-        read_all(&self.combined, &mut self.combined_reader, "the per-stack totals")
+        let mut all = Vec::new();
+        for_each(&self.combined, &mut self.combined_reader, "the per-stack totals", |k, v| all.push((k, v)));
+        all
     }
 
     /// Return addresses of a stack, innermost first (empty if it is gone).
@@ -78,19 +115,21 @@ impl Recorded {
     }
 }
 
-/// Every entry of a hash map, read thousands per syscall
+/// Calls `f` on every entry of a hash map, read thousands per syscall
 /// (`BPF_MAP_LOOKUP_BATCH`); on kernels without batch operations, one entry
 /// at a time through aya.
-fn read_all<K, V>(map: &HashMap<MapData, K, V>, reader: &mut BatchReader, what: &str) -> Vec<(K, V)>
+fn for_each<K, V>(map: &HashMap<MapData, K, V>, reader: &mut BatchReader, what: &str, mut f: impl FnMut(K, V))
 where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod,
 {
-    let mut all = Vec::new();
-    match reader.for_each(map.map().fd().as_fd(), |k, v| all.push((batch::read(k), batch::read(v)))) {
-        Ok(_) => return all,
+    match reader.for_each(map.map().fd().as_fd(), |k, v| f(batch::read(k), batch::read(v))) {
+        Ok(_) => return,
         Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
-        Err(e) => eprintln!("warning: reading {what}: {e}"),
+        Err(e) => {
+            eprintln!("warning: reading {what}: {e}");
+            return;
+        }
     }
     // The kernel changes the map while we walk it, and a walk that loses
     // its place starts over: keep each key once.
@@ -98,7 +137,7 @@ where
     for (key, value) in map.iter().filter_map(Result::ok) {
         seen.insert(key, value);
     }
-    seen.into_iter().collect()
+    seen.into_iter().for_each(|(k, v)| f(k, v));
 }
 
 /// One warning line per counter that grew since `before`.

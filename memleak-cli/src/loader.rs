@@ -115,6 +115,34 @@ fn raise_memlock_limit() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
+/// Loads these uprobe programs into the kernel, on every CPU at once: the
+/// verifier is the biggest part of the time to attach. Programs loaded
+/// already are skipped.
+pub fn preload(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
+    let mut programs: Vec<(&str, &mut aya::programs::UProbe)> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| names.contains(name))
+        .filter_map(|(name, program)| <&mut aya::programs::UProbe>::try_from(program).ok().map(|p| (name, p)))
+        .filter(|(_, program)| program.fd().is_err())
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(programs.len().max(1));
+    let per_thread = programs.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = programs
+            .chunks_mut(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    for (name, program) in chunk {
+                        program.load().with_context(|| format!("loading program {name}"))?;
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        loads.into_iter().try_for_each(|load| load.join().expect("program loader thread panicked"))
+    })
+}
+
 /// Loads one program into the kernel, by name, for attaching.
 pub fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::UProbe> {
     let program: &mut aya::programs::UProbe = ebpf

@@ -8,6 +8,7 @@ mod command;
 mod elf;
 mod error;
 mod exports;
+mod fasthash;
 mod flamegraph;
 mod folded;
 mod hooks;

@@ -1,13 +1,16 @@
 //! Aggregation and text output of a report. Pure: it gets map contents and
 //! a way to turn a stack into frame lines, and writes what bcc users know.
 
-use std::{collections::HashMap, io::Write};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    io::Write,
+};
 
 use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel,
 };
 
-use crate::trend::Row;
+use crate::{fasthash::FastMap, trend::Row};
 
 /// One outstanding allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,37 +33,84 @@ pub struct StackTotal {
     pub oldest_ns: Option<u64>,
 }
 
-/// Groups allocations at least `min_age_ns` old by (process, stack),
-/// biggest first.
-pub fn by_stack(
-    allocs: impl IntoIterator<Item = (AllocKey, AllocInfo)>,
+/// Groups allocations at least `min_age_ns` old by (process, stack), one
+/// at a time as they are read from the kernel: memory follows the number
+/// of stacks, not of allocations (unless their blocks are kept, for `-a`).
+pub struct Aggregator {
     now_ns: u64,
     min_age_ns: u64,
-) -> Vec<StackTotal> {
-    let mut totals: HashMap<(u32, u64), StackTotal> = HashMap::new();
-    for (key, info) in allocs {
-        if now_ns.saturating_sub(info.timestamp_ns) < min_age_ns {
-            continue;
+    keep_blocks: bool,
+    totals: FastMap<(u32, u64), StackTotal>,
+}
+
+impl Aggregator {
+    pub fn new(now_ns: u64, min_age_ns: u64, keep_blocks: bool) -> Self {
+        Self { now_ns, min_age_ns, keep_blocks, totals: FastMap::default() }
+    }
+
+    pub fn add(&mut self, key: AllocKey, info: AllocInfo) {
+        if self.now_ns.saturating_sub(info.timestamp_ns) < self.min_age_ns {
+            return;
         }
-        let total = totals.entry((key.tgid, info.stack_id)).or_insert_with(|| StackTotal {
+        let total = self.totals.entry((key.tgid, info.stack_id)).or_insert_with(|| StackTotal {
             tgid: key.tgid,
             stack_id: info.stack_id,
             bytes: 0,
             count: 0,
             blocks: Vec::new(),
-            oldest_ns: None,
+            oldest_ns: Some(info.timestamp_ns),
         });
         total.bytes += info.size;
         total.count += 1;
-        total.oldest_ns = Some(total.oldest_ns.map_or(info.timestamp_ns, |t| t.min(info.timestamp_ns)));
-        total.blocks.push(Block { addr: key.addr, size: info.size });
+        total.oldest_ns = total.oldest_ns.map(|t| t.min(info.timestamp_ns));
+        if self.keep_blocks {
+            total.blocks.push(Block { addr: key.addr, size: info.size });
+        }
     }
-    let mut totals: Vec<StackTotal> = totals.into_values().collect();
-    for t in &mut totals {
-        t.blocks.sort_unstable_by_key(|b| b.addr);
+
+    /// Adds what `other` aggregated (another part of the same map).
+    pub fn merge(&mut self, other: Aggregator) {
+        for (key, theirs) in other.totals {
+            match self.totals.entry(key) {
+                Entry::Vacant(slot) => {
+                    slot.insert(theirs);
+                }
+                Entry::Occupied(mut slot) => {
+                    let ours = slot.get_mut();
+                    ours.bytes += theirs.bytes;
+                    ours.count += theirs.count;
+                    ours.oldest_ns = match (ours.oldest_ns, theirs.oldest_ns) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    ours.blocks.extend(theirs.blocks);
+                }
+            }
+        }
     }
-    sort(&mut totals);
-    totals
+
+    /// The stacks, biggest first, their blocks by address.
+    pub fn finish(self) -> Vec<StackTotal> {
+        let mut totals: Vec<StackTotal> = self.totals.into_values().collect();
+        for t in &mut totals {
+            t.blocks.sort_unstable_by_key(|b| b.addr);
+        }
+        sort(&mut totals);
+        totals
+    }
+}
+
+/// [`Aggregator`] over a collection of allocations.
+#[cfg(test)]
+pub fn by_stack(
+    allocs: impl IntoIterator<Item = (AllocKey, AllocInfo)>,
+    now_ns: u64,
+    min_age_ns: u64,
+    keep_blocks: bool,
+) -> Vec<StackTotal> {
+    let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks);
+    allocs.into_iter().for_each(|(key, info)| aggregator.add(key, info));
+    aggregator.finish()
 }
 
 /// The kernel's per-stack totals (--combined-only), biggest first.
@@ -232,7 +282,7 @@ mod tests {
             alloc(0x20, 100, 100, 2),
             alloc(0x40, 50_000, 950, 3), // younger than 100 ns at now=1000
         ];
-        let totals = by_stack(allocs, 1000, 100);
+        let totals = by_stack(allocs, 1000, 100, true);
         assert_eq!(totals.len(), 2);
         assert_eq!((totals[0].stack_id, totals[0].bytes, totals[0].count), (1, 16384, 2));
         assert_eq!(totals[0].blocks, [Block { addr: 0x10, size: 8192 }, Block { addr: 0x30, size: 8192 }]);
@@ -244,7 +294,7 @@ mod tests {
     fn same_stack_in_two_processes_stays_apart() {
         let mut other = alloc(0x10, 5, 0, 1);
         other.0.tgid = 8;
-        let totals = by_stack([alloc(0x10, 5, 0, 1), other], 10, 0);
+        let totals = by_stack([alloc(0x10, 5, 0, 1), other], 10, 0, false);
         assert_eq!(totals.len(), 2);
     }
 
@@ -261,7 +311,7 @@ mod tests {
 
     #[test]
     fn writes_bcc_format() {
-        let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0);
+        let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0, true);
         let mut out = Vec::new();
         let mut frames = |_: &StackTotal| vec!["fibonacci+0x1f [app]".to_string(), "child+0x4f [app]".to_string()];
         write(&mut out, "03:00:41", 10, &rows(totals), true, &mut frames).unwrap();
@@ -278,7 +328,7 @@ mod tests {
 
     #[test]
     fn top_limits_stacks_and_lost_stacks_say_why() {
-        let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0);
+        let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0, false);
         let mut out = Vec::new();
         write(&mut out, "00:00:00", 2, &rows(totals), false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -296,7 +346,7 @@ mod tests {
         let mut slab = alloc(0xffff0000, 64, 0, 3);
         slab.0.tgid = KERNEL_SLAB;
         allocs.push(slab);
-        let procs = by_process(rows(by_stack(allocs, 1, 0)));
+        let procs = by_process(rows(by_stack(allocs, 1, 0, false)));
         assert_eq!(procs.iter().map(|p| (p.tgid, p.bytes)).collect::<Vec<_>>(), [(9, 500), (7, 150), (KERNEL_SLAB, 64)]);
         let mut out = Vec::new();
         let mut comm = |tgid: u32| format!("app{tgid}");
@@ -339,7 +389,19 @@ mod properties {
                 unique.insert(AllocKey { addr, tgid, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id: stack });
             }
             let now = 2000;
-            let totals = by_stack(unique.clone(), now, min_age);
+            let totals = by_stack(unique.clone(), now, min_age, true);
+            // Read in two parts (as on two CPUs) and merged: the same totals.
+            let mut halves = [Aggregator::new(now, min_age, true), Aggregator::new(now, min_age, true)];
+            for (i, (key, info)) in unique.iter().enumerate() {
+                halves[i % 2].add(*key, *info);
+            }
+            let [mut merged, second] = halves;
+            merged.merge(second);
+            prop_assert_eq!(merged.finish(), totals.clone());
+            let lean = by_stack(unique.clone(), now, min_age, false);
+            prop_assert!(lean.iter().all(|t| t.blocks.is_empty()));
+            prop_assert_eq!(lean.iter().map(|t| (t.tgid, t.stack_id, t.bytes, t.count)).collect::<Vec<_>>(),
+                totals.iter().map(|t| (t.tgid, t.stack_id, t.bytes, t.count)).collect::<Vec<_>>());
             let old: Vec<&AllocInfo> = unique.values().filter(|i| now - i.timestamp_ns >= min_age).collect();
             prop_assert_eq!(totals.iter().map(|t| t.bytes).sum::<u64>(), old.iter().map(|i| i.size).sum::<u64>());
             prop_assert_eq!(totals.iter().map(|t| t.count).sum::<u64>(), old.len() as u64);

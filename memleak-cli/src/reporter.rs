@@ -87,13 +87,29 @@ impl Reporter {
         }
     }
 
-    pub fn report(&mut self) -> anyhow::Result<()> {
+    /// Prints one report; returns how many map entries it read (for -v).
+    pub fn report(&mut self) -> anyhow::Result<usize> {
         let now = monotonic_ns();
         let combined = self.recorded.combined();
+        let mut read = combined.len();
         let mut totals = if self.combined_only {
             report::from_combined(combined.iter().copied())
         } else {
-            report::by_stack(self.recorded.allocations(), now, self.min_age_ns)
+            // JSON lists blocks with -a too.
+            let (min_age_ns, show_allocs) = (self.min_age_ns, self.show_allocs);
+            let parts = self.recorded.allocations_into(
+                || (report::Aggregator::new(now, min_age_ns, show_allocs), 0),
+                |(aggregator, n), key, info| {
+                    *n += 1;
+                    aggregator.add(key, info)
+                },
+            );
+            let mut all = report::Aggregator::new(now, min_age_ns, show_allocs);
+            for (aggregator, n) in parts {
+                read += n;
+                all.merge(aggregator);
+            }
+            all.finish()
         };
         if let Scope::System { .. } = self.scope {
             // A process that exited without freeing is not leaking any
@@ -169,7 +185,7 @@ impl Reporter {
         out.flush()?;
         self.last = rows;
         self.last_ns = now;
-        Ok(())
+        Ok(read)
     }
 
     /// Names of the processes a report names: the traced one, or (system

@@ -60,7 +60,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let mut logger = trace_logger(args, &mut ebpf)?;
     // The run starts as the probes go in: nothing is outstanding before.
     let started = (monotonic_ns(), SystemTime::now());
-    for attached in attach::attach(&mut ebpf, &target, args.obj.as_deref())? {
+    for attached in attach::attach(&mut ebpf, &target, args.obj.as_deref(), args.floor)? {
         verbose(args, &attached);
     }
     let recorded = Recorded::take(&mut ebpf)?;
@@ -204,13 +204,17 @@ async fn report_loop(
     let mut reports = 0;
     loop {
         tokio::select! {
-            _ = ticks.tick() => {
+            tick = ticks.tick() => {
                 each_tick(reporter)?;
                 reports += 1;
                 if args.count.is_some_and(|c| reports >= c) {
                     return Ok(End::Count);
                 }
-                reporter.report()?;
+                let read = reporter.report()?;
+                if args.verbose {
+                    // From the tick to the report's last line (`cargo xtask bench` reads it).
+                    eprintln!("memleak: report {reports} took {:.6} s ({read} entries read)", tick.elapsed().as_secs_f64());
+                }
             }
             _ = signals.int.recv() => return Ok(End::Signal),
             _ = signals.term.recv() => return Ok(End::Signal),

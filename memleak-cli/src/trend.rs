@@ -4,11 +4,9 @@
 //! every report (`growing`). Pure: it gets totals and times, keeps what the
 //! next report needs.
 
-use std::collections::HashMap;
-
 use memleak_common::{CombinedAlloc, CombinedKey};
 
-use crate::report::StackTotal;
+use crate::{fasthash::FastMap, report::StackTotal};
 
 /// (process, stack).
 type Key = (u32, u64);
@@ -53,7 +51,7 @@ pub struct Counts {
 }
 
 /// `COMBINED` by (process, stack).
-pub fn counts(combined: &[(CombinedKey, CombinedAlloc)]) -> HashMap<Key, Counts> {
+pub fn counts(combined: &[(CombinedKey, CombinedAlloc)]) -> FastMap<Key, Counts> {
     combined
         .iter()
         .map(|(k, c)| ((k.tgid, k.stack_id), Counts { allocs: c.allocs, outstanding: c.count }))
@@ -72,13 +70,13 @@ pub struct Tracker {
     /// Blocks younger than this are left out of the totals (`-o`): the
     /// totals cover the run up to this long ago.
     lag_ns: u64,
-    last: HashMap<Key, Seen>,
+    last: FastMap<Key, Seen>,
 }
 
 impl Tracker {
     /// `start_ns`: CLOCK_MONOTONIC at attach.
     pub fn new(start_ns: u64, lag_ns: u64) -> Self {
-        Self { start_ns, lag_ns, last: HashMap::new() }
+        Self { start_ns, lag_ns, last: FastMap::default() }
     }
 
     /// Seconds of the run the totals of a report at `now_ns` cover.
@@ -91,10 +89,10 @@ impl Tracker {
         &mut self,
         totals: Vec<StackTotal>,
         now_ns: u64,
-        counts: &HashMap<Key, Counts>,
+        counts: &FastMap<Key, Counts>,
     ) -> Vec<Row> {
         let span = self.span_s(now_ns);
-        let mut next = HashMap::with_capacity(totals.len());
+        let mut next = FastMap::with_capacity_and_hasher(totals.len(), Default::default());
         let rows = totals
             .into_iter()
             .map(|total| {
@@ -172,7 +170,7 @@ mod tests {
             .enumerate()
             .map(|(i, report)| {
                 let totals = report.iter().map(|&(id, b)| total(id, b, None)).collect();
-                let rows = tracker.update(totals, (i as u64 + 1) * S, &HashMap::new());
+                let rows = tracker.update(totals, (i as u64 + 1) * S, &FastMap::default());
                 rows.iter().map(|r| (r.total.stack_id, r.trend.growing)).collect()
             })
             .collect()
@@ -181,7 +179,7 @@ mod tests {
     #[test]
     fn change_rate_age_and_counts() {
         let mut tracker = Tracker::new(10 * S, S / 2);
-        let counts = HashMap::from([((7, 1), Counts { allocs: 9, outstanding: 5 })]);
+        let counts = FastMap::from_iter([((7, 1), Counts { allocs: 9, outstanding: 5 })]);
         let rows = tracker.update(vec![total(1, 24576, Some(11 * S))], 12 * S, &counts);
         let t = &rows[0].trend;
         assert_eq!(t.change_bytes, 24576);
@@ -191,7 +189,7 @@ mod tests {
         assert_eq!((t.allocs, t.frees), (Some(9), Some(4)));
         assert_eq!((t.reports, t.growing), (1, false));
 
-        let rows = tracker.update(vec![total(1, 16384, Some(11 * S))], 13 * S, &HashMap::new());
+        let rows = tracker.update(vec![total(1, 16384, Some(11 * S))], 13 * S, &FastMap::default());
         let t = &rows[0].trend;
         assert_eq!(t.change_bytes, -8192);
         assert_eq!((t.allocs, t.frees), (None, None), "not in the kernel's totals: unknown, not 0");
@@ -201,7 +199,7 @@ mod tests {
     #[test]
     fn no_rate_before_time_has_passed() {
         let mut tracker = Tracker::new(5 * S, S);
-        let rows = tracker.update(vec![total(1, 10, None)], 5 * S + S / 2, &HashMap::new());
+        let rows = tracker.update(vec![total(1, 10, None)], 5 * S + S / 2, &FastMap::default());
         assert_eq!(rows[0].trend.rate_bytes_per_s, None);
     }
 

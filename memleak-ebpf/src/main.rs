@@ -9,6 +9,7 @@
 #![allow(internal_features)]
 
 mod config;
+mod floor;
 mod kernel;
 mod maps;
 mod record;

@@ -1,5 +1,7 @@
-//! Project tasks: `cargo xtask setup | build | demo | test | run -- ARGS`.
+//! Project tasks: `cargo xtask setup | build | demo | test | bench | run -- ARGS`.
 
+mod bench;
+mod fixtures;
 mod setup;
 
 use std::{
@@ -29,6 +31,8 @@ enum Task {
     Demo,
     /// Build, then run every test: unit and integration (needs root).
     Test,
+    /// Build, then measure memleak's overhead and report speed (see BENCHMARKS.md).
+    Bench(bench::Options),
     /// Build, then run memleak with ARGS.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Task::Build => build().map(|_| ()),
         Task::Demo => demo(),
         Task::Test => test(),
+        Task::Bench(opts) => bench::run(&build()?, &opts),
         Task::Run { args } => {
             let memleak = build()?;
             let status = Command::new(memleak).args(args).status()?;
@@ -80,9 +85,9 @@ fn build() -> anyhow::Result<PathBuf> {
 
 fn demo() -> anyhow::Result<()> {
     let memleak = build()?;
-    let fixture = memleak_tests::fixture("fibonacci");
+    let fixture = fixtures::build("fibonacci", fixtures::Compiler::C, "fibonacci.c", &[])?;
     // The case study's program, leaking 8 KiB every 200 ms.
-    let app = memleak_tests::Running::spawn(&fixture, &["200"]);
+    let app = fixtures::Running::spawn(&fixture, &["200"], false)?;
     thread::sleep(Duration::from_millis(300));
     let pid = app.pid().to_string();
     println!("$ {} 200 &   # pid {pid}", fixture.display());

@@ -1,0 +1,385 @@
+//! `cargo xtask bench`: what memleak costs the traced program, and what
+//! its reports cost, as ratios against baselines measured in the same run.
+//!
+//! - Churn (tests/fixtures/churn.c): T threads of M malloc+free pairs, run
+//!   untraced, under empty programs at function entries (the naive floor,
+//!   what any uprobe tracer pays before doing work), under empty programs
+//!   where memleak puts its probes (the optimized floor), and under memleak
+//!   by default, with `-s 10` and with `--combined-only`. Variants are
+//!   interleaved round by round and each one's median is taken.
+//! - Hold (tests/fixtures/hold.c): 1,000,000 live blocks from 10,000
+//!   stacks: time from the tick to a report's last line (memleak -v says
+//!   it), the tracer's peak RSS, and the time to "Attaching".
+//!
+//! Prints a Markdown report (also written to target/xtask/bench.md) and
+//! fails if a target of the performance issue is missed.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::mpsc::{self, Receiver},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::fixtures::{self, Compiler, Running};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Rounds of every churn variant (the median is taken).
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+    /// Churn threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// malloc+free pairs per churn thread.
+    #[arg(long, default_value_t = 200_000)]
+    pairs: u64,
+    /// Reports timed per mode at a million outstanding allocations.
+    #[arg(long, default_value_t = 5)]
+    reports: usize,
+}
+
+/// How the churn fixture runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Untraced,
+    NaiveFloor,
+    PlacedFloor,
+    Default,
+    Sampled,
+    CombinedOnly,
+}
+
+const VARIANTS: [Variant; 6] = [
+    Variant::Untraced,
+    Variant::NaiveFloor,
+    Variant::PlacedFloor,
+    Variant::Default,
+    Variant::Sampled,
+    Variant::CombinedOnly,
+];
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Untraced => "untraced",
+            Variant::NaiveFloor => "naive floor (empty programs at entries)",
+            Variant::PlacedFloor => "optimized floor (empty programs at memleak's offsets)",
+            Variant::Default => "memleak",
+            Variant::Sampled => "memleak -s 10",
+            Variant::CombinedOnly => "memleak --combined-only",
+        }
+    }
+
+    /// memleak's options, None when untraced.
+    fn args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Variant::Untraced => None,
+            Variant::NaiveFloor => Some(&["--floor", "naive"]),
+            Variant::PlacedFloor => Some(&["--floor", "placed"]),
+            Variant::Default => Some(&[]),
+            Variant::Sampled => Some(&["-s", "10"]),
+            Variant::CombinedOnly => Some(&["--combined-only"]),
+        }
+    }
+}
+
+pub fn run(memleak: &Path, opts: &Options) -> anyhow::Result<()> {
+    let churn = fixtures::build("churn", Compiler::C, "churn.c", &[])?;
+    let hold = fixtures::build("hold", Compiler::C, "hold.c", &[])?;
+    let mut out = header()?;
+    let mut missed = churn_bench(memleak, &churn, opts, &mut out)?;
+    missed += report_bench(memleak, &hold, opts, &mut out)?;
+    print!("{out}");
+    let file = crate::workspace_root().join("target/xtask/bench.md");
+    std::fs::write(&file, &out).with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("bench: written to {}", file.display());
+    if missed > 0 {
+        bail!("{missed} target(s) missed");
+    }
+    Ok(())
+}
+
+fn header() -> anyhow::Result<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
+    let date = String::from_utf8(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output()?.stdout)?;
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    Ok(format!("Machine: {cpu}, {cores} CPUs; kernel {kernel}; {}\n", date.trim()))
+}
+
+/// A target checked against a measured value: prints the line, returns
+/// 1 if missed.
+fn check(out: &mut String, what: &str, value: f64, limit: f64, unit: &str) -> usize {
+    let ok = value <= limit;
+    let _ = writeln!(out, "| {what} | {value:.3}{unit} | ≤ {limit}{unit} | {} |", if ok { "met" } else { "**missed**" });
+    usize::from(!ok)
+}
+
+fn churn_bench(memleak: &Path, churn: &Path, opts: &Options, out: &mut String) -> anyhow::Result<usize> {
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+    for round in 0..opts.rounds {
+        // Rotate the order so that no variant always runs first.
+        for k in 0..VARIANTS.len() {
+            let i = (k + round) % VARIANTS.len();
+            let ns = churn_once(memleak, churn, VARIANTS[i], opts)
+                .with_context(|| format!("churn under {}", VARIANTS[i].name()))?;
+            times[i].push(ns);
+        }
+        eprintln!("bench: churn round {}/{} done", round + 1, opts.rounds);
+    }
+    let median_ns: Vec<f64> = times.iter().map(|t| median(t)).collect();
+    let overhead = |v: Variant| {
+        let i = VARIANTS.iter().position(|x| *x == v).expect("variant");
+        (median_ns[i] - median_ns[0]) / opts.pairs as f64
+    };
+    let _ = writeln!(
+        out,
+        "\n## Churn: {} threads × {} malloc+free pairs (16..4096 bytes, 1% kept), median of {} interleaved rounds\n",
+        opts.threads, opts.pairs, opts.rounds
+    );
+    let _ = writeln!(out, "| variant | run time (ms) | overhead per pair (ns) | vs naive floor | vs optimized floor |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let (naive, placed) = (overhead(Variant::NaiveFloor), overhead(Variant::PlacedFloor));
+    for (i, v) in VARIANTS.iter().enumerate() {
+        let o = overhead(*v);
+        let ratio = |base: f64| if *v == Variant::Untraced { "".to_string() } else { format!("{:.2}x", o / base) };
+        let _ = writeln!(out, "| {} | {:.1} | {:.0} | {} | {} |", v.name(), median_ns[i] / 1e6, o, ratio(naive), ratio(placed));
+    }
+    let _ = writeln!(out, "\n| target | measured | limit | |\n| --- | ---: | ---: | --- |");
+    let mut missed = check(out, "memleak / naive floor", overhead(Variant::Default) / naive, 0.67, "x");
+    missed += check(out, "memleak / optimized floor", overhead(Variant::Default) / placed, 1.25, "x");
+    missed += check(out, "--combined-only / optimized floor", overhead(Variant::CombinedOnly) / placed, 1.15, "x");
+    Ok(missed)
+}
+
+/// One run of the churn fixture; returns its run time in ns.
+fn churn_once(memleak: &Path, churn: &Path, variant: Variant, opts: &Options) -> anyhow::Result<f64> {
+    let mut app = Running::spawn(&churn.to_path_buf(), &[&opts.threads.to_string(), &opts.pairs.to_string()], true)?;
+    wait_until_reading(app.pid())?;
+    let tracer = match variant.args() {
+        Some(args) => Some(Tracer::attach(memleak, app.pid(), args, &["3600"])?),
+        None => None,
+    };
+    app.0.stdin.take().context("churn stdin")?.write_all(b"go\n")?;
+    let mut line = String::new();
+    BufReader::new(app.0.stdout.take().context("churn stdout")?).read_line(&mut line)?;
+    let ns: f64 = line.trim().parse().with_context(|| format!("churn printed {line:?}"))?;
+    if let Some(tracer) = tracer {
+        // The target exits: memleak prints its last report and detaches.
+        tracer.finish(Duration::from_secs(60))?;
+    }
+    Ok(ns)
+}
+
+fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -> anyhow::Result<usize> {
+    let _ = writeln!(out, "\n## Reports at 1,000,000 outstanding allocations from 10,000 stacks\n");
+    let _ = writeln!(out, "| mode | attach (ms) | report, median (ms) | slowest (ms) | per allocation (µs) | tracer peak RSS (MiB) |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    let mut results = Vec::new();
+    for (name, args) in [("default", &[][..]), ("--combined-only", &["--combined-only"][..])] {
+        let r = hold_once(memleak, hold, args, opts.reports).with_context(|| format!("reports in {name} mode"))?;
+        let _ = writeln!(
+            out,
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} |",
+            r.attach_s * 1e3,
+            r.median_s * 1e3,
+            r.max_s * 1e3,
+            r.median_s, // s per million = µs per allocation
+            r.peak_rss_kib as f64 / 1024.0
+        );
+        results.push(r);
+    }
+    let (full, combined) = (&results[0], &results[1]);
+    let _ = writeln!(out, "\n| target | measured | limit | |\n| --- | ---: | ---: | --- |");
+    let mut missed = check(out, "report, default mode", full.median_s, 0.2, " s");
+    missed += check(out, "report, --combined-only", combined.median_s, 0.01, " s");
+    missed += check(out, "tracer peak RSS", full.peak_rss_kib as f64 / 1024.0, 40.0, " MiB");
+    missed += check(out, "attach, all hooks, one process", median(&[full.attach_s, combined.attach_s]) * 1e3, 60.0, " ms");
+    Ok(missed)
+}
+
+struct HoldResult {
+    attach_s: f64,
+    median_s: f64,
+    max_s: f64,
+    peak_rss_kib: u64,
+}
+
+/// Traces the hold fixture with 1 s reports; times `reports` of them once
+/// all million blocks are live.
+fn hold_once(memleak: &Path, hold: &Path, args: &[&str], reports: usize) -> anyhow::Result<HoldResult> {
+    let mut app = Running::spawn(&hold.to_path_buf(), &[], true)?;
+    wait_until_reading(app.pid())?;
+    let started = Instant::now();
+    let tracer = Tracer::attach(memleak, app.pid(), &[args, &["-v"]].concat(), &["1"])?;
+    let attach_s = tracer.attach_s.unwrap_or_else(|| started.elapsed().as_secs_f64());
+    let mut app_in = app.0.stdin.take().context("hold stdin")?;
+    app_in.write_all(b"go\n")?;
+    let mut line = String::new();
+    BufReader::new(app.0.stdout.take().context("hold stdout")?).read_line(&mut line)?;
+    if line.trim() != "done 1000000" {
+        bail!("hold printed {line:?}");
+    }
+    // Reports under way while the blocks were allocated do not count.
+    let done = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < reports {
+        let line = tracer.stderr.recv_timeout(Duration::from_secs(30)).context("no report timing from memleak -v")?;
+        let Some((took, read)) = parse_timing(&line) else { continue };
+        if done.elapsed() < Duration::from_millis(1100) {
+            continue;
+        }
+        let expected = if args.contains(&"--combined-only") { 10_000 } else { 1_000_000 };
+        if read < expected {
+            bail!("a report read {read} entries, not {expected}");
+        }
+        times.push(took);
+    }
+    let peak_rss_kib = vm_hwm_kib(tracer.child.id())?;
+    drop(app_in);
+    tracer.finish(Duration::from_secs(60))?;
+    let max_s = times.iter().copied().fold(0.0, f64::max);
+    Ok(HoldResult { attach_s, median_s: median(&times), max_s, peak_rss_kib })
+}
+
+/// `memleak: report 3 took 0.183 s (1000000 entries read)` -> (seconds, entries).
+fn parse_timing(line: &str) -> Option<(f64, u64)> {
+    let rest = line.strip_prefix("memleak: report ")?;
+    let (_, rest) = rest.split_once(" took ")?;
+    let (secs, rest) = rest.split_once(" s (")?;
+    let read = rest.split_whitespace().next()?;
+    Some((secs.parse().ok()?, read.parse().ok()?))
+}
+
+/// A running memleak, attached.
+struct Tracer {
+    child: Child,
+    /// From spawn to the "Attaching" line.
+    attach_s: Option<f64>,
+    stderr: Receiver<String>,
+    stdout: thread::JoinHandle<()>,
+}
+
+impl Tracer {
+    fn attach(memleak: &Path, pid: u32, args: &[&str], positional: &[&str]) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let mut child = Command::new(memleak)
+            .args(["-p", &pid.to_string()])
+            .args(args)
+            .args(positional)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting memleak")?;
+        let stderr = lines(child.stderr.take().context("memleak stderr")?);
+        let mut stdout = BufReader::new(child.stdout.take().context("memleak stdout")?);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if stdout.read_line(&mut line)? == 0 {
+                let _ = child.wait();
+                let err: Vec<String> = stderr.try_iter().collect();
+                bail!("memleak exited before attaching: {}", err.join("\n"));
+            }
+            if line.starts_with("Attaching") {
+                break;
+            }
+        }
+        let attach_s = Some(started.elapsed().as_secs_f64());
+        let stdout = thread::spawn(move || drain(stdout));
+        Ok(Self { child, attach_s, stderr, stdout })
+    }
+
+    /// Stops memleak (SIGINT unless it is ending by itself) and waits.
+    fn finish(mut self, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while self.child.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(2) {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                bail!("memleak did not exit within {limit:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.stdout.join();
+        Ok(())
+    }
+}
+
+fn lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn drain(mut stdout: BufReader<ChildStdout>) {
+    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+}
+
+/// Waits until the fixture's main thread blocks reading stdin: its
+/// libraries are mapped and its threads started by then.
+fn wait_until_reading(pid: u32) -> anyhow::Result<()> {
+    let path = PathBuf::from(format!("/proc/{pid}/syscall"));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if std::fs::read_to_string(&path).is_ok_and(|s| s.starts_with("0 ")) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    bail!("fixture {pid} never waited for input")
+}
+
+fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM in /proc/PID/status")
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_report_timings() {
+        assert_eq!(parse_timing("memleak: report 3 took 0.183000 s (1000000 entries read)"), Some((0.183, 1_000_000)));
+        assert_eq!(parse_timing("memleak: probing /lib/libc.so.6: malloc"), None);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
