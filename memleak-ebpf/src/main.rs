@@ -13,6 +13,7 @@ mod floor;
 mod kernel;
 mod maps;
 mod record;
+mod unwind;
 
 use aya_ebpf::{
     helpers::bpf_probe_read_user,

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
 use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, Pending, STAT_COUNT, Stack};
 
@@ -13,10 +13,12 @@ use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, Pending, S
 pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
     HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
-/// Outstanding totals per (tgid, stack), for `--combined-only`.
+/// Outstanding totals per (tgid, stack), for `--combined-only`, one copy
+/// per CPU: threads allocating from one hot call site on several CPUs
+/// would otherwise bounce its cache line at every atomic add.
 #[map]
-pub static COMBINED: HashMap<CombinedKey, CombinedAlloc> =
-    HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+pub static COMBINED: PerCpuHashMap<CombinedKey, CombinedAlloc> =
+    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
 /// User stacks, by the hash of their frames.
 #[map]

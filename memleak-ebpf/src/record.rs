@@ -3,7 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     EbpfContext,
     helpers::generated::bpf_get_stack,
@@ -12,11 +12,12 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_HAS_OLD,
-    PENDING_RECORD, Pending, Stat,
+    PENDING_RECORD, Pending, Stack, Stat,
 };
 
 use crate::{
     config,
+    unwind::user_stack,
     maps::{ALLOCS, COMBINED, MMAP_PENDING, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
@@ -58,45 +59,61 @@ pub fn enter(size: u64, memptr: u64, old_addr: u64) {
     if is_self(pid_tgid) {
         return;
     }
-    if let Some(outer) = PENDING.get_ptr_mut(&pid_tgid) {
-        // A call nested in another allocator call (memalign -> malloc): the
-        // outer call records the block, with the caller's stack.
-        let outer = unsafe { &mut *outer };
-        if now().wrapping_sub(outer.entered_ns) < STALE_NS {
-            outer.depth += 1;
-            return;
-        }
-    }
-    // realloc gives up its old block now, before another thread can get the
-    // same address back from the allocator; a failed realloc restores it.
-    let tgid = (pid_tgid >> 32) as u32;
-    // Both arms spell out every byte: the verifier rejects a stack slot
-    // that LLVM left undefined for a None payload.
-    let (old, has_old) = match if old_addr != 0 { take(tgid, old_addr) } else { None } {
-        Some(info) => (info, true),
-        None => (AllocInfo::default(), false),
-    };
     let traced = size >= config::min_size() && size <= config::max_size() && sampled();
-    if !traced && !has_old {
+    // A request filtered out still needs its return seen if it is a realloc
+    // that gives up a tracked block: a failed realloc restores it.
+    if !traced && old_addr == 0 {
         return;
     }
-    // A request filtered out still needs its return seen if it is a realloc
-    // that gave up a tracked block: a failed realloc restores it.
-    let flags = if traced { PENDING_RECORD } else { 0 } | if has_old { PENDING_HAS_OLD } else { 0 };
     let pending = Pending {
         size,
         memptr,
         old_addr,
-        old,
+        old: AllocInfo::default(),
         entered_ns: now(),
         depth: 0,
-        flags,
+        flags: if traced { PENDING_RECORD } else { 0 },
     };
-    if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
-        count(Stat::PendingMapFull);
-        if has_old {
-            track(tgid, old_addr, old, false);
+    // One map operation in the common case: the insert fails only inside
+    // another allocator call (memalign -> malloc), whose entry is the outer
+    // call's, or over an entry whose return never came.
+    match PENDING.insert(&pid_tgid, &pending, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            let Some(outer) = PENDING.get_ptr_mut(&pid_tgid) else {
+                return;
+            };
+            let outer = unsafe { &mut *outer };
+            if pending.entered_ns.wrapping_sub(outer.entered_ns) < STALE_NS {
+                // The outer call records the block, with the caller's stack.
+                outer.depth += 1;
+                return;
+            }
+            *outer = pending;
         }
+        Err(_) => {
+            count(Stat::PendingMapFull);
+            return;
+        }
+    }
+    if old_addr == 0 {
+        return;
+    }
+    // realloc gives up its old block now, before another thread can get the
+    // same address back from the allocator; a failed realloc restores it.
+    let Some(entry) = PENDING.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    match take((pid_tgid >> 32) as u32, old_addr) {
+        Some(old) => unsafe {
+            (*entry).old = old;
+            (*entry).flags |= PENDING_HAS_OLD;
+        },
+        // Neither a block to record nor one to restore.
+        None if !traced => {
+            let _ = PENDING.remove(&pid_tgid);
+        }
+        None => {}
     }
 }
 
@@ -165,27 +182,19 @@ pub fn exit_mmap(ctx: &RetProbeContext, addr: u64) {
     }
 }
 
-/// The current stack (user with BPF_F_USER_STACK, else kernel), stored in
-/// STACKS under a hash of its frames.
+/// The stack `fill` writes (into a per-CPU scratch buffer, returning its
+/// depth), stored in STACKS under a hash of its frames.
 #[inline(always)]
-fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> u64 {
+fn stack_id(fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
         return NO_STACK;
     };
     let stack = unsafe { &mut *stack };
-    let bytes = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            stack.ips.as_mut_ptr().cast(),
-            (MAX_STACK_DEPTH * 8) as u32,
-            flags,
-        )
-    };
-    if bytes <= 0 {
+    let depth = fill(stack).min(MAX_STACK_DEPTH);
+    if depth == 0 {
         count(Stat::StackLost);
         return NO_STACK;
     }
-    let depth = (bytes as usize / 8).min(MAX_STACK_DEPTH);
     stack.len = depth as u64;
     // 64-bit multiplicative hash of the frames: no collisions in practice,
     // unlike a stack-trace map's bucket index.
@@ -206,13 +215,32 @@ fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> u64 {
     id
 }
 
+/// The user stack at an allocator's return (see `unwind`).
+#[inline(always)]
+fn user_stack_id(ctx: &RetProbeContext) -> u64 {
+    // SAFETY: a uprobe's context is the task's pt_regs.
+    let regs = unsafe { &*ctx.regs };
+    stack_id(|stack| user_stack(regs, &mut stack.ips))
+}
+
+/// The kernel stack of a tracepoint.
+#[inline(always)]
+fn kernel_stack_id<C: EbpfContext>(ctx: &C) -> u64 {
+    stack_id(|stack| {
+        let bytes = unsafe {
+            bpf_get_stack(ctx.as_ptr(), stack.ips.as_mut_ptr().cast(), (MAX_STACK_DEPTH * 8) as u32, 0)
+        };
+        if bytes <= 0 { 0 } else { bytes as usize / 8 }
+    })
+}
+
 /// Records a new block with the caller's stack.
 #[inline(always)]
 fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
     let info = AllocInfo {
         size,
         timestamp_ns: now(),
-        stack_id: stack_id(ctx, BPF_F_USER_STACK as u64),
+        stack_id: user_stack_id(ctx),
     };
     let stack_id = info.stack_id;
     if config::trace() {
@@ -230,7 +258,7 @@ pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) 
     let info = AllocInfo {
         size,
         timestamp_ns: now(),
-        stack_id: stack_id(ctx, 0),
+        stack_id: kernel_stack_id(ctx),
     };
     track(space, addr, info, true);
 }
@@ -310,8 +338,11 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) {
     }
 }
 
-/// Adds (or removes) one block to its stack's totals, atomically: threads
-/// allocating from the same stack on several CPUs must not lose updates.
+/// Adds (or removes) one block to its stack's totals, in this CPU's copy
+/// (a block freed on another CPU than it was allocated on leaves one copy
+/// below zero: only the sum means something). Atomically: a uprobe's
+/// program can be preempted, and another on the same CPU must not lose
+/// its update.
 /// `new` also counts it in the stack's allocations since attach.
 #[inline(always)]
 fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
