@@ -1,15 +1,24 @@
 //! Exact numbers: scenarios of the `exact` fixture whose outstanding bytes
 //! and blocks are known to the byte, traced from attach to a SIGINT report.
 
-use std::time::Duration;
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::process::ExitStatusExt as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
-use memleak_tests::{Report, Stack, fixture, parse_reports, scenario::trace_scenario};
+use memleak_tests::{Report, Stack, fixture, parse_reports, scenario::trace_scenario_env};
 
 fn report(args: &[&str], memleak_args: &[&str]) -> (Report, String) {
+    report_env(&[], args, memleak_args)
+}
+
+fn report_env(env: &[(&str, &str)], args: &[&str], memleak_args: &[&str]) -> (Report, String) {
     let mut all = vec!["-o", "0", "-T", "5000"];
     all.extend_from_slice(memleak_args);
     all.push("600"); // the SIGINT report is the one that counts
-    let traced = trace_scenario(&fixture("exact"), args, &all, Duration::from_secs(180));
+    let traced = trace_scenario_env(&fixture("exact"), env, args, &all, Duration::from_secs(180));
     assert!(traced.status.success(), "{:?}\n{}\n{}", traced.status, traced.stdout, traced.stderr);
     let mut reports = parse_reports(&traced.stdout);
     assert_eq!(reports.len(), 1, "{}", traced.stdout);
@@ -99,6 +108,51 @@ fn munmap_of_a_head_keeps_the_tail() {
     let stack = &report.stacks[0];
     assert!(stack.starts_with(&["unmap_head"]), "{stack:?}");
     assert_eq!((stack.bytes, stack.count), (3 * page, 1));
+}
+
+/// Without tcache, glibc's fastbins only check the top of the bin, so
+/// `free(a); free(b); free(a)` goes through (see exact.c).
+const NO_TCACHE: (&str, &str) = ("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0");
+
+#[test]
+fn double_free_glibc_misses_subtracts_once() {
+    for mode in [&[][..], &["--combined-only"]] {
+        // The harness waits for the fixture's "done": glibc did not abort.
+        let (report, stderr) = report_env(&[NO_TCACHE], &["doublefree"], mode);
+        assert_eq!(report.stacks.len(), 1, "{mode:?}: only the marker, nothing negative: {report:?}\n{stderr}");
+        let marker = &report.stacks[0];
+        assert!(marker.starts_with(&["leak_marker", "double_free", "main"]), "{marker:?}");
+        assert_eq!((marker.bytes, marker.count), (4321, 1), "{mode:?}");
+        assert!(marker.trend.contains("1 allocs/0 frees"), "{mode:?}: {marker:?}");
+        assert!(!stderr.contains("warning"), "{stderr}");
+    }
+}
+
+#[test]
+fn double_free_scenario_is_a_real_double_free() {
+    // The control for the test above: with tcache, glibc catches it.
+    let run = |env: &[(&str, &str)]| {
+        let mut app = Command::new(fixture("exact"))
+            .arg("doublefree")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        app.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut first = String::new();
+        app.stdout.take().unwrap().take(5).read_to_string(&mut first).unwrap();
+        let _ = app.kill();
+        let out = app.wait_with_output().unwrap();
+        (first, out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (stdout, status, stderr) = run(&[]);
+    assert_eq!(stdout, "", "{status:?} {stderr}");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{stderr}");
+    assert!(stderr.contains("double free"), "{stderr}");
+    let (stdout, _, stderr) = run(&[NO_TCACHE]);
+    assert_eq!(stdout, "done\n", "{stderr}");
 }
 
 #[test]
