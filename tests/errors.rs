@@ -2,7 +2,7 @@
 
 use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
 
-use memleak_tests::{memleak_bin, run_memleak};
+use memleak_tests::{Running, fixture, memleak_bin, run_memleak};
 
 fn fails_with(args: &[&str], code: i32, message: &str) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -69,4 +69,24 @@ fn not_root() {
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("must be run as root"), "{stderr}");
+}
+
+#[test]
+fn root_without_capabilities() {
+    // Still uid 0, but without the capabilities BPF tracing needs (as in a
+    // hardened container): the kernel would refuse bpf() with EPERM.
+    let app = Running::spawn(fixture("fibonacci"), &["100"]);
+    for dropped in ["-all", "-bpf,-perfmon,-sys_admin"] {
+        let out = Command::new("setpriv")
+            .args(["--inh-caps=-all", "--ambient-caps=-all", &format!("--bounding-set={dropped}"), "--"])
+            .arg(memleak_bin())
+            .args(["-p", &app.pid().to_string(), "1", "1"])
+            .output()
+            .expect("run memleak under setpriv (util-linux)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{dropped}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert_eq!(stderr.trim_end(), "memleak: BPF not permitted: running as root, but without CAP_SYS_ADMIN (its capabilities were dropped)");
+        assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
 }
