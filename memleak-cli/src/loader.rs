@@ -2,12 +2,13 @@
 //! sizes (no recompiling), and names each program once.
 
 use anyhow::Context as _;
-use aya::{Ebpf, EbpfLoader};
+use aya::{Ebpf, EbpfLoader, maps::ProgramArray};
 use memleak_common::{FIELD_COUNT, globals, maps};
 
 use crate::{
     cli::Args,
     error::{Kind, user_error},
+    hooks::Shape,
 };
 
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
@@ -48,7 +49,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
     let self_tgid = std::process::id();
     let trace = u32::from(config.trace);
     let combined = config.max_stacks.saturating_mul(4).max(1024);
-    EbpfLoader::new()
+    let mut ebpf = EbpfLoader::new()
         .override_global(globals::MIN_SIZE, &config.min_size, true)
         .override_global(globals::MAX_SIZE, &config.max_size, true)
         .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
@@ -61,7 +62,19 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .map_max_entries(maps::STACKS, config.max_stacks)
         .map_max_entries(maps::COMBINED, combined)
         .load(PROGRAMS)
-        .map_err(load_error)
+        .map_err(load_error)?;
+    chain_unmap(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// The munmap program runs once per followed mapping a munmap cuts, by
+/// tail-calling itself through UNMAP_AGAIN: put it there.
+fn chain_unmap(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let (name, _) = Shape::Munmap.programs();
+    let fd = uprobe(ebpf, name)?.fd()?.try_clone().context("duplicating the munmap program's fd")?;
+    let map = ebpf.map_mut(maps::UNMAP_AGAIN).context("map UNMAP_AGAIN missing")?;
+    ProgramArray::try_from(map)?.set(0, &fd, 0).context("chaining the munmap program")?;
+    Ok(())
 }
 
 /// EPERM anywhere in the cause (aya wraps the errno of bpf() a few layers
