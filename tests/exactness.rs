@@ -1,19 +1,38 @@
 //! Exact numbers: scenarios of the `exact` fixture whose outstanding bytes
 //! and blocks are known to the byte, traced from attach to a SIGINT report.
 
-use std::time::Duration;
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::process::ExitStatusExt as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
-use memleak_tests::{Report, Stack, fixture, parse_reports, scenario::trace_scenario};
+use memleak_tests::{Report, Stack, fixture, parse_reports, scenario::trace_scenario_env};
 
 fn report(args: &[&str], memleak_args: &[&str]) -> (Report, String) {
+    report_env(&[], args, memleak_args)
+}
+
+fn report_env(env: &[(&str, &str)], args: &[&str], memleak_args: &[&str]) -> (Report, String) {
     let mut all = vec!["-o", "0", "-T", "5000"];
     all.extend_from_slice(memleak_args);
     all.push("600"); // the SIGINT report is the one that counts
-    let traced = trace_scenario(&fixture("exact"), args, &all, Duration::from_secs(180));
+    let traced = trace_scenario_env(&fixture("exact"), env, args, &all, Duration::from_secs(180));
     assert!(traced.status.success(), "{:?}\n{}\n{}", traced.status, traced.stdout, traced.stderr);
     let mut reports = parse_reports(&traced.stdout);
     assert_eq!(reports.len(), 1, "{}", traced.stdout);
     (reports.pop().unwrap(), traced.stderr)
+}
+
+/// The report's one stack, which starts with `functions`, with no warning.
+fn only_stack(env: &[(&str, &str)], args: &[&str], memleak_args: &[&str], functions: &[&str]) -> Stack {
+    let (mut report, stderr) = report_env(env, args, memleak_args);
+    assert_eq!(report.stacks.len(), 1, "{args:?} {memleak_args:?}: {report:?}\n{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let stack = report.stacks.pop().unwrap();
+    assert!(stack.starts_with(functions), "{stack:?}");
+    stack
 }
 
 fn in_function<'a>(report: &'a Report, function: &str) -> Vec<&'a Stack> {
@@ -93,12 +112,119 @@ fn malloc_served_by_mmap_counts_once() {
 
 #[test]
 fn munmap_of_a_head_keeps_the_tail() {
-    let page = 4096; // x86_64
     let (report, _) = report(&["munmap"], &["-a"]);
     assert_eq!(report.stacks.len(), 1, "{report:?}");
     let stack = &report.stacks[0];
     assert!(stack.starts_with(&["unmap_head"]), "{stack:?}");
-    assert_eq!((stack.bytes, stack.count), (3 * page, 1));
+    assert_eq!((stack.bytes, stack.count), (3 * PAGE, 1));
+}
+
+const PAGE: u64 = 4096; // x86_64
+
+#[test]
+fn munmap_of_a_tail_keeps_the_head() {
+    for mode in [&["-a"][..], &["--combined-only"]] {
+        let stack = only_stack(&[], &["munmap_tail"], mode, &["map_pages", "unmap_tail", "main"]);
+        assert_eq!((stack.bytes, stack.count), (3 * PAGE, 1), "{mode:?}");
+        assert!(stack.trend.contains("1 allocs/0 frees"), "{mode:?}: {stack:?}");
+    }
+}
+
+#[test]
+fn munmap_of_a_middle_leaves_two_blocks() {
+    for mode in [&["-a"][..], &["--combined-only"]] {
+        let stack = only_stack(&[], &["munmap_middle"], mode, &["map_pages", "unmap_middle", "main"]);
+        // Pages 0-1 and 4-6 of 8: the hole split the block (one more
+        // allocation), then the second piece lost its last page.
+        assert_eq!((stack.bytes, stack.count), (5 * PAGE, 2), "{mode:?}");
+        assert!(stack.trend.contains("2 allocs/0 frees"), "{mode:?}: {stack:?}");
+        if mode == ["-a"] {
+            let mut blocks = stack.blocks.clone();
+            blocks.sort();
+            assert_eq!(blocks[1].0 - blocks[0].0, 4 * PAGE, "{blocks:x?}");
+            assert_eq!((blocks[0].1, blocks[1].1), (2 * PAGE, 3 * PAGE), "{blocks:x?}");
+        }
+    }
+}
+
+#[test]
+fn munmap_across_two_mappings_cuts_both() {
+    for mode in [&["-a"][..], &["--combined-only"]] {
+        let (report, stderr) = report(&["munmap_span"], mode);
+        // One stack per mmap call site: the first mapping keeps its first
+        // page, the second its last.
+        let spans = in_function(&report, "map_pages");
+        assert_eq!(spans.len(), report.stacks.len(), "{mode:?}: {report:?}\n{stderr}");
+        assert_eq!(spans.len(), 2, "{mode:?}: {report:?}");
+        for stack in &spans {
+            assert!(stack.starts_with(&["map_pages", "unmap_span", "main"]), "{stack:?}");
+            assert_eq!((stack.bytes, stack.count), (PAGE, 1), "{mode:?}: {stack:?}");
+            assert!(stack.trend.contains("1 allocs/0 frees"), "{mode:?}: {stack:?}");
+        }
+        if mode == ["-a"] {
+            let mut blocks: Vec<(u64, u64)> = spans.iter().flat_map(|s| s.blocks.clone()).collect();
+            blocks.sort();
+            assert_eq!(blocks[1].0 - blocks[0].0, 6 * PAGE, "{blocks:x?}");
+        }
+        assert!(!stderr.contains("warning"), "{stderr}");
+    }
+}
+
+#[test]
+fn munmap_of_tails_past_the_followed_mappings_is_counted() {
+    // 33 blocks of 2 pages lose their second page; memleak follows 32
+    // mappings per process, so one block keeps both pages, and says so.
+    let (report, stderr) = report(&["munmap_many", "33"], &[]);
+    assert!(
+        stderr.contains("warning: 1 mmap'd blocks not followed for a partial munmap (more than 32 live mappings in a process)"),
+        "{stderr}"
+    );
+    assert_eq!(report.stacks.len(), 1, "{report:?}");
+    let stack = &report.stacks[0];
+    assert!(stack.starts_with(&["map_pages", "unmap_many", "main"]), "{stack:?}");
+    assert_eq!((stack.bytes, stack.count), (32 * PAGE + 2 * PAGE, 33));
+}
+
+/// Without tcache, glibc's fastbins only check the top of the bin, so
+/// `free(a); free(b); free(a)` goes through (see exact.c).
+const NO_TCACHE: (&str, &str) = ("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0");
+
+#[test]
+fn double_free_glibc_misses_subtracts_once() {
+    for mode in [&[][..], &["--combined-only"]] {
+        // The harness waits for the fixture's "done": glibc did not abort.
+        // One stack: nothing negative, nothing wrapped around.
+        let marker = only_stack(&[NO_TCACHE], &["doublefree"], mode, &["leak_marker", "double_free", "main"]);
+        assert_eq!((marker.bytes, marker.count), (4321, 1), "{mode:?}");
+        assert!(marker.trend.contains("1 allocs/0 frees"), "{mode:?}: {marker:?}");
+    }
+}
+
+#[test]
+fn double_free_scenario_is_a_real_double_free() {
+    // The control for the test above: with tcache, glibc catches it.
+    let run = |env: &[(&str, &str)]| {
+        let mut app = Command::new(fixture("exact"))
+            .arg("doublefree")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        app.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut first = String::new();
+        app.stdout.take().unwrap().take(5).read_to_string(&mut first).unwrap();
+        let _ = app.kill();
+        let out = app.wait_with_output().unwrap();
+        (first, out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (stdout, status, stderr) = run(&[]);
+    assert_eq!(stdout, "", "{status:?} {stderr}");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{stderr}");
+    assert!(stderr.contains("double free"), "{stderr}");
+    let (stdout, _, stderr) = run(&[NO_TCACHE]);
+    assert_eq!(stdout, "done\n", "{stderr}");
 }
 
 #[test]

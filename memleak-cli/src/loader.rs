@@ -2,12 +2,13 @@
 //! sizes (no recompiling), and names each program once.
 
 use anyhow::Context as _;
-use aya::{Ebpf, EbpfLoader};
+use aya::{Ebpf, EbpfLoader, maps::ProgramArray};
 use memleak_common::{FIELD_COUNT, globals, maps};
 
 use crate::{
     cli::Args,
     error::{Kind, user_error},
+    hooks::Shape,
 };
 
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
@@ -48,7 +49,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
     let self_tgid = std::process::id();
     let trace = u32::from(config.trace);
     let combined = config.max_stacks.saturating_mul(4).max(1024);
-    EbpfLoader::new()
+    let mut ebpf = EbpfLoader::new()
         .override_global(globals::MIN_SIZE, &config.min_size, true)
         .override_global(globals::MAX_SIZE, &config.max_size, true)
         .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
@@ -61,17 +62,34 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .map_max_entries(maps::STACKS, config.max_stacks)
         .map_max_entries(maps::COMBINED, combined)
         .load(PROGRAMS)
-        .map_err(|e| {
-            let text = format!("{e:#}");
-            if text.contains("EPERM") || text.contains("Operation not permitted") {
-                user_error(
-                    Kind::Permission,
-                    format!("the kernel refused to load BPF programs ({text}): run as root, and check kernel.unprivileged_bpf_disabled and lockdown"),
-                )
-            } else {
-                anyhow::Error::new(e).context("loading the BPF programs")
-            }
-        })
+        .map_err(load_error)?;
+    chain_unmap(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// The munmap program runs once per followed mapping a munmap cuts, by
+/// tail-calling itself through UNMAP_AGAIN: put it there.
+fn chain_unmap(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let (name, _) = Shape::Munmap.programs();
+    let fd = uprobe(ebpf, name)?.fd()?.try_clone().context("duplicating the munmap program's fd")?;
+    let map = ebpf.map_mut(maps::UNMAP_AGAIN).context("map UNMAP_AGAIN missing")?;
+    ProgramArray::try_from(map)?.set(0, &fd, 0).context("chaining the munmap program")?;
+    Ok(())
+}
+
+/// EPERM anywhere in the cause (aya wraps the errno of bpf() a few layers
+/// down) is a permission error; anything else is unexpected.
+fn load_error(e: aya::EbpfError) -> anyhow::Error {
+    let errno = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+        .find_map(|e| e.downcast_ref::<std::io::Error>()?.raw_os_error());
+    let err = anyhow::Error::new(e).context("loading the BPF programs");
+    if errno != Some(libc::EPERM) {
+        return err;
+    }
+    user_error(
+        Kind::Permission,
+        format!("BPF not permitted: the kernel refused it ({err:#}): check kernel lockdown, seccomp and LSM policy"),
+    )
 }
 
 fn page_size() -> u64 {
@@ -79,22 +97,24 @@ fn page_size() -> u64 {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
-/// Root, or the capabilities BPF tracing needs.
+/// Root with its capabilities, or the capabilities BPF tracing needs.
 fn check_privileges() -> anyhow::Result<()> {
+    let caps = effective_capabilities();
     // SAFETY: no arguments, cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        return Ok(());
+        // Root whose capabilities were dropped (setpriv, capsh, a container)
+        // would get a bare EPERM from bpf(), or EACCES from perf_event_open()
+        // for the uprobes: without CAP_SYS_ADMIN, even with CAP_BPF and
+        // CAP_PERFMON, this kernel refuses them (seen on 6.18).
+        if caps & CAP_SYS_ADMIN != 0 {
+            return Ok(());
+        }
+        return Err(user_error(
+            Kind::Permission,
+            "BPF not permitted: running as root, but without CAP_SYS_ADMIN (its capabilities were dropped)",
+        ));
     }
-    // CAP_PERFMON (38), CAP_BPF (39) and CAP_SYS_ADMIN (21, for /proc/PID/map_files).
-    let caps = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0);
-    let needed = (1u64 << 38) | (1 << 39) | (1 << 21);
+    let needed = CAP_PERFMON | CAP_BPF | CAP_SYS_ADMIN;
     if caps & needed == needed {
         return Ok(());
     }
@@ -102,6 +122,22 @@ fn check_privileges() -> anyhow::Result<()> {
         Kind::Permission,
         "must be run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): try sudo memleak ...",
     ))
+}
+
+const CAP_SYS_ADMIN: u64 = 1 << 21; // also for /proc/PID/map_files
+const CAP_PERFMON: u64 = 1 << 38;
+const CAP_BPF: u64 = 1 << 39;
+
+/// This process's effective capability set (0 if unreadable).
+fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Newer ones (and
@@ -154,4 +190,33 @@ pub fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya:
         program.load().with_context(|| format!("loading program {name}"))?;
     }
     Ok(program)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use aya::{EbpfError, maps::MapError};
+
+    use super::*;
+
+    fn map_error(errno: i32) -> EbpfError {
+        EbpfError::MapError(MapError::CreateError { name: "STATS".into(), io_error: io::Error::from_raw_os_error(errno) })
+    }
+
+    #[test]
+    fn eperm_from_the_kernel_is_a_permission_error() {
+        let err = load_error(map_error(libc::EPERM));
+        assert_eq!(crate::error::exit_code(&err), Kind::Permission as u8);
+        let text = format!("{err:#}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("BPF not permitted: ") && text.contains("Operation not permitted"), "{text}");
+    }
+
+    #[test]
+    fn other_load_failures_are_unexpected() {
+        let err = load_error(map_error(libc::EINVAL));
+        assert_eq!(crate::error::exit_code(&err), 1);
+        assert!(format!("{err:#}").starts_with("loading the BPF programs: "), "{err:#}");
+    }
 }

@@ -83,6 +83,30 @@ pub struct Pending {
     pub flags: u32,
 }
 
+/// Key of `REGIONS`: slot `slot` (< [`MAX_REGIONS`]) of process `tgid`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RegionKey {
+    pub tgid: u32,
+    pub slot: u32,
+}
+
+/// A block recorded from a direct mmap (not one inside an allocator call),
+/// so that munmap of its tail or middle can find it: its start, and the
+/// timestamp of its `ALLOCS` entry, which tells a live block from a stale
+/// slot (the block was replaced or forgotten since).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub timestamp_ns: u64,
+}
+
+/// Direct mappings followed per process for munmap of a tail or middle.
+/// The munmap probe reruns itself (a tail call) once per block it cuts:
+/// 32 and the last run that finds none stay within the kernel's 33 tail calls.
+pub const MAX_REGIONS: u32 = 32;
+
 /// The request passed the size filters and sampling: record its block.
 pub const PENDING_RECORD: u32 = 1;
 /// `Pending::old` holds realloc's old block, taken out of the maps at entry.
@@ -135,9 +159,12 @@ pub enum Stat {
     CombinedMapFull = 2,
     /// `PENDING` (or `MMAP_PENDING`) was full: the call was not seen returning.
     PendingMapFull = 3,
+    /// A process had [`MAX_REGIONS`] direct mappings followed already: a
+    /// munmap of this one's tail or middle is not seen (its head is).
+    RegionsFull = 4,
 }
 
-pub const STAT_COUNT: u32 = 4;
+pub const STAT_COUNT: u32 = 5;
 
 /// Names of the read-only globals the loader sets before load.
 pub mod globals {
@@ -166,6 +193,8 @@ pub mod maps {
     pub const COMBINED: &str = "COMBINED";
     pub const STACKS: &str = "STACKS";
     pub const STATS: &str = "STATS";
+    pub const REGIONS: &str = "REGIONS";
+    pub const UNMAP_AGAIN: &str = "UNMAP_AGAIN";
 }
 
 #[cfg(feature = "user")]
@@ -178,4 +207,6 @@ mod pod {
     unsafe impl aya::Pod for CombinedKey {}
     unsafe impl aya::Pod for CombinedAlloc {}
     unsafe impl aya::Pod for Stack {}
+    unsafe impl aya::Pod for RegionKey {}
+    unsafe impl aya::Pod for Region {}
 }

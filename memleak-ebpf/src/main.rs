@@ -13,6 +13,7 @@ mod floor;
 mod kernel;
 mod maps;
 mod record;
+mod regions;
 mod unwind;
 
 use aya_ebpf::{
@@ -21,7 +22,10 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 
-use crate::record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id, unmap};
+use crate::{
+    maps::UNMAP_AGAIN,
+    record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id, unmap},
+};
 
 // One program per shape of allocator call, named after the libc function
 // of that shape; jemalloc, tcmalloc, mimalloc and C++ operator new/delete
@@ -120,7 +124,11 @@ pub fn mmap_exit(ctx: RetProbeContext) -> u32 {
 /// munmap(addr, length).
 #[uprobe]
 pub fn munmap_enter(ctx: ProbeContext) -> u32 {
-    unmap(thread_id() >> 32, ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0));
+    if unmap(thread_id() >> 32, ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0)) {
+        // It cut one followed mapping; the range may overlap more: run this
+        // program again (the loader puts it at UNMAP_AGAIN[0]).
+        unsafe { UNMAP_AGAIN.tail_call(&ctx, 0) };
+    }
     0
 }
 

@@ -4,9 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
-use memleak_common::{AllocInfo, AllocKey, CombinedAlloc, CombinedKey, Pending, STAT_COUNT, Stack};
+use memleak_common::{
+    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack,
+};
 
 /// Outstanding allocations. Not preallocated: memory follows what is live.
 #[map]
@@ -36,6 +38,17 @@ pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0
 /// calling mmap does not clobber the malloc's pending size.
 #[map]
 pub static MMAP_PENDING: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
+
+/// Blocks from direct mmap calls, up to MAX_REGIONS per process: read by
+/// munmap only, so malloc and free never touch it.
+#[map]
+pub static REGIONS: HashMap<RegionKey, Region> =
+    HashMap::with_max_entries(MAX_REGIONS << 11, BPF_F_NO_PREALLOC);
+
+/// munmap_enter itself, which tail-calls itself once per followed block a
+/// munmap cuts.
+#[map]
+pub static UNMAP_AGAIN: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Events that could not be recorded, by `memleak_common::Stat`.
 #[map]

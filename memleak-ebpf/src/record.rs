@@ -12,11 +12,11 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_HAS_OLD,
-    PENDING_RECORD, Pending, Stack, Stat,
+    PENDING_RECORD, Pending, Region, Stack, Stat,
 };
 
 use crate::{
-    config,
+    config, regions,
     unwind::user_stack,
     maps::{ALLOCS, COMBINED, MMAP_PENDING, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
@@ -40,7 +40,7 @@ fn now() -> u64 {
 }
 
 #[inline(always)]
-fn count(stat: Stat) {
+pub fn count(stat: Stat) {
     if let Some(n) = STATS.get_ptr_mut(stat as u32) {
         // Per-CPU slot: no other CPU writes it.
         unsafe { *n += 1 };
@@ -177,8 +177,12 @@ pub fn exit_mmap(ctx: &RetProbeContext, addr: u64) {
     };
     let len = unsafe { *len };
     let _ = MMAP_PENDING.remove(&pid_tgid);
-    if addr != MAP_FAILED && addr != 0 {
-        record(ctx, (pid_tgid >> 32) as u32, addr, len);
+    if addr == MAP_FAILED || addr == 0 {
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    if let Some(timestamp_ns) = record(ctx, tgid, addr, len) {
+        regions::follow(tgid, Region { start: addr, timestamp_ns });
     }
 }
 
@@ -234,9 +238,9 @@ fn kernel_stack_id<C: EbpfContext>(ctx: &C) -> u64 {
     })
 }
 
-/// Records a new block with the caller's stack.
+/// Records a new block with the caller's stack; its timestamp if tracked.
 #[inline(always)]
-fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
+fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) -> Option<u64> {
     let info = AllocInfo {
         size,
         timestamp_ns: now(),
@@ -246,7 +250,7 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
     if config::trace() {
         info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
     }
-    track(tgid, addr, info, true);
+    track(tgid, addr, info, true).then_some(info.timestamp_ns)
 }
 
 /// A kernel allocation (tracepoints): recorded with the kernel stack.
@@ -273,8 +277,9 @@ pub fn forget_kernel(space: u32, addr: u64) {
 
 /// Puts a block into ALLOCS and COMBINED; `new` for a block just allocated
 /// (not one given back, as after a failed realloc), counted in `allocs`.
+/// False if ALLOCS was full.
 #[inline(always)]
-fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool) {
+pub fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool) -> bool {
     let key = AllocKey { addr, tgid, _pad: 0 };
     match ALLOCS.insert(&key, &info, BPF_NOEXIST as u64) {
         Ok(()) => {}
@@ -288,20 +293,21 @@ fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool) {
             }
             if ALLOCS.insert(&key, &info, BPF_ANY as u64).is_err() {
                 count(Stat::AllocMapFull);
-                return;
+                return false;
             }
         }
         Err(_) => {
             count(Stat::AllocMapFull);
-            return;
+            return false;
         }
     }
     combine(tgid, info, true, new);
+    true
 }
 
 /// Removes a block from ALLOCS and COMBINED; returns what it was.
 #[inline(always)]
-fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
+pub fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
     let key = AllocKey { addr, tgid, _pad: 0 };
     let info = unsafe { *ALLOCS.get_ptr(&key)? };
     // Only the thread whose delete succeeds updates the totals, so a double
@@ -321,21 +327,26 @@ pub fn forget(tgid: u64, addr: u64) {
     let _ = take(tgid, addr);
 }
 
-/// munmap(addr, len): a mapping unmapped from its start for less than its
-/// length keeps its tail, which is tracked on from addr + len.
+/// munmap(addr, len). Blocks from direct mmap calls are cut exactly, one
+/// per run (see regions): true if one was, and the probe must run again.
+/// Then any other block starting at addr (its mapping not followed) keeps
+/// the part past addr + len.
 #[inline(always)]
-pub fn unmap(tgid: u64, addr: u64, len: u64) {
+pub fn unmap(tgid: u64, addr: u64, len: u64) -> bool {
     let tgid = tgid as u32;
-    if tgid == config::self_tgid() {
-        return;
+    if tgid == config::self_tgid() || len == 0 {
+        return false;
+    }
+    if regions::unmap(tgid, addr, len) {
+        return true;
     }
     if let Some(mut info) = take(tgid, addr)
-        && len > 0
         && len < info.size
     {
         info.size -= len;
         track(tgid, addr + len, info, false);
     }
+    false
 }
 
 /// Adds (or removes) one block to its stack's totals, in this CPU's copy

@@ -22,8 +22,20 @@ pub struct Traced {
 /// Traces `fixture ARGS` with `memleak -p PID MEMLEAK_ARGS`, which should
 /// have a long interval: the report that counts is the one printed on SIGINT.
 pub fn trace_scenario(fixture: &Path, args: &[&str], memleak_args: &[&str], limit: Duration) -> Traced {
+    trace_scenario_env(fixture, &[], args, memleak_args, limit)
+}
+
+/// `trace_scenario` with `env` added to the fixture's environment.
+pub fn trace_scenario_env(
+    fixture: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+    memleak_args: &[&str],
+    limit: Duration,
+) -> Traced {
     let mut app = Command::new(fixture)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
