@@ -123,3 +123,28 @@ fn sigint_prints_a_last_report_and_exits_zero() {
     assert_eq!(reports.len(), 1, "{stdout}");
     assert!(leak_stack(&reports[0]).is_some_and(|s| s.count >= 5), "{stdout}");
 }
+
+#[test]
+fn verbose_says_where_each_probe_went_and_how_long_each_report_took() {
+    let app = Running::spawn(fixture("fibonacci"), &["100"]);
+    thread::sleep(Duration::from_millis(200));
+    let pid = app.pid().to_string();
+    let out = run_memleak(&args(&["-p", &pid, "-v", "1", "3"]), Duration::from_secs(30));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
+    for function in ["malloc", "free"] {
+        assert!(stderr.contains(&format!("memleak:   {function} at file offset 0x")), "{stderr}");
+    }
+    // Reports 1 and 2 come on ticks; the third is the last, at exit.
+    let reports = parse_reports(&stdout);
+    for (n, report) in reports.iter().take(2).enumerate() {
+        let prefix = format!("memleak: report {} took ", n + 1);
+        let line = stderr.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{stderr}"));
+        let (secs, read) = line[prefix.len()..].split_once(" s (").expect(line);
+        assert!(secs.parse::<f64>().is_ok_and(|s| s > 0.0 && s < 1.0), "{line}");
+        let read: u64 = read.split_whitespace().next().unwrap().parse().expect(line);
+        // Every outstanding block is read, old enough to count or not.
+        let counted: u64 = report.stacks.iter().map(|s| s.count).sum();
+        assert!(read >= counted && counted > 0, "{line}\n{stdout}");
+    }
+}

@@ -153,7 +153,11 @@ fn preload(ebpf: &mut Ebpf, floor: Option<Floor>) -> anyhow::Result<()> {
     }
     names.sort_unstable();
     names.dedup();
-    loader::preload(ebpf, &names)
+    loader::preload(ebpf, &names)?;
+    if floor.is_none() {
+        loader::chain_unmap(ebpf)?;
+    }
+    Ok(())
 }
 
 /// Where a hook's entry probe goes. A return probe is placed by the kernel

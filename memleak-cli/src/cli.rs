@@ -300,5 +300,9 @@ mod tests {
             assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}: {err}");
         }
         parse(&["--percpu", "--top-procs", "3", "10"]).unwrap().validate().unwrap();
+        // The bench's empty programs go on one process only.
+        parse(&["-p", "7", "--floor", "naive"]).unwrap().validate().unwrap();
+        let err = parse(&["--floor", "placed"]).unwrap().validate().unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8);
     }
 }

@@ -49,7 +49,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
     let self_tgid = std::process::id();
     let trace = u32::from(config.trace);
     let combined = config.max_stacks.saturating_mul(4).max(1024);
-    let mut ebpf = EbpfLoader::new()
+    let ebpf = EbpfLoader::new()
         .override_global(globals::MIN_SIZE, &config.min_size, true)
         .override_global(globals::MAX_SIZE, &config.max_size, true)
         .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
@@ -63,13 +63,13 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .map_max_entries(maps::COMBINED, combined)
         .load(PROGRAMS)
         .map_err(load_error)?;
-    chain_unmap(&mut ebpf)?;
     Ok(ebpf)
 }
 
 /// The munmap program runs once per followed mapping a munmap cuts, by
-/// tail-calling itself through UNMAP_AGAIN: put it there.
-fn chain_unmap(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+/// tail-calling itself through UNMAP_AGAIN: put it there (before it is
+/// attached).
+pub fn chain_unmap(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let (name, _) = Shape::Munmap.programs();
     let fd = uprobe(ebpf, name)?.fd()?.try_clone().context("duplicating the munmap program's fd")?;
     let map = ebpf.map_mut(maps::UNMAP_AGAIN).context("map UNMAP_AGAIN missing")?;

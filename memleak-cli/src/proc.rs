@@ -13,25 +13,29 @@ use anyhow::Context as _;
 use crate::error::{Kind, user_error};
 
 /// The traced process, as it was when tracing started.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Target {
     pub pid: u32,
     pub comm: String,
-    /// Start time (clock ticks after boot): tells this process from a later
-    /// one that reuses its PID.
-    pub start_time: u64,
+    /// /proc/PID, as opened when it was read: reads through it fail once
+    /// that process is gone, even if its PID names another one by then
+    /// (the start time in /proc/PID/stat counts 10 ms ticks: two processes
+    /// can share one). None for a command memleak starts itself.
+    pub dir: Option<fs::File>,
 }
 
 impl Target {
     /// Checks that `pid` names a user process we can trace.
     pub fn open(pid: u32) -> anyhow::Result<Self> {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
+        let not_found = |e: io::Error| {
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
                 user_error(Kind::NoProcess, format!("no process with PID {pid}"))
             } else {
                 anyhow::Error::new(e).context(format!("reading /proc/{pid}/stat"))
             }
-        })?;
+        };
+        let dir = fs::File::open(format!("/proc/{pid}")).map_err(not_found)?;
+        let stat = read_at(&dir, c"stat").map_err(not_found)?;
         let stat = Stat::parse(&stat)
             .ok_or_else(|| anyhow::anyhow!("cannot parse /proc/{pid}/stat"))?;
         if stat.is_kernel_thread() {
@@ -40,20 +44,21 @@ impl Target {
                 format!("PID {pid} ({}) is a kernel thread: it has no user-space allocator to trace", stat.comm),
             ));
         }
-        Ok(Self { pid, comm: stat.comm, start_time: stat.start_time })
+        Ok(Self { pid, comm: stat.comm, dir: Some(dir) })
     }
 
-    /// Fails if `pid` now names another process than the one opened (it
-    /// exited and the PID was reused), or none.
+    /// Fails if the process opened is gone: its PID names another process
+    /// now (it exited and the PID was reused), or none.
     pub fn check_same(&self) -> anyhow::Result<()> {
-        let now = Self::open(self.pid)?;
-        if now.start_time != self.start_time {
-            return Err(user_error(
-                Kind::NoProcess,
-                format!("process {} ({}) exited and its PID now names another process ({})", self.pid, self.comm, now.comm),
-            ));
+        let Some(dir) = &self.dir else { return Ok(()) };
+        if read_at(dir, c"stat").is_ok() {
+            return Ok(());
         }
-        Ok(())
+        let gone = format!("process {} ({}) exited", self.pid, self.comm);
+        Err(match Self::open(self.pid) {
+            Ok(now) => user_error(Kind::NoProcess, format!("{gone} and its PID now names another process ({})", now.comm)),
+            Err(_) => user_error(Kind::NoProcess, gone),
+        })
     }
 
     /// The process's mappings now.
@@ -67,6 +72,20 @@ impl Target {
         })?;
         Ok(parse_maps(&text))
     }
+}
+
+/// Reads the file `name` in the directory `dir`.
+fn read_at(dir: &fs::File, name: &std::ffi::CStr) -> io::Result<String> {
+    // SAFETY: openat with a valid directory fd and a NUL-terminated name.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned by nothing else.
+    let mut file = unsafe { fs::File::from_raw_fd(fd) };
+    let mut text = String::new();
+    io::Read::read_to_string(&mut file, &mut text)?;
+    Ok(text)
 }
 
 /// A host path to the file behind `mapping` of process `pid`: through
@@ -268,9 +287,16 @@ garbage line
         let me = Target::open(std::process::id()).unwrap();
         assert!(me.maps().unwrap().iter().any(Mapping::is_file));
         me.check_same().unwrap();
-        let reused = Target { start_time: me.start_time + 1, ..me.clone() };
-        let err = reused.check_same().unwrap_err();
-        assert!(err.to_string().contains("now names another process"), "{err}");
+        // A process that exited (and was reaped) is gone, whatever its PID
+        // names by now.
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let opened = Target::open(child.id()).unwrap();
+        opened.check_same().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = opened.check_same().unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), Kind::NoProcess as u8);
+        assert!(err.to_string().starts_with(&format!("process {} (sleep) exited", child.id())), "{err}");
         let err = Target::open(u32::MAX - 1).unwrap_err();
         assert_eq!(crate::error::exit_code(&err), Kind::NoProcess as u8);
         let err = Target::open(2).unwrap_err(); // kthreadd

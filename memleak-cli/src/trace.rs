@@ -90,7 +90,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
         Some(obj) => obj.clone(),
         None => own_libc()?,
     };
-    let target = Target { pid, comm: argv[0].clone(), start_time: 0 };
+    let target = Target { pid, comm: argv[0].clone(), dir: None };
     let attached = attach::attach_file(&mut ebpf, &obj, NonZeroU32::new(pid).expect("child pid"))?;
     verbose(args, &attached);
     let recorded = Recorded::take(&mut ebpf)?;
