@@ -9,7 +9,6 @@
 //! (`read_split`).
 
 use std::{
-    collections::HashSet,
     io,
     mem::size_of,
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -158,15 +157,15 @@ pub fn read_split<S: Send>(
     let mut ranges = ranges.into_iter().collect::<io::Result<Vec<_>>>()?;
     for i in 0..ranges.len() - 1 {
         let Some(held) = ranges[i].held.take() else { continue };
-        let next = &ranges[i + 1];
+        let (this, next) = ranges.split_at_mut(i + 1);
+        let next = &next[0];
         if held.next > next.covered {
             return Ok(None);
         }
-        let seen = next.first_keys.clone();
-        let sink = &mut ranges[i].sink;
+        let seen: Vec<&[u8]> = next.first_keys.chunks_exact(key_size).collect();
         for (k, v) in held.keys.chunks_exact(key_size).zip(held.values.chunks_exact(value_size)) {
-            if !seen.contains(k) {
-                add(sink, k, v);
+            if seen.binary_search(&k).is_err() {
+                add(&mut this[i].sink, k, v);
             }
         }
     }
@@ -178,9 +177,9 @@ struct Range<S> {
     sink: S,
     /// The call that ran past the range's end, not yet added.
     held: Option<Held>,
-    /// Keys read by the first two calls (ranges after the first), and the
-    /// bucket those calls reached.
-    first_keys: HashSet<Vec<u8>>,
+    /// Keys read by the first two calls (ranges after the first), sorted
+    /// and back to back, and the bucket those calls reached.
+    first_keys: Vec<u8>,
     covered: u32,
 }
 
@@ -202,12 +201,12 @@ fn read_range<S>(
     add: &(impl Fn(&mut S, &[u8], &[u8]) + Sync),
 ) -> io::Result<Range<S>> {
     let mut reader = BatchReader::new(key_size, value_size);
-    let (mut held, mut first_keys, mut covered) = (None, HashSet::new(), start);
+    let (mut held, mut first_keys, mut covered) = (None, Vec::new(), start);
     let mut from = start;
     for calls in 0.. {
         let call = reader.call(fd, from)?;
         if remember_first && calls < 2 {
-            first_keys.extend(reader.entries(call.n).map(|(k, _)| k.to_vec()));
+            first_keys.extend_from_slice(&reader.keys[..call.n * key_size]);
             covered = call.next;
         }
         if end.is_some_and(|end| call.next > end) {
@@ -225,6 +224,9 @@ fn read_range<S>(
         }
         from = call.next;
     }
+    let mut keys: Vec<&[u8]> = first_keys.chunks_exact(key_size).collect();
+    keys.sort_unstable();
+    let first_keys = keys.concat();
     Ok(Range { sink, held, first_keys, covered })
 }
 

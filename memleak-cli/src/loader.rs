@@ -22,6 +22,8 @@ pub struct Config {
     pub trace: bool,
     pub max_allocs: u32,
     pub max_stacks: u32,
+    /// Entries of the per-(process, stack) totals.
+    pub max_combined: u32,
     /// Tracepoint field offsets (kernel tracing only).
     pub field_offsets: [u32; FIELD_COUNT],
     /// Kernel text whose allocations are not traced (kernel tracing only).
@@ -37,6 +39,12 @@ impl Config {
             trace: args.trace,
             max_allocs: args.max_allocs,
             max_stacks: args.max_stacks,
+            // One process has each stack once, plus the blocks without one;
+            // system-wide, processes share stacks (of libc, say).
+            max_combined: match args.mode() {
+                crate::cli::Mode::System { .. } => args.max_stacks.saturating_mul(4).max(1024),
+                _ => args.max_stacks.saturating_add(1),
+            },
             field_offsets: [0; FIELD_COUNT],
             skip_caller: [0; 2],
         }
@@ -48,7 +56,6 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
     let self_tgid = std::process::id();
     let trace = u32::from(config.trace);
-    let combined = config.max_stacks.saturating_mul(4).max(1024);
     let ebpf = EbpfLoader::new()
         .override_global(globals::MIN_SIZE, &config.min_size, true)
         .override_global(globals::MAX_SIZE, &config.max_size, true)
@@ -60,7 +67,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::SKIP_CALLER, &config.skip_caller, true)
         .map_max_entries(maps::ALLOCS, config.max_allocs)
         .map_max_entries(maps::STACKS, config.max_stacks)
-        .map_max_entries(maps::COMBINED, combined)
+        .map_max_entries(maps::COMBINED, config.max_combined)
         .load(PROGRAMS)
         .map_err(load_error)?;
     Ok(ebpf)

@@ -44,8 +44,9 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub fn new(now_ns: u64, min_age_ns: u64, keep_blocks: bool) -> Self {
-        Self { now_ns, min_age_ns, keep_blocks, totals: FastMap::default() }
+    /// `stacks`: how many stacks to make room for at once.
+    pub fn new(now_ns: u64, min_age_ns: u64, keep_blocks: bool, stacks: usize) -> Self {
+        Self { now_ns, min_age_ns, keep_blocks, totals: FastMap::with_capacity_and_hasher(stacks, Default::default()) }
     }
 
     pub fn add(&mut self, key: AllocKey, info: AllocInfo) {
@@ -89,13 +90,13 @@ impl Aggregator {
         }
     }
 
-    /// The stacks, biggest first, their blocks by address.
+    /// The stacks, in no order (a report sorts them by `--sort`), their
+    /// blocks by address.
     pub fn finish(self) -> Vec<StackTotal> {
         let mut totals: Vec<StackTotal> = self.totals.into_values().collect();
         for t in &mut totals {
             t.blocks.sort_unstable_by_key(|b| b.addr);
         }
-        sort(&mut totals);
         totals
     }
 }
@@ -108,14 +109,16 @@ pub fn by_stack(
     min_age_ns: u64,
     keep_blocks: bool,
 ) -> Vec<StackTotal> {
-    let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks);
+    let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks, 0);
     allocs.into_iter().for_each(|(key, info)| aggregator.add(key, info));
-    aggregator.finish()
+    let mut totals = aggregator.finish();
+    sort(&mut totals);
+    totals
 }
 
-/// The kernel's per-stack totals (--combined-only), biggest first.
+/// The kernel's per-stack totals (--combined-only), in no order.
 pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAlloc)>) -> Vec<StackTotal> {
-    let mut totals: Vec<StackTotal> = entries
+    entries
         .into_iter()
         .filter(|(_, c)| c.count != 0)
         .map(|(k, c)| StackTotal {
@@ -126,11 +129,11 @@ pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAll
             blocks: Vec::new(),
             oldest_ns: None,
         })
-        .collect();
-    sort(&mut totals);
-    totals
+        .collect()
 }
 
+/// Biggest first (tests; reports sort by `--sort`).
+#[cfg(test)]
 fn sort(totals: &mut [StackTotal]) {
     totals.sort_unstable_by(|a, b| {
         (b.bytes, b.count).cmp(&(a.bytes, a.count)).then((a.tgid, a.stack_id).cmp(&(b.tgid, b.stack_id)))
@@ -299,13 +302,14 @@ mod tests {
     }
 
     #[test]
-    fn combined_drops_empty_stacks_and_sorts() {
+    fn combined_drops_empty_stacks() {
         let k = |s| CombinedKey { tgid: 1, _pad: 0, stack_id: s };
-        let totals = from_combined([
+        let mut totals = from_combined([
             (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1 }),
             (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4 }),
             (k(3), CombinedAlloc { total_size: 30, count: 3, allocs: 3 }),
         ]);
+        sort(&mut totals);
         assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [3, 1]);
     }
 
@@ -391,13 +395,15 @@ mod properties {
             let now = 2000;
             let totals = by_stack(unique.clone(), now, min_age, true);
             // Read in two parts (as on two CPUs) and merged: the same totals.
-            let mut halves = [Aggregator::new(now, min_age, true), Aggregator::new(now, min_age, true)];
+            let mut halves = [Aggregator::new(now, min_age, true, 0), Aggregator::new(now, min_age, true, 4)];
             for (i, (key, info)) in unique.iter().enumerate() {
                 halves[i % 2].add(*key, *info);
             }
             let [mut merged, second] = halves;
             merged.merge(second);
-            prop_assert_eq!(merged.finish(), totals.clone());
+            let mut merged = merged.finish();
+            sort(&mut merged);
+            prop_assert_eq!(merged, totals.clone());
             let lean = by_stack(unique.clone(), now, min_age, false);
             prop_assert!(lean.iter().all(|t| t.blocks.is_empty()));
             prop_assert_eq!(lean.iter().map(|t| (t.tgid, t.stack_id, t.bytes, t.count)).collect::<Vec<_>>(),

@@ -96,15 +96,17 @@ impl Reporter {
             report::from_combined(combined.iter().copied())
         } else {
             // JSON lists blocks with -a too.
-            let (min_age_ns, show_allocs) = (self.min_age_ns, self.show_allocs);
-            let parts = self.recorded.allocations_into(
-                || (report::Aggregator::new(now, min_age_ns, show_allocs), 0),
+            // As many stacks as last time, most likely: no table regrown by doubling.
+            let (min_age_ns, show_allocs, stacks) = (self.min_age_ns, self.show_allocs, self.last.len());
+            let mut parts = self.recorded.allocations_into(
+                || (report::Aggregator::new(now, min_age_ns, show_allocs, stacks), 0),
                 |(aggregator, n), key, info| {
                     *n += 1;
                     aggregator.add(key, info)
                 },
             );
-            let mut all = report::Aggregator::new(now, min_age_ns, show_allocs);
+            let (mut all, n) = parts.remove(0);
+            read += n;
             for (aggregator, n) in parts {
                 read += n;
                 all.merge(aggregator);
