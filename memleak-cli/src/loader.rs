@@ -162,20 +162,22 @@ fn raise_memlock_limit() {
 /// verifier is the biggest part of the time to attach. Programs loaded
 /// already are skipped.
 pub fn preload(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
-    let mut programs: Vec<(&str, &mut aya::programs::UProbe)> = ebpf
+    let programs: Vec<(&str, &mut aya::programs::UProbe)> = ebpf
         .programs_mut()
         .filter(|(name, _)| names.contains(name))
         .filter_map(|(name, program)| <&mut aya::programs::UProbe>::try_from(program).ok().map(|p| (name, p)))
         .filter(|(_, program)| program.fd().is_err())
         .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(programs.len().max(1));
-    let per_thread = programs.len().div_ceil(threads).max(1);
+    // Each thread takes the next program when done with one: their
+    // verification times differ tenfold.
+    let queue = std::sync::Mutex::new(programs);
+    let next = || queue.lock().expect("program queue").pop();
     std::thread::scope(|scope| {
-        let loads: Vec<_> = programs
-            .chunks_mut(per_thread)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    for (name, program) in chunk {
+        let loads: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    while let Some((name, program)) = next() {
                         program.load().with_context(|| format!("loading program {name}"))?;
                     }
                     anyhow::Ok(())
