@@ -144,7 +144,8 @@ fn programs(shape: Shape, floor: Option<Floor>) -> (&'static str, Option<&'stati
 }
 
 /// Loads every program the hooks may run, on all CPUs at once, before
-/// the hooks are attached one by one.
+/// the hooks are attached one by one (system-wide: before each rescan,
+/// where there is nothing left to load).
 fn preload(ebpf: &mut Ebpf, floor: Option<Floor>) -> anyhow::Result<()> {
     let mut names: Vec<&str> = vec![];
     for (_, shape) in C_API.iter().chain(CXX_API) {
@@ -153,8 +154,7 @@ fn preload(ebpf: &mut Ebpf, floor: Option<Floor>) -> anyhow::Result<()> {
     }
     names.sort_unstable();
     names.dedup();
-    loader::preload(ebpf, &names)?;
-    if floor.is_none() {
+    if loader::preload(ebpf, &names)? > 0 && floor.is_none() {
         loader::chain_unmap(ebpf)?;
     }
     Ok(())

@@ -56,7 +56,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
     let self_tgid = std::process::id();
     let trace = u32::from(config.trace);
-    let ebpf = EbpfLoader::new()
+    EbpfLoader::new()
         .override_global(globals::MIN_SIZE, &config.min_size, true)
         .override_global(globals::MAX_SIZE, &config.max_size, true)
         .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
@@ -69,8 +69,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .map_max_entries(maps::STACKS, config.max_stacks)
         .map_max_entries(maps::COMBINED, config.max_combined)
         .load(PROGRAMS)
-        .map_err(load_error)?;
-    Ok(ebpf)
+        .map_err(load_error)
 }
 
 /// The munmap program runs once per followed mapping a munmap cuts, by
@@ -160,15 +159,16 @@ fn raise_memlock_limit() {
 
 /// Loads these uprobe programs into the kernel, on every CPU at once: the
 /// verifier is the biggest part of the time to attach. Programs loaded
-/// already are skipped.
-pub fn preload(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
+/// already are skipped; returns how many were loaded now.
+pub fn preload(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<usize> {
     let programs: Vec<(&str, &mut aya::programs::UProbe)> = ebpf
         .programs_mut()
         .filter(|(name, _)| names.contains(name))
         .filter_map(|(name, program)| <&mut aya::programs::UProbe>::try_from(program).ok().map(|p| (name, p)))
         .filter(|(_, program)| program.fd().is_err())
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(programs.len().max(1));
+    let loading = programs.len();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(loading.max(1));
     // Each thread takes the next program when done with one: their
     // verification times differ tenfold.
     let queue = std::sync::Mutex::new(programs);
@@ -185,7 +185,8 @@ pub fn preload(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
             })
             .collect();
         loads.into_iter().try_for_each(|load| load.join().expect("program loader thread panicked"))
-    })
+    })?;
+    Ok(loading)
 }
 
 /// Loads one program into the kernel, by name, for attaching.

@@ -203,7 +203,6 @@ fn stack_id(fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
         count(Stat::StackLost);
         return NO_STACK;
     }
-    stack.len = depth as u64;
     // 64-bit multiplicative hash of the frames: no collisions in practice,
     // unlike a stack-trace map's bucket index.
     let mut hash = 0x9e37_79b9_7f4a_7c15u64 ^ depth as u64;
