@@ -6,7 +6,7 @@ use std::{collections::HashMap as StdHashMap, io, mem::size_of, os::fd::AsFd as 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, IterableMap as _, MapData, PerCpuArray},
 };
 use crate::batch::{self, BatchReader};
 use memleak_common::{
@@ -19,7 +19,7 @@ const SPLIT_BUCKETS: u32 = 1 << 16;
 
 pub struct Recorded {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
-    combined: PerCpuHashMap<MapData, CombinedKey, CombinedAlloc>,
+    combined: HashMap<MapData, CombinedKey, CombinedAlloc>,
     stacks: HashMap<MapData, u64, Stack>,
     stats: PerCpuArray<MapData, u64>,
     regions: HashMap<MapData, RegionKey, Region>,
@@ -33,19 +33,17 @@ impl Recorded {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
         let allocs: HashMap<MapData, AllocKey, AllocInfo> = HashMap::try_from(take(maps::ALLOCS)?)?;
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         // The kernel gives a hash map a power of two of buckets.
         let allocs_buckets = allocs.map().info()?.max_entries().next_power_of_two();
         Ok(Self {
             allocs,
             allocs_buckets,
-            combined: PerCpuHashMap::try_from(take(maps::COMBINED)?)?,
+            combined: HashMap::try_from(take(maps::COMBINED)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             stats: PerCpuArray::try_from(take(maps::STATS)?)?,
             regions: HashMap::try_from(take(maps::REGIONS)?)?,
             allocs_reader: BatchReader::new(size_of::<AllocKey>(), size_of::<AllocInfo>()),
-            // A per-CPU map's value comes as one copy per possible CPU.
-            combined_reader: BatchReader::new(size_of::<CombinedKey>(), size_of::<CombinedAlloc>() * cpus),
+            combined_reader: BatchReader::new(size_of::<CombinedKey>(), size_of::<CombinedAlloc>()),
         })
     }
 
@@ -94,28 +92,11 @@ impl Recorded {
         }
     }
 
-    /// The kernel's running totals per (process, stack), summed over CPUs.
+    /// The kernel's running totals per (process, stack).
     pub fn combined(&mut self) -> Vec<(CombinedKey, CombinedAlloc)> {
         let mut all = Vec::new();
-        let sum = |copies: &[u8]| {
-            copies.chunks_exact(size_of::<CombinedAlloc>()).map(batch::read).fold(CombinedAlloc::default(), add_copy)
-        };
-        let fd = self.combined.map().fd().as_fd();
-        match self.combined_reader.for_each(fd, |k, v| all.push((batch::read(k), sum(v)))) {
-            Ok(_) => return all,
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
-            Err(e) => {
-                eprintln!("warning: reading the per-stack totals: {e}");
-                return all;
-            }
-        }
-        // One entry at a time; a walk that loses its place starts over:
-        // keep each key once.
-        let mut seen: StdHashMap<CombinedKey, CombinedAlloc> = StdHashMap::new();
-        for (key, copies) in self.combined.iter().filter_map(Result::ok) {
-            seen.insert(key, copies.iter().copied().fold(CombinedAlloc::default(), add_copy));
-        }
-        seen.into_iter().collect()
+        for_each(&self.combined, &mut self.combined_reader, "the per-stack totals", |k, v| all.push((k, v)));
+        all
     }
 
     /// Return addresses of a stack, innermost first (empty if it is gone).
@@ -163,16 +144,6 @@ where
     seen.into_iter().for_each(|(k, v)| f(k, v));
 }
 
-/// Adds one CPU's copy of a stack's totals. Wrapping: a copy may be "below
-/// zero" (blocks freed on another CPU than they were allocated on).
-fn add_copy(sum: CombinedAlloc, copy: CombinedAlloc) -> CombinedAlloc {
-    CombinedAlloc {
-        total_size: sum.total_size.wrapping_add(copy.total_size),
-        count: sum.count.wrapping_add(copy.count),
-        allocs: sum.allocs.wrapping_add(copy.allocs),
-    }
-}
-
 /// The keys of a map that belong to these processes.
 fn of_processes<K>(
     keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
@@ -210,15 +181,6 @@ mod tests {
     use memleak_common::MAX_REGIONS;
 
     use super::*;
-
-    #[test]
-    fn per_cpu_copies_sum_through_zero() {
-        // Allocated on one CPU, freed on the other: 0 outstanding, 1 alloc.
-        let on_first = CombinedAlloc { total_size: 100, count: 1, allocs: 1 };
-        let on_second = CombinedAlloc { total_size: 100u64.wrapping_neg(), count: u64::MAX, allocs: 0 };
-        let sum = [on_first, on_second].into_iter().fold(CombinedAlloc::default(), add_copy);
-        assert_eq!(sum, CombinedAlloc { total_size: 0, count: 0, allocs: 1 });
-    }
 
     #[test]
     fn warns_only_about_growth() {

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
+    maps::{HashMap, PerCpuArray, ProgramArray},
 };
 use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack,
@@ -15,12 +15,12 @@ use memleak_common::{
 pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
     HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
-/// Outstanding totals per (tgid, stack), for `--combined-only`, one copy
-/// per CPU: threads allocating from one hot call site on several CPUs
-/// would otherwise bounce its cache line at every atomic add.
+/// Outstanding totals per (tgid, stack), for `--combined-only`. Not per
+/// CPU: per-CPU elements come from a cache that runs dry in BPF context
+/// under load (thousands of updates lost per second system-wide).
 #[map]
-pub static COMBINED: PerCpuHashMap<CombinedKey, CombinedAlloc> =
-    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+pub static COMBINED: HashMap<CombinedKey, CombinedAlloc> =
+    HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
 /// User stacks, by the hash of their frames.
 #[map]

@@ -352,11 +352,8 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) -> bool {
     false
 }
 
-/// Adds (or removes) one block to its stack's totals, in this CPU's copy
-/// (a block freed on another CPU than it was allocated on leaves one copy
-/// below zero: only the sum means something). Atomically: a uprobe's
-/// program can be preempted, and another on the same CPU must not lose
-/// its update.
+/// Adds (or removes) one block to its stack's totals, atomically: threads
+/// allocating from the same stack on several CPUs must not lose updates.
 /// `new` also counts it in the stack's allocations since attach.
 #[inline(always)]
 fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
