@@ -79,7 +79,7 @@ pub struct Pending {
     /// Allocator calls nested inside this one (memalign calling malloc):
     /// the outermost call owns the allocation and the caller's stack.
     pub depth: u32,
-    /// [`PENDING_RECORD`] and [`PENDING_HAS_OLD`].
+    /// [`PENDING_ACTIVE`], [`PENDING_RECORD`] and [`PENDING_HAS_OLD`].
     pub flags: u32,
 }
 
@@ -109,6 +109,8 @@ pub const MAX_REGIONS: u32 = 32;
 
 /// The request passed the size filters and sampling: record its block.
 pub const PENDING_RECORD: u32 = 1;
+/// An entry waits for its return (the per-thread value outlives the call).
+pub const PENDING_ACTIVE: u32 = 4;
 /// `Pending::old` holds realloc's old block, taken out of the maps at entry.
 pub const PENDING_HAS_OLD: u32 = 2;
 
@@ -157,7 +159,8 @@ pub enum Stat {
     StackLost = 1,
     /// `COMBINED` was full: `--combined-only` totals miss the allocation.
     CombinedMapFull = 2,
-    /// `PENDING` (or `MMAP_PENDING`) was full: the call was not seen returning.
+    /// No room to note a call for its return: the kernel could not allocate
+    /// a thread's `PENDING` value, or `MMAP_PENDING` was full.
     PendingMapFull = 3,
     /// A process had [`MAX_REGIONS`] direct mappings followed already: a
     /// munmap of this one's tail or middle is not seen (its head is).

@@ -14,6 +14,7 @@ mod kernel;
 mod maps;
 mod record;
 mod regions;
+mod task_storage;
 mod unwind;
 
 use aya_ebpf::{

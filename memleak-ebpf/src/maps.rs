@@ -3,9 +3,10 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    macros::{btf_map, map},
     maps::{HashMap, PerCpuArray, ProgramArray},
 };
+use crate::task_storage::TaskStorage;
 use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack,
 };
@@ -26,13 +27,18 @@ pub static COMBINED: HashMap<CombinedKey, CombinedAlloc> =
 #[map]
 pub static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 14, BPF_F_NO_PREALLOC);
 
+/// Stacks known to be in STACKS, per CPU, by the top bits of their id.
+#[map]
+pub static KNOWN_STACKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1 << KNOWN_STACK_BITS, 0);
+pub const KNOWN_STACK_BITS: u32 = 8;
+
 /// Where bpf_get_stack writes, per CPU (a stack is too big for the BPF stack).
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
-/// Allocator calls under way, per thread (pid_tgid).
-#[map]
-pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0);
+/// The allocator call under way, per thread (see `task_storage`).
+#[btf_map]
+pub static PENDING: TaskStorage<Pending> = TaskStorage::new();
 
 /// mmap calls under way, per thread: apart from PENDING so that a malloc
 /// calling mmap does not clobber the malloc's pending size.

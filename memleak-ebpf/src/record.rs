@@ -1,6 +1,9 @@
 //! What the probes do, shared by every allocator hook.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr,
+};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -11,14 +14,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use memleak_common::{
-    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_HAS_OLD,
-    PENDING_RECORD, Pending, Region, Stack, Stat,
+    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_ACTIVE,
+    PENDING_HAS_OLD, PENDING_RECORD, Pending, Region, Stack, Stat,
 };
 
 use crate::{
     config, regions,
     unwind::user_stack,
-    maps::{ALLOCS, COMBINED, MMAP_PENDING, PENDING, STACK_SCRATCH, STACKS, STATS},
+    maps::{ALLOCS, COMBINED, KNOWN_STACK_BITS, KNOWN_STACKS, MMAP_PENDING, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
 /// An entry whose return did not come within this long is stale (its thread
@@ -59,86 +62,73 @@ pub fn enter(size: u64, memptr: u64, old_addr: u64) {
     if is_self(pid_tgid) {
         return;
     }
-    let traced = size >= config::min_size() && size <= config::max_size() && sampled();
+    let entered_ns = now();
+    let traced = size >= config::min_size() && size <= config::max_size() && sampled(entered_ns);
     // A request filtered out still needs its return seen if it is a realloc
     // that gives up a tracked block: a failed realloc restores it.
     if !traced && old_addr == 0 {
         return;
     }
-    let pending = Pending {
-        size,
-        memptr,
-        old_addr,
-        old: AllocInfo::default(),
-        entered_ns: now(),
-        depth: 0,
-        flags: if traced { PENDING_RECORD } else { 0 },
+    let Some(pending) = PENDING.current_or_new() else {
+        count(Stat::PendingMapFull);
+        return;
     };
-    // One map operation in the common case: the insert fails only inside
-    // another allocator call (memalign -> malloc), whose entry is the outer
-    // call's, or over an entry whose return never came.
-    match PENDING.insert(&pid_tgid, &pending, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        Err(EEXIST) => {
-            let Some(outer) = PENDING.get_ptr_mut(&pid_tgid) else {
-                return;
-            };
-            let outer = unsafe { &mut *outer };
-            if pending.entered_ns.wrapping_sub(outer.entered_ns) < STALE_NS {
-                // The outer call records the block, with the caller's stack.
-                outer.depth += 1;
-                return;
-            }
-            *outer = pending;
-        }
-        Err(_) => {
-            count(Stat::PendingMapFull);
-            return;
-        }
+    if pending.flags & PENDING_ACTIVE != 0 && entered_ns.wrapping_sub(pending.entered_ns) < STALE_NS {
+        // Inside another allocator call (memalign -> malloc): the outer
+        // call records the block, with the caller's stack. An older entry
+        // is one whose return never came (a longjmp out of a signal
+        // handler): this call replaces it.
+        pending.depth += 1;
+        return;
     }
+    pending.size = size;
+    // Volatile: LLVM merges two zero stores into a call to a byte-by-byte
+    // memset subprogram, a fifth of this probe's time.
+    unsafe {
+        ptr::write_volatile(&mut pending.memptr, memptr);
+        ptr::write_volatile(&mut pending.old_addr, old_addr);
+    }
+    pending.entered_ns = entered_ns;
+    pending.depth = 0;
+    pending.flags = PENDING_ACTIVE | if traced { PENDING_RECORD } else { 0 };
     if old_addr == 0 {
         return;
     }
     // realloc gives up its old block now, before another thread can get the
     // same address back from the allocator; a failed realloc restores it.
-    let Some(entry) = PENDING.get_ptr_mut(&pid_tgid) else {
-        return;
-    };
     match take((pid_tgid >> 32) as u32, old_addr) {
-        Some(old) => unsafe {
-            (*entry).old = old;
-            (*entry).flags |= PENDING_HAS_OLD;
-        },
-        // Neither a block to record nor one to restore.
-        None if !traced => {
-            let _ = PENDING.remove(&pid_tgid);
+        Some(old) => {
+            pending.old = old;
+            pending.flags |= PENDING_HAS_OLD;
         }
+        // Neither a block to record nor one to restore.
+        None if !traced => pending.flags = 0,
         None => {}
     }
 }
 
 #[inline(always)]
-fn sampled() -> bool {
+fn sampled(now_ns: u64) -> bool {
     let every = config::sample_every();
-    every <= 1 || now() % every == 0
+    every <= 1 || now_ns % every == 0
 }
 
 /// Return of an allocator call: record the block `result` yields.
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
-    let pid_tgid = thread_id();
-    let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) else {
+    let Some(pending) = PENDING.current() else {
         return;
     };
-    let pending = unsafe { &mut *pending };
+    if pending.flags & PENDING_ACTIVE == 0 {
+        return;
+    }
     if pending.depth > 0 {
         pending.depth -= 1;
         return;
     }
-    let pending = *pending;
-    let _ = PENDING.remove(&pid_tgid);
-    let tgid = (pid_tgid >> 32) as u32;
-    let addr = result(&pending);
+    pending.flags &= !PENDING_ACTIVE;
+    let tgid = (thread_id() >> 32) as u32;
+    let addr = result(pending);
     if addr == 0 {
         // Failed, or realloc(ptr, 0) which freed ptr. A failed realloc with a
         // non-zero size leaves the old block allocated.
@@ -150,7 +140,8 @@ pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
     if pending.flags & PENDING_RECORD == 0 {
         return;
     }
-    record(ctx, tgid, addr, pending.size);
+    // The entry's time: one clock read per call.
+    record(ctx, tgid, addr, pending.size, pending.entered_ns);
 }
 
 /// mmap entry, unless inside an allocator call (then the allocator's block
@@ -158,10 +149,10 @@ pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
 #[inline(always)]
 pub fn enter_mmap(len: u64) {
     let pid_tgid = thread_id();
-    if is_self(pid_tgid) || PENDING.get_ptr(&pid_tgid).is_some() {
+    if is_self(pid_tgid) || PENDING.current().is_some_and(|p| p.flags & PENDING_ACTIVE != 0) {
         return;
     }
-    if len < config::min_size() || len > config::max_size() || !sampled() {
+    if len < config::min_size() || len > config::max_size() || !sampled(now()) {
         return;
     }
     if MMAP_PENDING.insert(&pid_tgid, &len, BPF_ANY as u64).is_err() {
@@ -181,7 +172,7 @@ pub fn exit_mmap(ctx: &RetProbeContext, addr: u64) {
         return;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    if let Some(timestamp_ns) = record(ctx, tgid, addr, len) {
+    if let Some(timestamp_ns) = record(ctx, tgid, addr, len, now()) {
         regions::follow(tgid, Region { start: addr, timestamp_ns });
     }
 }
@@ -210,6 +201,14 @@ fn stack_id(fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
         hash = (hash.rotate_left(23) ^ ip).wrapping_mul(0xff51_afd7_ed55_8ccd);
     }
     let id = if hash == NO_STACK { 1 } else { hash };
+    // Nothing removes a stack from STACKS, so one this CPU stored or found
+    // there lately needs no lookup (an array slot, by the hash's top bits).
+    let known = KNOWN_STACKS.get_ptr_mut((id >> (64 - KNOWN_STACK_BITS)) as u32);
+    if let Some(known) = known
+        && unsafe { *known } == id
+    {
+        return id;
+    }
     if STACKS.get_ptr(&id).is_none() {
         match STACKS.insert(&id, stack, BPF_NOEXIST as u64) {
             Ok(()) | Err(EEXIST) => {}
@@ -218,6 +217,9 @@ fn stack_id(fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
                 return NO_STACK;
             }
         }
+    }
+    if let Some(known) = known {
+        unsafe { *known = id };
     }
     id
 }
@@ -243,10 +245,10 @@ fn kernel_stack_id<C: EbpfContext>(ctx: &C) -> u64 {
 
 /// Records a new block with the caller's stack; its timestamp if tracked.
 #[inline(always)]
-fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) -> Option<u64> {
+fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64, timestamp_ns: u64) -> Option<u64> {
     let info = AllocInfo {
         size,
-        timestamp_ns: now(),
+        timestamp_ns,
         stack_id: user_stack_id(ctx),
     };
     let stack_id = info.stack_id;
