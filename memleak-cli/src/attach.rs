@@ -14,7 +14,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, programs::uprobe::UProbeScope};
+use aya::{
+    Ebpf,
+    programs::{UProbe, uprobe::UProbeScope},
+};
 
 use crate::{
     cli::Floor,
@@ -37,42 +40,54 @@ pub struct Attached {
     pub functions: Vec<(&'static str, u64, Placement)>,
 }
 
-/// Attaches to the allocator objects of `target` (or `-O`'s).
+/// The probes for the allocator objects of `target` (or `-O`'s), worked
+/// out without the kernel: memleak does it while its programs load.
 /// `floor` (bench only) swaps every program for an empty one.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    target: &Target,
-    obj: Option<&Path>,
-    floor: Option<Floor>,
-) -> anyhow::Result<Vec<Attached>> {
+pub fn plan_target(target: &Target, obj: Option<&Path>, floor: Option<Floor>) -> anyhow::Result<TargetPlan> {
     let maps = target.maps()?;
-    preload(ebpf, floor)?;
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(target.pid).expect("pid is non-zero"));
-    let gone = |e: anyhow::Error| {
-        if Path::new(&format!("/proc/{}", target.pid)).exists() {
-            e
-        } else {
-            user_error(Kind::NoProcess, format!("process {} exited", target.pid))
-        }
-    };
     let host_path = |object: &str| match maps.iter().find(|m| m.path == object) {
         Some(mapping) => mapped_file(target.pid, mapping),
         None => PathBuf::from(object),
     };
+    let gone = |e| exited(target.pid, e);
+    let mut plans = vec![];
     if let Some(obj) = obj {
         let object = named_object(&maps, obj, target.pid)?;
-        let attached = probe_object(ebpf, &host_path(&object), &object, scope, true, floor).map_err(gone)?;
-        return Ok(vec![attached]);
+        plans.push(plan(&host_path(&object), &object, true, floor).map_err(gone)?);
+    } else {
+        let serving = serving_object(target.pid, &maps)?;
+        plans.push(plan(&host_path(&serving), &serving, true, floor).map_err(gone)?);
+        if !plans[0].attached.functions.iter().any(|(f, ..)| *f == "_Znwm")
+            && let Some(cxx) = maps.iter().find(|m| m.is_file() && is_cxx_runtime(m.module_name()))
+        {
+            plans.push(plan(&host_path(&cxx.path), &cxx.path, false, floor).map_err(gone)?);
+        }
     }
-    let serving = serving_object(target.pid, &maps)?;
-    let mut all = vec![probe_object(ebpf, &host_path(&serving), &serving, scope, true, floor).map_err(gone)?];
-    if !all[0].functions.iter().any(|(f, ..)| *f == "_Znwm")
-        && let Some(cxx) = maps.iter().find(|m| m.is_file() && is_cxx_runtime(m.module_name()))
-    {
-        let attached = probe_object(ebpf, &host_path(&cxx.path), &cxx.path, scope, false, floor).map_err(gone)?;
-        all.push(attached);
+    Ok(TargetPlan { pid: target.pid, plans, floor })
+}
+
+/// What `plan_target` worked out.
+pub struct TargetPlan {
+    pid: u32,
+    plans: Vec<Plan>,
+    floor: Option<Floor>,
+}
+
+/// Attaches the planned probes.
+pub fn attach(ebpf: &mut Ebpf, planned: TargetPlan) -> anyhow::Result<Vec<Attached>> {
+    let TargetPlan { pid, plans, floor } = planned;
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid is non-zero"));
+    attach_plans(ebpf, &plans, scope, floor).map_err(|e| exited(pid, e))?;
+    Ok(plans.into_iter().map(|plan| plan.attached).collect())
+}
+
+/// An error on a process that has exited since is that it exited.
+fn exited(pid: u32, e: anyhow::Error) -> anyhow::Error {
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        e
+    } else {
+        user_error(Kind::NoProcess, format!("process {pid} exited"))
     }
-    Ok(all)
 }
 
 /// Attaches every hook to the object at `path` (valid on the host) for
@@ -81,7 +96,6 @@ pub fn attach_file(ebpf: &mut Ebpf, path: &Path, pid: NonZeroU32) -> anyhow::Res
     if !path.exists() {
         return Err(user_error(Kind::Attach, format!("-O {}: no such file", path.display())));
     }
-    preload(ebpf, None)?;
     probe_object(ebpf, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, None)
 }
 
@@ -96,6 +110,20 @@ fn probe_object(
     serves_malloc: bool,
     floor: Option<Floor>,
 ) -> anyhow::Result<Attached> {
+    let plan = plan(host_path, object, serves_malloc, floor)?;
+    attach_plans(ebpf, std::slice::from_ref(&plan), scope, floor)?;
+    Ok(plan.attached)
+}
+
+/// One object's probes, worked out before any program is loaded.
+struct Plan {
+    attached: Attached,
+    /// (program, function, file offset) of each probe.
+    probes: Vec<(&'static str, &'static str, u64)>,
+}
+
+/// The probes for the hooks the object defines.
+fn plan(host_path: &Path, object: &str, serves_malloc: bool, floor: Option<Floor>) -> anyhow::Result<Plan> {
     let hooks: Vec<(&'static str, Shape)> =
         if serves_malloc { C_API.iter().chain(CXX_API).copied().collect() } else { CXX_API.to_vec() };
     let names: Vec<&str> = hooks.iter().map(|(f, _)| *f).collect();
@@ -108,7 +136,8 @@ fn probe_object(
             format!("{object} does not define {missing}: pass the allocator library with -O"),
         ));
     }
-    let mut attached = Attached { object: object.to_string(), host_path: host_path.to_path_buf(), functions: vec![] };
+    let attached = Attached { object: object.to_string(), host_path: host_path.to_path_buf(), functions: vec![] };
+    let mut plan = Plan { attached, probes: vec![] };
     // Aliases (memalign = aligned_alloc in glibc, malloc = tc_malloc) share
     // an offset: probing one twice would count every call twice.
     let mut seen: HashSet<u64> = HashSet::new();
@@ -123,15 +152,57 @@ fn probe_object(
             Some(Floor::Naive) => Placement { delta: 0, why: "entry (--floor naive)" },
             _ => place(shape, exit.is_some(), &code.code),
         };
-        let probes = [(entry, offset + placement.delta)].into_iter().chain(exit.map(|exit| (exit, offset)));
-        for (program, at) in probes {
-            loader::uprobe(ebpf, program)?.attach(at, host_path, scope).map_err(|e| {
-                user_error(Kind::Attach, format!("cannot probe {function} in {object}: {e:#}"))
-            })?;
-        }
-        attached.functions.push((function, offset, placement));
+        plan.probes.push((entry, function, offset + placement.delta));
+        plan.probes.extend(exit.map(|exit| (exit, function, offset)));
+        plan.attached.functions.push((function, offset, placement));
     }
-    Ok(attached)
+    Ok(plan)
+}
+
+/// Loads the programs the plans need and attaches each one's probes as
+/// soon as it is verified: the kernel's first uprobe registration waits
+/// for an RCU grace period (about 20 ms), which then passes while the
+/// larger programs are verified. The munmap program goes in last, once it
+/// is chained to itself (see `loader::chain_unmap`).
+fn attach_plans(ebpf: &mut Ebpf, plans: &[Plan], scope: UProbeScope, floor: Option<Floor>) -> anyhow::Result<()> {
+    let unmap = Shape::Munmap.programs().0;
+    let chained = floor.is_none();
+    let mut names: Vec<&str> = plans.iter().flat_map(|plan| plan.probes.iter().map(|&(program, ..)| program)).collect();
+    names.sort_by_key(|name| (load_order(name), *name));
+    names.dedup();
+    let attach_program = |name: &str, program: &mut UProbe| {
+        for plan in plans {
+            let object = &plan.attached.object;
+            for &(_, function, at) in plan.probes.iter().filter(|(p, ..)| *p == name) {
+                program.attach(at, &plan.attached.host_path, scope).map_err(|e| {
+                    user_error(Kind::Attach, format!("cannot probe {function} in {object}: {e:#}"))
+                })?;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let loaded = loader::load_each(ebpf, &names, |name, program| {
+        if chained && name == unmap { Ok(()) } else { attach_program(name, program) }
+    })?;
+    if chained && names.contains(&unmap) {
+        if loaded.contains(&unmap) {
+            loader::chain_unmap(ebpf)?;
+        }
+        attach_program(unmap, loader::uprobe(ebpf, unmap)?)?;
+    }
+    Ok(())
+}
+
+/// The order to verify programs in: free's small one first, so that its
+/// probe, and the kernel's one-time wait, go in at once; then the largest
+/// (munmap's, the return probes' stack walks), so the CPUs end together.
+fn load_order(program: &str) -> u8 {
+    match program {
+        "free_enter" | "floor_enter" => 0,
+        "munmap_enter" => 1,
+        p if p.ends_with("_exit") => 2,
+        _ => 3,
+    }
 }
 
 /// The programs a hook runs at entry and return: memleak's, or with
@@ -141,23 +212,6 @@ fn programs(shape: Shape, floor: Option<Floor>) -> (&'static str, Option<&'stati
         None => shape.programs(),
         Some(_) => ("floor_enter", shape.programs().1.map(|_| "floor_exit")),
     }
-}
-
-/// Loads every program the hooks may run, on all CPUs at once, before
-/// the hooks are attached one by one (system-wide: before each rescan,
-/// where there is nothing left to load).
-fn preload(ebpf: &mut Ebpf, floor: Option<Floor>) -> anyhow::Result<()> {
-    let mut names: Vec<&str> = vec![];
-    for (_, shape) in C_API.iter().chain(CXX_API) {
-        let (entry, exit) = programs(*shape, floor);
-        names.extend(std::iter::once(entry).chain(exit));
-    }
-    names.sort_unstable();
-    names.dedup();
-    if loader::preload(ebpf, &names)? > 0 && floor.is_none() {
-        loader::chain_unmap(ebpf)?;
-    }
-    Ok(())
 }
 
 /// Where a hook's entry probe goes. A return probe is placed by the kernel
@@ -217,7 +271,6 @@ impl SystemProbes {
             ));
         }
         let object = obj.to_string_lossy().into_owned();
-        preload(ebpf, None)?;
         self.objects.push(probe_object(ebpf, obj, &object, UProbeScope::AllProcesses, true, None)?);
         Ok(())
     }
@@ -228,7 +281,6 @@ impl SystemProbes {
     pub fn scan(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<usize> {
         use std::os::unix::fs::MetadataExt as _;
         let me = std::process::id();
-        preload(ebpf, None)?;
         let mut added = 0;
         for pid in proc::pids() {
             if pid == me {

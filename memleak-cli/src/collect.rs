@@ -166,7 +166,7 @@ pub fn lost_warnings(before: &[u64], now: &[u64]) -> Vec<String> {
         i if i == Stat::RegionsFull as usize => {
             "mmap'd blocks not followed for a partial munmap (more than 32 live mappings in a process): if unmapped past their head, their rest stays counted"
         }
-        _ => "allocator calls not followed (no kernel memory to note a thread's call, or too many threads inside mmap at once)",
+        _ => "allocator calls not followed (no kernel memory to note a thread's call)",
     };
     now.iter()
         .zip(before)

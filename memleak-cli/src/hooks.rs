@@ -30,14 +30,14 @@ impl Shape {
     /// The kernel programs at the function's entry and return.
     pub fn programs(self) -> (&'static str, Option<&'static str>) {
         match self {
-            Shape::Malloc => ("malloc_enter", Some("malloc_exit")),
-            Shape::Calloc => ("calloc_enter", Some("malloc_exit")),
-            Shape::Realloc => ("realloc_enter", Some("malloc_exit")),
-            Shape::ReallocArray => ("reallocarray_enter", Some("malloc_exit")),
-            Shape::Memalign => ("memalign_enter", Some("malloc_exit")),
-            Shape::PosixMemalign => ("posix_memalign_enter", Some("posix_memalign_exit")),
+            Shape::Malloc => ("malloc_enter", Some("alloc_exit")),
+            Shape::Calloc => ("calloc_enter", Some("alloc_exit")),
+            Shape::Realloc => ("realloc_enter", Some("alloc_exit")),
+            Shape::ReallocArray => ("reallocarray_enter", Some("alloc_exit")),
+            Shape::Memalign => ("memalign_enter", Some("alloc_exit")),
+            Shape::PosixMemalign => ("posix_memalign_enter", Some("alloc_exit")),
             Shape::Free => ("free_enter", None),
-            Shape::Mmap => ("mmap_enter", Some("mmap_exit")),
+            Shape::Mmap => ("mmap_enter", Some("alloc_exit")),
             Shape::Munmap => ("munmap_enter", None),
         }
     }

@@ -2,7 +2,7 @@
 //! sizes (no recompiling), and names each program once.
 
 use anyhow::Context as _;
-use aya::{Ebpf, EbpfLoader, maps::ProgramArray};
+use aya::{Ebpf, EbpfLoader, maps::ProgramArray, programs::UProbe};
 use memleak_common::{FIELD_COUNT, globals, maps};
 
 use crate::{
@@ -160,41 +160,59 @@ fn raise_memlock_limit() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
-/// Loads these uprobe programs into the kernel, on every CPU at once: the
-/// verifier is the biggest part of the time to attach. Programs loaded
-/// already are skipped; returns how many were loaded now.
-pub fn preload(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<usize> {
-    let programs: Vec<(&str, &mut aya::programs::UProbe)> = ebpf
+/// Loads these uprobe programs into the kernel, on every CPU at once (the
+/// verifier is the biggest part of the time to attach), and hands each to
+/// `then` on the thread that loaded it, as soon as it is loaded: probes go
+/// in while other programs are verified. Programs loaded already go to
+/// `then` too. `names` is the order to load in; returns the names loaded now.
+pub fn load_each<'n>(
+    ebpf: &mut Ebpf,
+    names: &[&'n str],
+    then: impl Fn(&str, &mut UProbe) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<Vec<&'n str>> {
+    let mut programs: Vec<(&'n str, &mut UProbe)> = ebpf
         .programs_mut()
-        .filter(|(name, _)| names.contains(name))
-        .filter_map(|(name, program)| <&mut aya::programs::UProbe>::try_from(program).ok().map(|p| (name, p)))
-        .filter(|(_, program)| program.fd().is_err())
+        .filter_map(|(name, program)| Some((*names.iter().find(|n| **n == name)?, program)))
+        .filter_map(|(name, program)| <&mut UProbe>::try_from(program).ok().map(|p| (name, p)))
         .collect();
-    let loading = programs.len();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(loading.max(1));
+    programs.sort_by_key(|(name, _)| names.iter().position(|n| n == name));
+    let loaded: Vec<&'n str> = programs.iter().filter(|(_, p)| p.fd().is_err()).map(|(name, _)| *name).collect();
+    // One thread more than CPUs: the kernel's first uprobe registration
+    // sleeps for an RCU grace period, and a CPU would idle through it.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cpus + 1).min(programs.len().max(1));
     // Each thread takes the next program when done with one: their
     // verification times differ tenfold.
-    let queue = std::sync::Mutex::new(programs);
-    let next = || queue.lock().expect("program queue").pop();
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(programs));
+    let next = || queue.lock().expect("program queue").pop_front();
+    let give_up = || queue.lock().expect("program queue").clear();
     std::thread::scope(|scope| {
-        let loads: Vec<_> = (0..threads)
+        let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
                     while let Some((name, program)) = next() {
-                        program.load().with_context(|| format!("loading program {name}"))?;
+                        let done = if program.fd().is_err() {
+                            program.load().with_context(|| format!("loading program {name}"))
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(e) = done.and_then(|()| then(name, program)) {
+                            give_up();
+                            return Err(e);
+                        }
                     }
                     anyhow::Ok(())
                 })
             })
             .collect();
-        loads.into_iter().try_for_each(|load| load.join().expect("program loader thread panicked"))
+        workers.into_iter().try_for_each(|worker| worker.join().expect("program loader thread panicked"))
     })?;
-    Ok(loading)
+    Ok(loaded)
 }
 
 /// Loads one program into the kernel, by name, for attaching.
-pub fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::UProbe> {
-    let program: &mut aya::programs::UProbe = ebpf
+pub fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+    let program: &mut UProbe = ebpf
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the BPF object"))?
         .try_into()

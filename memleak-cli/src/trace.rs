@@ -56,11 +56,19 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     // looked at, not a newcomer that took the PID in between.
     target.check_same()?;
     let exports = Exports::create(args)?;
-    let mut ebpf = loader::load(&Config::from_args(args))?;
+    // The probes are worked out while the programs load: both take time.
+    let config = Config::from_args(args);
+    let (ebpf, planned) = std::thread::scope(|scope| {
+        let loading = scope.spawn(|| loader::load(&config));
+        let planned = attach::plan_target(&target, args.obj.as_deref(), args.floor);
+        (loading.join().expect("loader thread panicked"), planned)
+    });
+    let mut ebpf = ebpf?;
+    let planned = planned?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     // The run starts as the probes go in: nothing is outstanding before.
     let started = (monotonic_ns(), SystemTime::now());
-    for attached in attach::attach(&mut ebpf, &target, args.obj.as_deref(), args.floor)? {
+    for attached in attach::attach(&mut ebpf, planned)? {
         verbose(args, &attached);
     }
     let recorded = Recorded::take(&mut ebpf)?;

@@ -76,10 +76,12 @@ pub struct Pending {
     pub old: AllocInfo,
     /// Entry time, to recognise an entry whose return never came.
     pub entered_ns: u64,
+    /// The stack pointer at entry: a call inside this one has a lower one.
+    pub sp: u64,
     /// Allocator calls nested inside this one (memalign calling malloc):
     /// the outermost call owns the allocation and the caller's stack.
     pub depth: u32,
-    /// [`PENDING_ACTIVE`], [`PENDING_RECORD`] and [`PENDING_HAS_OLD`].
+    /// [`PENDING_ACTIVE`], [`PENDING_RECORD`], [`PENDING_HAS_OLD`], [`PENDING_MMAP`].
     pub flags: u32,
 }
 
@@ -111,6 +113,8 @@ pub const MAX_REGIONS: u32 = 32;
 pub const PENDING_RECORD: u32 = 1;
 /// An entry waits for its return (the per-thread value outlives the call).
 pub const PENDING_ACTIVE: u32 = 4;
+/// The call is mmap: its block is followed for munmap (see `REGIONS`).
+pub const PENDING_MMAP: u32 = 8;
 /// `Pending::old` holds realloc's old block, taken out of the maps at entry.
 pub const PENDING_HAS_OLD: u32 = 2;
 
@@ -160,7 +164,7 @@ pub enum Stat {
     /// `COMBINED` was full: `--combined-only` totals miss the allocation.
     CombinedMapFull = 2,
     /// No room to note a call for its return: the kernel could not allocate
-    /// a thread's `PENDING` value, or `MMAP_PENDING` was full.
+    /// a thread's `PENDING` value.
     PendingMapFull = 3,
     /// A process had [`MAX_REGIONS`] direct mappings followed already: a
     /// munmap of this one's tail or middle is not seen (its head is).

@@ -18,14 +18,15 @@ mod task_storage;
 mod unwind;
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_user,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 
+use memleak_common::PENDING_MMAP;
+
 use crate::{
     maps::UNMAP_AGAIN,
-    record::{enter, enter_mmap, exit, exit_mmap, forget, thread_id, unmap},
+    record::{enter, exit, forget, thread_id, unmap},
 };
 
 // One program per shape of allocator call, named after the libc function
@@ -35,14 +36,15 @@ use crate::{
 /// malloc(size), and every call that takes the size first.
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(0).unwrap_or(0), 0, 0);
+    enter(&ctx, ctx.arg(0).unwrap_or(0), 0, 0, 0);
     0
 }
 
-/// Return of every call that returns the block.
+/// The return of every hooked call that yields a block (the entry probe
+/// noted which kind it was).
 #[uretprobe]
-pub fn malloc_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |_| ctx.ret::<u64>());
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx);
     0
 }
 
@@ -52,14 +54,14 @@ pub fn malloc_exit(ctx: RetProbeContext) -> u32 {
 pub fn calloc_enter(ctx: ProbeContext) -> u32 {
     let nmemb: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(nmemb.wrapping_mul(size), 0, 0);
+    enter(&ctx, nmemb.wrapping_mul(size), 0, 0, 0);
     0
 }
 
 /// realloc(ptr, size): frees ptr (restored if realloc fails) and allocates size.
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(1).unwrap_or(0), 0, ctx.arg(0).unwrap_or(0));
+    enter(&ctx, ctx.arg(1).unwrap_or(0), 0, ctx.arg(0).unwrap_or(0), 0);
     0
 }
 
@@ -68,34 +70,21 @@ pub fn realloc_enter(ctx: ProbeContext) -> u32 {
 pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
     let nmemb: u64 = ctx.arg(1).unwrap_or(0);
     let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter(nmemb.wrapping_mul(size), 0, ctx.arg(0).unwrap_or(0));
+    enter(&ctx, nmemb.wrapping_mul(size), 0, ctx.arg(0).unwrap_or(0), 0);
     0
 }
 
 /// memalign(align, size), aligned_alloc(align, size).
 #[uprobe]
 pub fn memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(1).unwrap_or(0), 0, 0);
+    enter(&ctx, ctx.arg(1).unwrap_or(0), 0, 0, 0);
     0
 }
 
 /// posix_memalign(memptr, align, size): the block comes back through memptr.
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(2).unwrap_or(0), ctx.arg(0).unwrap_or(0), 0);
-    0
-}
-
-/// Returns 0 on success, with the block in *memptr.
-#[uretprobe]
-pub fn posix_memalign_exit(ctx: RetProbeContext) -> u32 {
-    exit(&ctx, |pending| {
-        if ctx.ret::<i32>() != 0 {
-            return 0;
-        }
-        // SAFETY: bpf_probe_read_user checks the user address.
-        unsafe { bpf_probe_read_user(pending.memptr as *const u64) }.unwrap_or(0)
-    });
+    enter(&ctx, ctx.arg(2).unwrap_or(0), ctx.arg(0).unwrap_or(0), 0, 0);
     0
 }
 
@@ -109,16 +98,11 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// mmap(addr, length, ...).
+/// mmap(addr, length, ...). Inside an allocator call it is that call's
+/// (counted once, by the outermost call).
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
-    enter_mmap(ctx.arg(1).unwrap_or(0));
-    0
-}
-
-#[uretprobe]
-pub fn mmap_exit(ctx: RetProbeContext) -> u32 {
-    exit_mmap(&ctx, ctx.ret::<u64>());
+    enter(&ctx, ctx.arg(1).unwrap_or(0), 0, 0, PENDING_MMAP);
     0
 }
 

@@ -40,11 +40,6 @@ pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 
 #[btf_map]
 pub static PENDING: TaskStorage<Pending> = TaskStorage::new();
 
-/// mmap calls under way, per thread: apart from PENDING so that a malloc
-/// calling mmap does not clobber the malloc's pending size.
-#[map]
-pub static MMAP_PENDING: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
-
 /// Blocks from direct mmap calls, up to MAX_REGIONS per process: read by
 /// munmap only, so malloc and free never touch it.
 #[map]

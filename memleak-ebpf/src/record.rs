@@ -7,21 +7,21 @@ use core::{
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     EbpfContext,
     helpers::generated::bpf_get_stack,
-    programs::RetProbeContext,
+    programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::info;
 use memleak_common::{
     AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_ACTIVE,
-    PENDING_HAS_OLD, PENDING_RECORD, Pending, Region, Stack, Stat,
+    PENDING_HAS_OLD, PENDING_MMAP, PENDING_RECORD, Region, Stack, Stat,
 };
 
 use crate::{
     config, regions,
     unwind::user_stack,
-    maps::{ALLOCS, COMBINED, KNOWN_STACK_BITS, KNOWN_STACKS, MMAP_PENDING, PENDING, STACK_SCRATCH, STACKS, STATS},
+    maps::{ALLOCS, COMBINED, KNOWN_STACK_BITS, KNOWN_STACKS, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
 /// An entry whose return did not come within this long is stale (its thread
@@ -55,29 +55,43 @@ fn is_self(pid_tgid: u64) -> bool {
     (pid_tgid >> 32) as u32 == config::self_tgid()
 }
 
-/// Entry of an allocator call: note the request for the return probe.
+/// Entry of an allocator call (or of mmap, `kind` [`PENDING_MMAP`]): note
+/// the request for the return probe.
 #[inline(always)]
-pub fn enter(size: u64, memptr: u64, old_addr: u64) {
+pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u32) {
     let pid_tgid = thread_id();
     if is_self(pid_tgid) {
         return;
     }
-    let entered_ns = now();
-    let traced = size >= config::min_size() && size <= config::max_size() && sampled(entered_ns);
+    let traced = size >= config::min_size() && size <= config::max_size() && sampled();
     // A request filtered out still needs its return seen if it is a realloc
     // that gives up a tracked block: a failed realloc restores it.
+    let sp = stack_pointer(ctx);
     if !traced && old_addr == 0 {
+        // Inside a traced call (malloc -> mmap), its return must not be
+        // taken for the outer call's.
+        if let Some(outer) = PENDING.current()
+            && outer.flags & PENDING_ACTIVE != 0
+            && sp < outer.sp
+        {
+            outer.depth += 1;
+        }
         return;
     }
     let Some(pending) = PENDING.current_or_new() else {
         count(Stat::PendingMapFull);
         return;
     };
-    if pending.flags & PENDING_ACTIVE != 0 && entered_ns.wrapping_sub(pending.entered_ns) < STALE_NS {
-        // Inside another allocator call (memalign -> malloc): the outer
-        // call records the block, with the caller's stack. An older entry
-        // is one whose return never came (a longjmp out of a signal
-        // handler): this call replaces it.
+    let entered_ns = now();
+    if pending.flags & PENDING_ACTIVE != 0
+        && sp < pending.sp
+        && entered_ns.wrapping_sub(pending.entered_ns) < STALE_NS
+    {
+        // Inside another allocator call (memalign -> malloc, malloc ->
+        // mmap), whose frame is above this one's: the outer call records
+        // the block, with the caller's stack. An entry not above, or older,
+        // is one whose return was not seen (the return probe went in after
+        // the entry probe, or a longjmp left the call): this call replaces it.
         pending.depth += 1;
         return;
     }
@@ -89,8 +103,9 @@ pub fn enter(size: u64, memptr: u64, old_addr: u64) {
         ptr::write_volatile(&mut pending.old_addr, old_addr);
     }
     pending.entered_ns = entered_ns;
+    pending.sp = sp;
     pending.depth = 0;
-    pending.flags = PENDING_ACTIVE | if traced { PENDING_RECORD } else { 0 };
+    pending.flags = PENDING_ACTIVE | kind | if traced { PENDING_RECORD } else { 0 };
     if old_addr == 0 {
         return;
     }
@@ -108,14 +123,23 @@ pub fn enter(size: u64, memptr: u64, old_addr: u64) {
 }
 
 #[inline(always)]
-fn sampled(now_ns: u64) -> bool {
-    let every = config::sample_every();
-    every <= 1 || now_ns % every == 0
+fn stack_pointer(ctx: &ProbeContext) -> u64 {
+    // SAFETY: a uprobe's context is the task's pt_regs.
+    unsafe { (*ctx.regs).rsp }
 }
 
-/// Return of an allocator call: record the block `result` yields.
+/// One call in `-s N`, at random.
 #[inline(always)]
-pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
+fn sampled() -> bool {
+    let every = config::sample_every();
+    // SAFETY: a helper without arguments.
+    every <= 1 || u64::from(unsafe { bpf_get_prandom_u32() }) % every == 0
+}
+
+/// Return of an allocator call or mmap: record the block it yields. One
+/// program for all of them: the verifier walks the stack walk once.
+#[inline(always)]
+pub fn exit(ctx: &RetProbeContext) {
     let Some(pending) = PENDING.current() else {
         return;
     };
@@ -128,7 +152,16 @@ pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
     }
     pending.flags &= !PENDING_ACTIVE;
     let tgid = (thread_id() >> 32) as u32;
-    let addr = result(pending);
+    let ret = ctx.ret::<u64>();
+    let addr = if pending.flags & PENDING_MMAP != 0 {
+        if ret == MAP_FAILED { 0 } else { ret }
+    } else if pending.memptr != 0 {
+        // posix_memalign returns 0 on success, with the block in *memptr.
+        // SAFETY: bpf_probe_read_user checks the user address.
+        if ret as i32 != 0 { 0 } else { unsafe { bpf_probe_read_user(pending.memptr as *const u64) }.unwrap_or(0) }
+    } else {
+        ret
+    };
     if addr == 0 {
         // Failed, or realloc(ptr, 0) which freed ptr. A failed realloc with a
         // non-zero size leaves the old block allocated.
@@ -141,38 +174,9 @@ pub fn exit(ctx: &RetProbeContext, result: impl FnOnce(&Pending) -> u64) {
         return;
     }
     // The entry's time: one clock read per call.
-    record(ctx, tgid, addr, pending.size, pending.entered_ns);
-}
-
-/// mmap entry, unless inside an allocator call (then the allocator's block
-/// is what counts, and recording the mapping too would count it twice).
-#[inline(always)]
-pub fn enter_mmap(len: u64) {
-    let pid_tgid = thread_id();
-    if is_self(pid_tgid) || PENDING.current().is_some_and(|p| p.flags & PENDING_ACTIVE != 0) {
-        return;
-    }
-    if len < config::min_size() || len > config::max_size() || !sampled(now()) {
-        return;
-    }
-    if MMAP_PENDING.insert(&pid_tgid, &len, BPF_ANY as u64).is_err() {
-        count(Stat::PendingMapFull);
-    }
-}
-
-#[inline(always)]
-pub fn exit_mmap(ctx: &RetProbeContext, addr: u64) {
-    let pid_tgid = thread_id();
-    let Some(len) = MMAP_PENDING.get_ptr(&pid_tgid) else {
-        return;
-    };
-    let len = unsafe { *len };
-    let _ = MMAP_PENDING.remove(&pid_tgid);
-    if addr == MAP_FAILED || addr == 0 {
-        return;
-    }
-    let tgid = (pid_tgid >> 32) as u32;
-    if let Some(timestamp_ns) = record(ctx, tgid, addr, len, now()) {
+    if let Some(timestamp_ns) = record(ctx, tgid, addr, pending.size, pending.entered_ns)
+        && pending.flags & PENDING_MMAP != 0
+    {
         regions::follow(tgid, Region { start: addr, timestamp_ns });
     }
 }
