@@ -69,12 +69,16 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     let sp = stack_pointer(ctx);
     if !traced && old_addr == 0 {
         // Inside a traced call (malloc -> mmap), its return must not be
-        // taken for the outer call's.
+        // taken for the outer call's; outside it, that call's return was
+        // not seen, and this one's must not be taken for it either.
         if let Some(outer) = PENDING.current()
             && outer.flags & PENDING_ACTIVE != 0
-            && sp < outer.sp
         {
-            outer.depth += 1;
+            if sp < outer.sp {
+                outer.depth += 1;
+            } else {
+                outer.flags = 0;
+            }
         }
         return;
     }
@@ -148,6 +152,12 @@ pub fn exit(ctx: &RetProbeContext) {
     }
     if pending.depth > 0 {
         pending.depth -= 1;
+        return;
+    }
+    // The noted call returns with its return address popped; any other
+    // return is of a call whose entry was not seen (attached in between).
+    // SAFETY: a uprobe's context is the task's pt_regs.
+    if unsafe { (*ctx.regs).rsp } != pending.sp.wrapping_add(8) {
         return;
     }
     pending.flags &= !PENDING_ACTIVE;
