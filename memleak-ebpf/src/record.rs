@@ -24,8 +24,9 @@ use crate::{
     maps::{ALLOCS, COMBINED, KNOWN_STACK_BITS, KNOWN_STACKS, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
-/// An entry whose return did not come within this long is stale (its thread
-/// died inside the allocator, or its tid was reused): a new call replaces it.
+/// An entry whose return did not come within this long is stale, even if
+/// the new call's frame is below it (a longjmp left it, and a deeper frame
+/// called again): a new call replaces it.
 const STALE_NS: u64 = 1_000_000_000;
 
 const EEXIST: i32 = -17;
