@@ -20,7 +20,7 @@ use memleak_common::{
 
 use crate::{
     config, regions,
-    unwind::user_stack,
+    unwind::{stack_pointer, user_stack},
     maps::{ALLOCS, COMBINED, KNOWN_STACK_BITS, KNOWN_STACKS, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
@@ -67,7 +67,8 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     let traced = size >= config::min_size() && size <= config::max_size() && sampled();
     // A request filtered out still needs its return seen if it is a realloc
     // that gives up a tracked block: a failed realloc restores it.
-    let sp = stack_pointer(ctx);
+    // SAFETY: a uprobe's context is the task's pt_regs.
+    let sp = stack_pointer(unsafe { &*ctx.regs });
     if !traced && old_addr == 0 {
         // Inside a traced call (malloc -> mmap), its return must not be
         // taken for the outer call's; outside it, that call's return was
@@ -127,12 +128,6 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     }
 }
 
-#[inline(always)]
-fn stack_pointer(ctx: &ProbeContext) -> u64 {
-    // SAFETY: a uprobe's context is the task's pt_regs.
-    unsafe { (*ctx.regs).rsp }
-}
-
 /// One call in `-s N`, at random.
 #[inline(always)]
 fn sampled() -> bool {
@@ -158,7 +153,7 @@ pub fn exit(ctx: &RetProbeContext) {
     // The noted call returns with its return address popped; any other
     // return is of a call whose entry was not seen (attached in between).
     // SAFETY: a uprobe's context is the task's pt_regs.
-    if unsafe { (*ctx.regs).rsp } != pending.sp.wrapping_add(8) {
+    if stack_pointer(unsafe { &*ctx.regs }) != pending.sp.wrapping_add(8) {
         return;
     }
     pending.flags &= !PENDING_ACTIVE;

@@ -45,5 +45,13 @@ fn ip_and_fp(regs: &pt_regs) -> (u64, u64) {
     (regs.rip, regs.rbp)
 }
 
+/// The stack pointer: at a function's entry it points at the return
+/// address; once the function returns, 8 bytes above.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn stack_pointer(regs: &pt_regs) -> u64 {
+    regs.rsp
+}
+
 #[cfg(not(bpf_target_arch = "x86_64"))]
-compile_error!("memleak's user stack walk reads x86-64 registers: port ip_and_fp to this architecture");
+compile_error!("memleak's user stack walk reads x86-64 registers: port ip_and_fp and stack_pointer to this architecture");
