@@ -56,7 +56,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
     let self_tgid = std::process::id();
     let trace = u32::from(config.trace);
-    EbpfLoader::new()
+    without_kernel_btf(EbpfLoader::new)
         .override_global(globals::MIN_SIZE, &config.min_size, true)
         .override_global(globals::MAX_SIZE, &config.max_size, true)
         .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
@@ -73,6 +73,33 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .allow_unsupported_maps()
         .load(PROGRAMS)
         .map_err(load_error)
+}
+
+/// aya 0.14's `EbpfLoader::new()` always reads and parses the kernel's BTF
+/// (6 MB: about 27 ms, a third of the time to attach), which it needs only
+/// for CO-RE relocations; memleak's programs have none (they read tracepoint
+/// fields at offsets the loader sets). So `f` runs on a thread of its own
+/// whose root is a directory without that file: unshared (`CLONE_FS`), so
+/// the rest of the process keeps its root, and gone with the thread. Where
+/// the thread may not change its root (no `CAP_SYS_CHROOT`), `f` sees the
+/// file, and aya parses it as before.
+fn without_kernel_btf<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: unshare and chroot change only this thread's
+                // fs_struct once CLONE_FS is unshared; the path is a C string.
+                unsafe {
+                    if libc::unshare(libc::CLONE_FS) == 0 {
+                        // Holds numbered files only.
+                        libc::chroot(c"/proc/self/fdinfo".as_ptr());
+                    }
+                }
+                f()
+            })
+            .join()
+            .expect("loader thread panicked")
+    })
 }
 
 /// The munmap program runs once per followed mapping a munmap cuts, by
@@ -249,5 +276,21 @@ mod tests {
         let err = load_error(map_error(libc::EINVAL));
         assert_eq!(crate::error::exit_code(&err), 1);
         assert!(format!("{err:#}").starts_with("loading the BPF programs: "), "{err:#}");
+    }
+
+    #[test]
+    fn kernel_btf_is_hidden_from_the_loader_only() {
+        const CAP_SYS_CHROOT: u64 = 1 << 18;
+        let btf = std::path::Path::new("/sys/kernel/btf/vmlinux");
+        if !btf.exists() || effective_capabilities() & CAP_SYS_CHROOT == 0 {
+            eprintln!("skipped: no kernel BTF, or not allowed to chroot");
+            return;
+        }
+        let (seen, procfs) = without_kernel_btf(|| (btf.exists(), std::path::Path::new("/proc/self/stat").exists()));
+        assert!(!seen, "the loader's thread still sees the kernel BTF");
+        assert!(!procfs, "the loader's thread kept its root");
+        // This thread, and the process, keep theirs.
+        assert!(btf.exists() && std::path::Path::new("/proc/self/stat").exists());
+        assert!(std::thread::spawn(move || btf.exists()).join().unwrap());
     }
 }
