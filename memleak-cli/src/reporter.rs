@@ -33,7 +33,7 @@ pub struct Reporter {
     scope: Scope,
     recorded: Recorded,
     symbolizer: Symbolizer,
-    lost: Vec<u64>,
+    lost: collect::LostWarnings,
     top: usize,
     min_age_ns: u64,
     show_allocs: bool,
@@ -66,8 +66,7 @@ impl Reporter {
         let min_age_ns = args.older.saturating_mul(1_000_000);
         Self {
             scope,
-            // The maps are new: everything counted so far counts.
-            lost: vec![0; memleak_common::STAT_COUNT as usize],
+            lost: collect::LostWarnings::new(),
             recorded,
             symbolizer,
             top: args.top,
@@ -129,11 +128,9 @@ impl Reporter {
         let mut rows = self.trends.update(totals, now, &trend::counts(&combined));
         sort::sort(&mut rows, self.sort);
         self.reports += 1;
-        let lost = self.recorded.lost();
-        for warning in collect::lost_warnings(&self.lost, &lost) {
+        for warning in self.lost.due(&self.recorded.lost(), now) {
             eprintln!("{warning}");
         }
-        self.lost = lost.to_vec();
 
         // Refresh the mappings of the processes shown (dlopen, exec).
         let shown: Vec<u32> = match self.scope {
@@ -208,8 +205,12 @@ impl Reporter {
         }
     }
 
-    /// `--folded`, `--flamegraph`, `--pprof`: every stack of the last report.
-    pub fn write_exports(&mut self) -> anyhow::Result<()> {
+    /// At exit: losses not told yet, then `--folded`, `--flamegraph`,
+    /// `--pprof` (every stack of the last report).
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        for warning in self.lost.rest(&self.recorded.lost(), monotonic_ns()) {
+            eprintln!("{warning}");
+        }
         if self.exports.is_empty() {
             return Ok(());
         }

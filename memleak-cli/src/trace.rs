@@ -80,7 +80,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     }
     reporter.report()?;
     detach(ebpf);
-    reporter.write_exports()
+    reporter.finish()
 }
 
 async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
@@ -118,7 +118,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     };
     reporter.report()?;
     detach(ebpf);
-    reporter.write_exports()?;
+    reporter.finish()?;
     Ok(code.map_or(0, |c| c as u8))
 }
 
@@ -176,7 +176,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     reporter.report()?;
     drop(probes);
     detach(ebpf);
-    reporter.write_exports()
+    reporter.finish()
 }
 
 /// A status line: on stdout, or on stderr when stdout holds JSON only.
