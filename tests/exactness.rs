@@ -64,6 +64,21 @@ fn sixteen_threads_of_churn_then_a_known_leak_per_thread() {
 }
 
 #[test]
+fn blocks_freed_on_another_cpu_leave_exact_totals() {
+    // The kernel keeps each stack's totals in a part per CPU: the freeing
+    // CPU's part goes below zero, and the parts must add up.
+    for mode in [&[][..], &["--combined-only"]] {
+        let (report, stderr) = report(&["handoff", "20000", "7"], mode);
+        assert_eq!(report.stacks.len(), 1, "{mode:?}: {report:?}\n{stderr}");
+        let stack = &report.stacks[0];
+        assert!(stack.starts_with(&["handoff_alloc", "handoff_allocator"]), "{stack:?}");
+        assert_eq!((stack.bytes, stack.count), (7 * 100, 7), "{mode:?}: {stack:?}");
+        assert!(stack.trend.contains("20000 allocs/19993 frees"), "{mode:?}: {stack:?}");
+        assert!(!stderr.contains("warning"), "{stderr}");
+    }
+}
+
+#[test]
 fn exact_bytes_and_blocks_from_a_known_stack() {
     for mode in [&[][..], &["--combined-only"]] {
         let (report, _) = report(&["exact", "37"], mode);

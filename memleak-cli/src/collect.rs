@@ -92,11 +92,11 @@ impl Recorded {
         }
     }
 
-    /// The kernel's running totals per (process, stack).
+    /// The kernel's running totals per (process, stack), their parts added.
     pub fn combined(&mut self) -> Vec<(CombinedKey, CombinedAlloc)> {
-        let mut all = Vec::new();
-        for_each(&self.combined, &mut self.combined_reader, "the per-stack totals", |k, v| all.push((k, v)));
-        all
+        let mut parts = Vec::new();
+        for_each(&self.combined, &mut self.combined_reader, "the per-stack totals", |k, v| parts.push((k, v)));
+        add_parts(parts)
     }
 
     /// Return addresses of a stack, innermost first (empty if it is gone).
@@ -117,6 +117,31 @@ impl Recorded {
         }
         totals
     }
+}
+
+/// Each (process, stack)'s totals: the sum of its parts (one per CPU, see
+/// `CombinedKey`), in wrapping arithmetic, as some parts are below zero. A
+/// sum below zero (frees of blocks the totals missed when the map was full,
+/// which was warned about) counts as none.
+fn add_parts(mut parts: Vec<(CombinedKey, CombinedAlloc)>) -> Vec<(CombinedKey, CombinedAlloc)> {
+    parts.sort_unstable_by_key(|(k, _)| (k.tgid, k.stack_id));
+    let mut totals: Vec<(CombinedKey, CombinedAlloc)> = Vec::with_capacity(parts.len());
+    for (key, part) in parts {
+        match totals.last_mut() {
+            Some((k, sum)) if (k.tgid, k.stack_id) == (key.tgid, key.stack_id) => {
+                sum.total_size = sum.total_size.wrapping_add(part.total_size);
+                sum.count = sum.count.wrapping_add(part.count);
+                sum.allocs = sum.allocs.wrapping_add(part.allocs);
+            }
+            _ => totals.push((CombinedKey { shard: 0, ..key }, part)),
+        }
+    }
+    let at_least_zero = |n: u64| if (n as i64) < 0 { 0 } else { n };
+    for (_, sum) in &mut totals {
+        sum.total_size = at_least_zero(sum.total_size);
+        sum.count = at_least_zero(sum.count);
+    }
+    totals
 }
 
 /// Calls `f` on every entry of a hash map, read thousands per syscall
@@ -224,6 +249,32 @@ mod tests {
     use memleak_common::MAX_REGIONS;
 
     use super::*;
+
+    #[test]
+    fn parts_of_a_stack_add_up_even_below_zero() {
+        let key = |tgid, shard, stack_id| CombinedKey { tgid, shard, stack_id };
+        let part = |bytes: i64, count: i64, allocs| CombinedAlloc {
+            total_size: bytes as u64,
+            count: count as u64,
+            allocs,
+        };
+        let totals = add_parts(vec![
+            // 5 blocks of 10 bytes allocated on CPU 0, 3 freed on CPU 1.
+            (key(7, 1, 40), part(-30, -3, 0)),
+            (key(9, 0, 40), part(8, 1, 1)),
+            (key(7, 0, 40), part(50, 5, 5)),
+            // Freed on CPU 1 only: its allocation was missed (map full).
+            (key(7, 1, 41), part(-16, -1, 0)),
+        ]);
+        assert_eq!(
+            totals,
+            [
+                (key(7, 0, 40), part(20, 2, 5)),
+                (key(7, 0, 41), part(0, 0, 0)),
+                (key(9, 0, 40), part(8, 1, 1)),
+            ]
+        );
+    }
 
     #[test]
     fn warns_only_about_growth() {

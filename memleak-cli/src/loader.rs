@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use aya::{Ebpf, EbpfLoader, maps::ProgramArray, programs::UProbe};
-use memleak_common::{FIELD_COUNT, globals, maps};
+use memleak_common::{FIELD_COUNT, MAX_SHARDS, globals, maps};
 
 use crate::{
     cli::Args,
@@ -22,7 +22,9 @@ pub struct Config {
     pub trace: bool,
     pub max_allocs: u32,
     pub max_stacks: u32,
-    /// Entries of the per-(process, stack) totals.
+    /// Parts of each stack's totals (a power of two): see `CombinedKey`.
+    pub shards: u32,
+    /// Entries of the per-(process, stack) totals, all parts.
     pub max_combined: u32,
     /// Tracepoint field offsets (kernel tracing only).
     pub field_offsets: [u32; FIELD_COUNT],
@@ -32,6 +34,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: &Args) -> Self {
+        let shards = shards(online_cpus());
         Self {
             min_size: args.min_size.unwrap_or(0),
             max_size: args.max_size.unwrap_or(u64::MAX),
@@ -41,10 +44,12 @@ impl Config {
             max_stacks: args.max_stacks,
             // One process has each stack once, plus the blocks without one;
             // system-wide, processes share stacks (of libc, say).
+            shards,
             max_combined: match args.mode() {
                 crate::cli::Mode::System { .. } => args.max_stacks.saturating_mul(4).max(1024),
                 _ => args.max_stacks.saturating_add(1),
-            },
+            }
+            .saturating_mul(shards),
             field_offsets: [0; FIELD_COUNT],
             skip_caller: [0; 2],
         }
@@ -62,6 +67,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::SAMPLE_EVERY, &config.sample_every, true)
         .override_global(globals::SELF_TGID, &self_tgid, true)
         .override_global(globals::TRACE, &trace, true)
+        .override_global(globals::SHARD_MASK, &(config.shards - 1), true)
         .override_global(globals::FIELD_OFFSETS, &config.field_offsets, true)
         .override_global(globals::PAGE_SIZE, &page_size(), true)
         .override_global(globals::SKIP_CALLER, &config.skip_caller, true)
@@ -113,6 +119,19 @@ pub fn chain_unmap(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What each program cost while the kernel counted (sysctl
+/// `kernel.bpf_stats_enabled=1`; it counts nothing otherwise), for -v:
+/// `memleak: program alloc_exit ran 400003 times, 144001080 ns in all (360 ns each)`.
+pub fn program_costs(ebpf: &Ebpf) -> Vec<String> {
+    ebpf.programs()
+        .filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            let (runs, ns) = (info.run_count(), info.run_time().as_nanos());
+            (runs > 0).then(|| format!("memleak: program {name} ran {runs} times, {ns} ns in all ({} ns each)", ns / runs as u128))
+        })
+        .collect()
+}
+
 /// EPERM anywhere in the cause (aya wraps the errno of bpf() a few layers
 /// down) is a permission error; anything else is unexpected.
 fn load_error(e: aya::EbpfError) -> anyhow::Error {
@@ -126,6 +145,17 @@ fn load_error(e: aya::EbpfError) -> anyhow::Error {
         Kind::Permission,
         format!("BPF not permitted: the kernel refused it ({err:#}): check kernel lockdown, seccomp and LSM policy"),
     )
+}
+
+/// One part of the per-stack totals per CPU, up to `MAX_SHARDS`: CPUs
+/// beyond that share parts (atomic adds keep them exact).
+fn shards(cpus: u32) -> u32 {
+    cpus.clamp(1, MAX_SHARDS).next_power_of_two().min(MAX_SHARDS)
+}
+
+fn online_cpus() -> u32 {
+    // SAFETY: sysconf with a valid name.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.clamp(1, i64::from(u32::MAX)) as u32
 }
 
 fn page_size() -> u64 {
@@ -276,6 +306,12 @@ mod tests {
         let err = load_error(map_error(libc::EINVAL));
         assert_eq!(crate::error::exit_code(&err), 1);
         assert!(format!("{err:#}").starts_with("loading the BPF programs: "), "{err:#}");
+    }
+
+    #[test]
+    fn one_part_of_the_totals_per_cpu_up_to_eight() {
+        let parts: Vec<u32> = [0, 1, 2, 3, 4, 6, 8, 9, 64, 1024].into_iter().map(shards).collect();
+        assert_eq!(parts, [1, 1, 2, 4, 4, 8, 8, 8, 8, 8]);
     }
 
     #[test]

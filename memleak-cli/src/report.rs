@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn combined_drops_empty_stacks() {
-        let k = |s| CombinedKey { tgid: 1, _pad: 0, stack_id: s };
+        let k = |s| CombinedKey { tgid: 1, shard: 0, stack_id: s };
         let mut totals = from_combined([
             (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1 }),
             (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4 }),

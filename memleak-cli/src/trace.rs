@@ -79,7 +79,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
         eprintln!("memleak: process {pid} ({}) exited", target.comm);
     }
     reporter.report()?;
-    detach(ebpf);
+    detach(args, ebpf);
     reporter.finish()
 }
 
@@ -117,7 +117,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
         None
     };
     reporter.report()?;
-    detach(ebpf);
+    detach(args, ebpf);
     reporter.finish()?;
     Ok(code.map_or(0, |c| c as u8))
 }
@@ -175,7 +175,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     .await?;
     reporter.report()?;
     drop(probes);
-    detach(ebpf);
+    detach(args, ebpf);
     reporter.finish()
 }
 
@@ -247,8 +247,12 @@ fn watch(pid: u32) -> anyhow::Result<AsyncFd<PidFd>> {
 }
 
 /// Detaches every probe. The kernel unregisters perf-event uprobes one at
-/// a time, ~0.1 s each, under one lock.
-fn detach(ebpf: Ebpf) {
+/// a time, ~0.1 s each, under one lock. With -v, says first what each
+/// program cost, if the kernel counted it.
+fn detach(args: &Args, ebpf: Ebpf) {
+    if args.verbose {
+        loader::program_costs(&ebpf).iter().for_each(|line| eprintln!("{line}"));
+    }
     drop(ebpf);
 }
 

@@ -254,7 +254,7 @@ mod tests {
 
     #[test]
     fn counts_by_process_and_stack() {
-        let c = counts(&[(CombinedKey { tgid: 3, _pad: 0, stack_id: 4 }, CombinedAlloc { total_size: 8, count: 1, allocs: 6 })]);
+        let c = counts(&[(CombinedKey { tgid: 3, shard: 0, stack_id: 4 }, CombinedAlloc { total_size: 8, count: 1, allocs: 6 })]);
         assert_eq!(c[&(3, 4)], Counts { allocs: 6, outstanding: 1 });
     }
 }

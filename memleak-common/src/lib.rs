@@ -41,16 +41,25 @@ pub struct Stack {
     pub ips: [u64; MAX_STACK_DEPTH],
 }
 
-/// Key of `COMBINED`: outstanding totals per process and stack.
+/// Key of `COMBINED`: outstanding totals per process and stack, kept in
+/// parts by CPU (`shard`, the CPU number modulo the loader's shard count, up
+/// to [`MAX_SHARDS`]): threads allocating from one stack on several CPUs
+/// update separate entries instead of moving one cache line between them.
+/// A report adds the parts up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CombinedKey {
     pub tgid: u32,
-    pub _pad: u32,
+    pub shard: u32,
     pub stack_id: u64,
 }
 
-/// Value of `COMBINED`, updated with atomic adds from every CPU.
+/// Most parts a stack's totals are kept in (see [`CombinedKey`]).
+pub const MAX_SHARDS: u32 = 8;
+
+/// Value of `COMBINED`, updated with atomic adds from the CPUs of its part.
+/// A part may be below zero (wrapped): blocks freed on a CPU other than the
+/// one they were allocated on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CombinedAlloc {
@@ -185,6 +194,9 @@ pub mod globals {
     pub const SELF_TGID: &str = "SELF_TGID";
     /// u32: non-zero to log every call (`-t`).
     pub const TRACE: &str = "TRACE";
+    /// u32: the number of parts of each stack's totals, a power of two, less
+    /// one (a CPU's part is its number masked with it).
+    pub const SHARD_MASK: &str = "SHARD_MASK";
     /// [u32; FIELD_COUNT]: tracepoint field offsets, by `Field`.
     pub const FIELD_OFFSETS: &str = "FIELD_OFFSETS";
     /// u64: the page size, for mm_page_alloc's order.

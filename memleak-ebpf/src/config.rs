@@ -13,6 +13,8 @@ static SELF_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static TRACE: u32 = 0;
 #[unsafe(no_mangle)]
+static SHARD_MASK: u32 = 0;
+#[unsafe(no_mangle)]
 static FIELD_OFFSETS: [u32; FIELD_COUNT] = [0; FIELD_COUNT];
 #[unsafe(no_mangle)]
 static PAGE_SIZE: u64 = 4096;
@@ -41,6 +43,10 @@ pub fn self_tgid() -> u32 {
 #[inline(always)]
 pub fn trace() -> bool {
     unsafe { core::ptr::read_volatile(&TRACE) != 0 }
+}
+#[inline(always)]
+pub fn shard_mask() -> u32 {
+    unsafe { core::ptr::read_volatile(&SHARD_MASK) }
 }
 #[inline(always)]
 pub fn field_offset(field: Field) -> usize {

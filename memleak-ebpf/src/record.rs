@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     EbpfContext,
-    helpers::generated::bpf_get_stack,
+    helpers::generated::{bpf_get_smp_processor_id, bpf_get_stack},
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::info;
@@ -364,22 +364,22 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) -> bool {
     false
 }
 
-/// Adds (or removes) one block to its stack's totals, atomically: threads
-/// allocating from the same stack on several CPUs must not lose updates.
-/// `new` also counts it in the stack's allocations since attach.
+/// Adds (or removes) one block to its stack's totals, in this CPU's part,
+/// atomically: CPUs sharing a part (and a program preempted on one) must not
+/// lose updates. `new` also counts it in the stack's allocations since attach.
 #[inline(always)]
 fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
     let key = CombinedKey {
         tgid,
-        _pad: 0,
+        // SAFETY: a helper without arguments.
+        shard: unsafe { bpf_get_smp_processor_id() } & config::shard_mask(),
         stack_id: info.stack_id,
     };
     let totals = match COMBINED.get_ptr_mut(&key) {
         Some(t) => t,
         None => {
-            if !add {
-                return;
-            }
+            // A free may be the first of this stack on this CPU: its part
+            // then goes below zero.
             let _ = COMBINED.insert(&key, &CombinedAlloc::default(), BPF_NOEXIST as u64);
             match COMBINED.get_ptr_mut(&key) {
                 Some(t) => t,

@@ -188,7 +188,70 @@ fn churn_bench(memleak: &Path, churn: &Path, opts: &Options, out: &mut String) -
     let mut missed = check(out, "memleak / naive floor", overhead(Variant::Default) / naive, 0.67, "x");
     missed += check(out, "memleak / optimized floor", overhead(Variant::Default) / placed, 1.25, "x");
     missed += check(out, "--combined-only / optimized floor", overhead(Variant::CombinedOnly) / placed, 1.15, "x");
+    program_time(memleak, churn, opts, out)?;
     Ok(missed)
+}
+
+/// Variants whose BPF programs' own run time is measured.
+const TIMED: [Variant; 4] = [Variant::PlacedFloor, Variant::Default, Variant::Sampled, Variant::CombinedOnly];
+
+/// Where the time goes inside the kernel: the BPF programs' own run time
+/// per pair, as the kernel counts it with `kernel.bpf_stats_enabled` (memleak
+/// -v prints it). Far less noisy than CPU time, but the counting adds two
+/// clock reads to every program run, so it is a pass of its own.
+fn program_time(memleak: &Path, churn: &Path, opts: &Options, out: &mut String) -> anyhow::Result<()> {
+    let _stats = BpfStats::enable()?;
+    let rounds = opts.rounds.min(3);
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); TIMED.len()];
+    for round in 0..rounds {
+        for k in 0..TIMED.len() {
+            let i = (k + round) % TIMED.len();
+            let (_, lines) = churn_traced(memleak, churn, TIMED[i], &["-v"], opts)
+                .with_context(|| format!("timing the programs of {}", TIMED[i].name()))?;
+            let total: u64 = lines.iter().filter_map(|l| parse_program_cost(l)).map(|(_, ns)| ns).sum();
+            ns[i].push(total as f64 / (opts.threads as u64 * opts.pairs) as f64);
+        }
+    }
+    let floor = median(&ns[0]);
+    let _ = writeln!(
+        out,
+        "
+The BPF programs' own run time per pair, as the kernel counts it (`kernel.bpf_stats_enabled`, in {rounds} rounds of their own: the counting adds two clock reads to every run):\n"
+    );
+    let _ = writeln!(out, "| variant | programs per pair (ns) | over the optimized floor's (ns) |\n| --- | ---: | ---: |");
+    for (v, ns) in TIMED.iter().zip(&ns) {
+        let _ = writeln!(out, "| {} | {:.0} | {:.0} |", v.name(), median(ns), median(ns) - floor);
+    }
+    Ok(())
+}
+
+/// `kernel.bpf_stats_enabled` on while it lives, then back as it was.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> anyhow::Result<Self> {
+        let was = std::fs::read_to_string(Self::PATH).with_context(|| format!("reading {}", Self::PATH))?;
+        std::fs::write(Self::PATH, "1").with_context(|| format!("writing {}", Self::PATH))?;
+        Ok(Self(was))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
+
+/// `memleak: program alloc_exit ran 400003 times, 144001080 ns in all (360 ns each)`
+/// -> (runs, ns in all).
+fn parse_program_cost(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("memleak: program ")?;
+    let (_, rest) = rest.split_once(" ran ")?;
+    let (runs, rest) = rest.split_once(" times, ")?;
+    let (ns, _) = rest.split_once(" ns in all")?;
+    Some((runs.parse().ok()?, ns.parse().ok()?))
 }
 
 /// What one churn run took: run time, and CPU time over all threads.
@@ -200,10 +263,22 @@ struct Run {
 
 /// One run of the churn fixture.
 fn churn_once(memleak: &Path, churn: &Path, variant: Variant, opts: &Options) -> anyhow::Result<Run> {
+    churn_traced(memleak, churn, variant, &[], opts).map(|(run, _)| run)
+}
+
+/// One run of the churn fixture, memleak given `more` options; what memleak
+/// wrote to stderr after attaching.
+fn churn_traced(
+    memleak: &Path,
+    churn: &Path,
+    variant: Variant,
+    more: &[&str],
+    opts: &Options,
+) -> anyhow::Result<(Run, Vec<String>)> {
     let mut app = Running::spawn(&churn.to_path_buf(), &[&opts.threads.to_string(), &opts.pairs.to_string()], true)?;
     wait_until_reading(app.pid())?;
     let tracer = match variant.args() {
-        Some(args) => Some(Tracer::attach(memleak, app.pid(), args, &["3600"])?),
+        Some(args) => Some(Tracer::attach(memleak, app.pid(), &[args, more].concat(), &["3600"])?),
         None => None,
     };
     app.0.stdin.take().context("churn stdin")?.write_all(b"go\n")?;
@@ -211,11 +286,12 @@ fn churn_once(memleak: &Path, churn: &Path, variant: Variant, opts: &Options) ->
     BufReader::new(app.0.stdout.take().context("churn stdout")?).read_line(&mut line)?;
     let numbers: Vec<f64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     let [wall_ns, cpu_ns] = numbers[..] else { bail!("churn printed {line:?}") };
-    if let Some(tracer) = tracer {
+    let stderr = match tracer {
         // The target exits: memleak prints its last report and detaches.
-        tracer.finish(Duration::from_secs(60))?;
-    }
-    Ok(Run { wall_ns, cpu_ns })
+        Some(tracer) => tracer.finish(Duration::from_secs(60))?,
+        None => Vec::new(),
+    };
+    Ok((Run { wall_ns, cpu_ns }, stderr))
 }
 
 fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -> anyhow::Result<usize> {
@@ -358,8 +434,9 @@ impl Tracer {
         Ok(Self { child, attach_s, stderr, stdout })
     }
 
-    /// Stops memleak (SIGINT unless it is ending by itself) and waits.
-    fn finish(mut self, limit: Duration) -> anyhow::Result<()> {
+    /// Stops memleak (SIGINT unless it is ending by itself) and waits;
+    /// returns the stderr lines not read yet.
+    fn finish(mut self, limit: Duration) -> anyhow::Result<Vec<String>> {
         let start = Instant::now();
         while self.child.try_wait()?.is_none() {
             if start.elapsed() > Duration::from_secs(2) {
@@ -373,7 +450,8 @@ impl Tracer {
             thread::sleep(Duration::from_millis(20));
         }
         let _ = self.stdout.join();
-        Ok(())
+        // The reader thread ends at EOF, once the pipe is drained.
+        Ok(self.stderr.iter().collect())
     }
 }
 
@@ -429,6 +507,13 @@ fn median(values: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_program_costs() {
+        let line = "memleak: program alloc_exit ran 400003 times, 144001080 ns in all (360 ns each)";
+        assert_eq!(parse_program_cost(line), Some((400003, 144001080)));
+        assert_eq!(parse_program_cost("memleak: report 3 took 0.183 s (1000000 entries read)"), None);
+    }
 
     #[test]
     fn reads_report_timings() {
