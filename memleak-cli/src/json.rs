@@ -242,6 +242,7 @@ mod tests {
                 stack_id,
                 bytes,
                 count: bytes / 8192,
+                live: bytes / 8192,
                 blocks: vec![Block { addr: 0x7f00, size: 8192 }],
                 oldest_ns: Some(0),
             },

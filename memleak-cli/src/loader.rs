@@ -22,6 +22,8 @@ pub struct Config {
     pub trace: bool,
     pub max_allocs: u32,
     pub max_stacks: u32,
+    /// Outstanding sizes in the per-stack totals (`COMBINED_ONLY`).
+    pub combined_only: bool,
     /// Parts of each stack's totals (a power of two): see `CombinedKey`.
     pub shards: u32,
     /// Entries of the per-(process, stack) totals, all parts.
@@ -42,6 +44,7 @@ impl Config {
             trace: args.trace,
             max_allocs: args.max_allocs,
             max_stacks: args.max_stacks,
+            combined_only: args.combined_only,
             // One process has each stack once, plus the blocks without one;
             // system-wide, processes share stacks (of libc, say).
             shards,
@@ -68,6 +71,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::SELF_TGID, &self_tgid, true)
         .override_global(globals::TRACE, &trace, true)
         .override_global(globals::SHARD_MASK, &(config.shards - 1), true)
+        .override_global(globals::COMBINED_ONLY, &u32::from(config.combined_only), true)
         .override_global(globals::FIELD_OFFSETS, &config.field_offsets, true)
         .override_global(globals::PAGE_SIZE, &page_size(), true)
         .override_global(globals::SKIP_CALLER, &config.skip_caller, true)

@@ -26,6 +26,9 @@ pub struct StackTotal {
     pub stack_id: u64,
     pub bytes: u64,
     pub count: u64,
+    /// Its outstanding blocks of any age (`-o` leaves the young ones out of
+    /// `count`): the frees since attach are its allocations less these.
+    pub live: u64,
     /// The blocks, by address (empty in --combined-only mode).
     pub blocks: Vec<Block>,
     /// When its oldest block was allocated (CLOCK_MONOTONIC ns; None in
@@ -50,20 +53,22 @@ impl Aggregator {
     }
 
     pub fn add(&mut self, key: AllocKey, info: AllocInfo) {
-        if self.now_ns.saturating_sub(info.timestamp_ns) < self.min_age_ns {
-            return;
-        }
         let total = self.totals.entry((key.tgid, info.stack_id)).or_insert_with(|| StackTotal {
             tgid: key.tgid,
             stack_id: info.stack_id,
             bytes: 0,
             count: 0,
+            live: 0,
             blocks: Vec::new(),
             oldest_ns: Some(info.timestamp_ns),
         });
+        total.live += 1;
+        total.oldest_ns = total.oldest_ns.map(|t| t.min(info.timestamp_ns));
+        if self.now_ns.saturating_sub(info.timestamp_ns) < self.min_age_ns {
+            return;
+        }
         total.bytes += info.size;
         total.count += 1;
-        total.oldest_ns = total.oldest_ns.map(|t| t.min(info.timestamp_ns));
         if self.keep_blocks {
             total.blocks.push(Block { addr: key.addr, size: info.size });
         }
@@ -80,6 +85,7 @@ impl Aggregator {
                     let ours = slot.get_mut();
                     ours.bytes += theirs.bytes;
                     ours.count += theirs.count;
+                    ours.live += theirs.live;
                     ours.oldest_ns = match (ours.oldest_ns, theirs.oldest_ns) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
@@ -90,10 +96,10 @@ impl Aggregator {
         }
     }
 
-    /// The stacks, in no order (a report sorts them by `--sort`), their
-    /// blocks by address.
+    /// The stacks with blocks old enough, in no order (a report sorts them
+    /// by `--sort`), their blocks by address.
     pub fn finish(self) -> Vec<StackTotal> {
-        let mut totals: Vec<StackTotal> = self.totals.into_values().collect();
+        let mut totals: Vec<StackTotal> = self.totals.into_values().filter(|t| t.count > 0).collect();
         for t in &mut totals {
             t.blocks.sort_unstable_by_key(|b| b.addr);
         }
@@ -126,6 +132,7 @@ pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAll
             stack_id: k.stack_id,
             bytes: c.total_size,
             count: c.count,
+            live: c.count,
             blocks: Vec::new(),
             oldest_ns: None,
         })
@@ -284,6 +291,7 @@ mod tests {
             alloc(0x10, 8192, 200, 1),
             alloc(0x20, 100, 100, 2),
             alloc(0x40, 50_000, 950, 3), // younger than 100 ns at now=1000
+            alloc(0x50, 10, 990, 1),     // young too, but still live
         ];
         let totals = by_stack(allocs, 1000, 100, true);
         assert_eq!(totals.len(), 2);
@@ -291,6 +299,8 @@ mod tests {
         assert_eq!(totals[0].blocks, [Block { addr: 0x10, size: 8192 }, Block { addr: 0x30, size: 8192 }]);
         assert_eq!((totals[1].stack_id, totals[1].bytes, totals[1].count), (2, 100, 1));
         assert_eq!((totals[0].oldest_ns, totals[1].oldest_ns), (Some(100), Some(100)));
+        // Every block of a stack counts for its frees, young or not.
+        assert_eq!((totals[0].live, totals[1].live), (3, 1));
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Reporter {
                 totals.retain(|t| !dead.contains(&t.tgid));
             }
         }
-        let mut rows = self.trends.update(totals, now, &trend::counts(&combined));
+        let mut rows = self.trends.update(totals, now, &trend::allocs(&combined));
         sort::sort(&mut rows, self.sort);
         self.reports += 1;
         for warning in self.lost.due(&self.recorded.lost(), now) {

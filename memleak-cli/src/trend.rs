@@ -43,19 +43,10 @@ pub struct Row {
     pub trend: Trend,
 }
 
-/// The kernel's counters of one stack, from `COMBINED`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    pub allocs: u64,
-    pub outstanding: u64,
-}
-
-/// `COMBINED` by (process, stack).
-pub fn counts(combined: &[(CombinedKey, CombinedAlloc)]) -> FastMap<Key, Counts> {
-    combined
-        .iter()
-        .map(|(k, c)| ((k.tgid, k.stack_id), Counts { allocs: c.allocs, outstanding: c.count }))
-        .collect()
+/// Each stack's allocations since attach, from `COMBINED`, by (process,
+/// stack).
+pub fn allocs(combined: &[(CombinedKey, CombinedAlloc)]) -> FastMap<Key, u64> {
+    combined.iter().map(|(k, c)| ((k.tgid, k.stack_id), c.allocs)).collect()
 }
 
 struct Seen {
@@ -84,13 +75,9 @@ impl Tracker {
         now_ns.saturating_sub(self.start_ns).saturating_sub(self.lag_ns) as f64 / 1e9
     }
 
-    /// This report's trends; `counts` are the kernel's per-stack counters.
-    pub fn update(
-        &mut self,
-        totals: Vec<StackTotal>,
-        now_ns: u64,
-        counts: &FastMap<Key, Counts>,
-    ) -> Vec<Row> {
+    /// This report's trends; `allocs`: each stack's allocations since
+    /// attach, as the kernel counted them.
+    pub fn update(&mut self, totals: Vec<StackTotal>, now_ns: u64, allocs: &FastMap<Key, u64>) -> Vec<Row> {
         let span = self.span_s(now_ns);
         let mut next = FastMap::with_capacity_and_hasher(totals.len(), Default::default());
         let rows = totals
@@ -103,13 +90,13 @@ impl Tracker {
                     None => (0, 1, total.bytes > 0),
                 };
                 next.insert(key, Seen { bytes: total.bytes, reports, rising });
-                let counts = counts.get(&key);
+                let allocs = allocs.get(&key).copied();
                 let trend = Trend {
                     change_bytes: total.bytes as i64 - before as i64,
                     rate_bytes_per_s: (span > 0.0).then(|| total.bytes as f64 / span),
                     oldest_age_ns: total.oldest_ns.map(|t| now_ns.saturating_sub(t)),
-                    allocs: counts.map(|c| c.allocs),
-                    frees: counts.map(|c| c.allocs.saturating_sub(c.outstanding)),
+                    allocs,
+                    frees: allocs.map(|a| a.saturating_sub(total.live)),
                     reports,
                     growing: rising && reports >= 2,
                 };
@@ -160,7 +147,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn total(stack_id: u64, bytes: u64, oldest_ns: Option<u64>) -> StackTotal {
-        StackTotal { tgid: 7, stack_id, bytes, count: bytes / 8192, blocks: vec![], oldest_ns }
+        StackTotal { tgid: 7, stack_id, bytes, count: bytes / 8192, live: bytes / 8192 + 2, blocks: vec![], oldest_ns }
     }
 
     fn growing_at_each_report(series: &[&[(u64, u64)]]) -> Vec<Vec<(u64, bool)>> {
@@ -179,8 +166,9 @@ mod tests {
     #[test]
     fn change_rate_age_and_counts() {
         let mut tracker = Tracker::new(10 * S, S / 2);
-        let counts = FastMap::from_iter([((7, 1), Counts { allocs: 9, outstanding: 5 })]);
-        let rows = tracker.update(vec![total(1, 24576, Some(11 * S))], 12 * S, &counts);
+        let allocs = FastMap::from_iter([((7, 1), 9)]);
+        // 3 blocks old enough, 2 younger: 4 of 9 freed.
+        let rows = tracker.update(vec![total(1, 24576, Some(11 * S))], 12 * S, &allocs);
         let t = &rows[0].trend;
         assert_eq!(t.change_bytes, 24576);
         // 1.5 s of the run covered (2 s traced, the last 0.5 s left out).
@@ -253,8 +241,8 @@ mod tests {
     }
 
     #[test]
-    fn counts_by_process_and_stack() {
-        let c = counts(&[(CombinedKey { tgid: 3, shard: 0, stack_id: 4 }, CombinedAlloc { total_size: 8, count: 1, allocs: 6 })]);
-        assert_eq!(c[&(3, 4)], Counts { allocs: 6, outstanding: 1 });
+    fn allocs_by_process_and_stack() {
+        let c = allocs(&[(CombinedKey { tgid: 3, shard: 0, stack_id: 4 }, CombinedAlloc { total_size: 8, count: 1, allocs: 6 })]);
+        assert_eq!(c[&(3, 4)], 6);
     }
 }

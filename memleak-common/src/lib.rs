@@ -57,7 +57,8 @@ pub struct CombinedKey {
 /// Most parts a stack's totals are kept in (see [`CombinedKey`]).
 pub const MAX_SHARDS: u32 = 8;
 
-/// Value of `COMBINED`, updated with atomic adds from the CPUs of its part.
+/// Value of `COMBINED`, updated with atomic adds from the CPUs of its part
+/// (`total_size` and `count` with --combined-only only).
 /// A part may be below zero (wrapped): blocks freed on a CPU other than the
 /// one they were allocated on.
 #[repr(C)]
@@ -194,6 +195,11 @@ pub mod globals {
     pub const SELF_TGID: &str = "SELF_TGID";
     /// u32: non-zero to log every call (`-t`).
     pub const TRACE: &str = "TRACE";
+    /// u32: non-zero with --combined-only: the per-stack totals keep
+    /// outstanding bytes and blocks (a free updates them). Otherwise the
+    /// report adds the blocks up itself, and the totals count allocations
+    /// only: a free just forgets its block.
+    pub const COMBINED_ONLY: &str = "COMBINED_ONLY";
     /// u32: the number of parts of each stack's totals, a power of two, less
     /// one (a CPU's part is its number masked with it).
     pub const SHARD_MASK: &str = "SHARD_MASK";

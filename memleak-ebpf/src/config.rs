@@ -15,6 +15,8 @@ static TRACE: u32 = 0;
 #[unsafe(no_mangle)]
 static SHARD_MASK: u32 = 0;
 #[unsafe(no_mangle)]
+static COMBINED_ONLY: u32 = 0;
+#[unsafe(no_mangle)]
 static FIELD_OFFSETS: [u32; FIELD_COUNT] = [0; FIELD_COUNT];
 #[unsafe(no_mangle)]
 static PAGE_SIZE: u64 = 4096;
@@ -43,6 +45,10 @@ pub fn self_tgid() -> u32 {
 #[inline(always)]
 pub fn trace() -> bool {
     unsafe { core::ptr::read_volatile(&TRACE) != 0 }
+}
+#[inline(always)]
+pub fn combined_only() -> bool {
+    unsafe { core::ptr::read_volatile(&COMBINED_ONLY) != 0 }
 }
 #[inline(always)]
 pub fn shard_mask() -> u32 {

@@ -286,7 +286,7 @@ pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) 
 #[inline(always)]
 pub fn forget_kernel(space: u32, addr: u64) {
     if addr != 0 {
-        let _ = take(space, addr);
+        drop_block(space, addr);
     }
 }
 
@@ -339,7 +339,18 @@ pub fn forget(tgid: u64, addr: u64) {
     if tgid == config::self_tgid() {
         return;
     }
-    let _ = take(tgid, addr);
+    drop_block(tgid, addr);
+}
+
+/// A block freed. Only --combined-only keeps outstanding sizes in the
+/// totals; otherwise the block just goes (one hash walk, not two).
+#[inline(always)]
+fn drop_block(tgid: u32, addr: u64) {
+    if config::combined_only() {
+        let _ = take(tgid, addr);
+    } else {
+        let _ = ALLOCS.remove(&AllocKey { addr, tgid, _pad: 0 });
+    }
 }
 
 /// munmap(addr, len). Blocks from direct mmap calls are cut exactly, one
@@ -366,9 +377,14 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) -> bool {
 
 /// Adds (or removes) one block to its stack's totals, in this CPU's part,
 /// atomically: CPUs sharing a part (and a program preempted on one) must not
-/// lose updates. `new` also counts it in the stack's allocations since attach.
+/// lose updates. `new` also counts it in the stack's allocations since
+/// attach, which is all the totals keep without --combined-only.
 #[inline(always)]
 fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
+    let sizes = config::combined_only();
+    if !sizes && !new {
+        return;
+    }
     let key = CombinedKey {
         tgid,
         // SAFETY: a helper without arguments.
@@ -398,8 +414,10 @@ fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
     // BPF has atomic add but no compare-and-swap, so core's atomics lack
     // fetch_add here: the intrinsic compiles to a plain `lock xadd`.
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).total_size, size);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).count, n);
+        if sizes {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).total_size, size);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).count, n);
+        }
         if new {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).allocs, 1);
         }
