@@ -79,6 +79,24 @@ fn blocks_freed_on_another_cpu_leave_exact_totals() {
 }
 
 #[test]
+fn verbose_says_what_each_program_cost_when_the_kernel_counts_it() {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(STATS).expect("bpf_stats_enabled");
+    std::fs::write(STATS, "1").expect("enabling BPF stats");
+    let (report, stderr) = report(&["exact", "37"], &["-v"]);
+    std::fs::write(STATS, was.trim()).expect("restoring BPF stats");
+    assert_eq!(report.stacks.len(), 1, "{report:?}");
+    let runs = |program: &str| -> u64 {
+        let prefix = format!("memleak: program {program} ran ");
+        let line = stderr.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {program}:\n{stderr}"));
+        line.split_whitespace().next().and_then(|n| n.parse().ok()).expect("runs")
+    };
+    // The fixture's 37 blocks, at least (its start-up allocates too).
+    assert!(runs("malloc_enter") >= 37 && runs("alloc_exit") >= 37, "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("memleak: program ") && l.ends_with(" ns each)")), "{stderr}");
+}
+
+#[test]
 fn exact_bytes_and_blocks_from_a_known_stack() {
     for mode in [&[][..], &["--combined-only"]] {
         let (report, _) = report(&["exact", "37"], mode);

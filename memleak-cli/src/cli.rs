@@ -109,7 +109,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1 << 14)]
     pub max_stacks: u32,
 
-    /// Say what is hooked where.
+    /// Say what is hooked where, how long each report took, and at exit
+    /// what each BPF program cost (if kernel.bpf_stats_enabled=1).
     #[arg(short, long)]
     pub verbose: bool,
 
