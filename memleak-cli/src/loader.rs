@@ -45,9 +45,9 @@ impl Config {
             max_allocs: args.max_allocs,
             max_stacks: args.max_stacks,
             combined_only: args.combined_only,
+            shards,
             // One process has each stack once, plus the blocks without one;
             // system-wide, processes share stacks (of libc, say).
-            shards,
             max_combined: match args.mode() {
                 crate::cli::Mode::System { .. } => args.max_stacks.saturating_mul(4).max(1024),
                 _ => args.max_stacks.saturating_add(1),
