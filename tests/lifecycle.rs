@@ -57,10 +57,11 @@ fn probes_are_in_while_tracing_and_gone_after() {
     assert_eq!(first_byte(app.pid(), addr), original, "a uprobe is left in malloc after memleak exited");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+/// None once the process has exited (a zombie has no VmRSS).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[test]
@@ -81,11 +82,15 @@ fn sixty_second_soak_at_high_churn_stays_flat_and_on_time() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    thread::sleep(Duration::from_secs(10));
-    let early = rss_kib(tracer.id());
-    thread::sleep(Duration::from_secs(47));
-    let late = rss_kib(tracer.id());
+    let rss_at = |secs| {
+        thread::sleep(started + Duration::from_secs(secs) - Instant::now());
+        rss_kib(tracer.id())
+    };
+    let (early, late) = (rss_at(10), rss_at(57));
     let out = tracer.wait_with_output().unwrap();
+    let (Some(early), Some(late)) = (early, late) else {
+        panic!("memleak ended early ({:?}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    };
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
