@@ -215,8 +215,7 @@ fn program_time(memleak: &Path, churn: &Path, opts: &Options, out: &mut String) 
     let floor = median(&ns[0]);
     let _ = writeln!(
         out,
-        "
-The BPF programs' own run time per pair, as the kernel counts it (`kernel.bpf_stats_enabled`, in {rounds} rounds of their own: the counting adds two clock reads to every run):\n"
+        "\nThe BPF programs' own run time per pair, as the kernel counts it (`kernel.bpf_stats_enabled`, in {rounds} rounds of their own: the counting adds two clock reads to every run):\n"
     );
     let _ = writeln!(out, "| variant | programs per pair (ns) | over the optimized floor's (ns) |\n| --- | ---: | ---: |");
     for (v, ns) in TIMED.iter().zip(&ns) {
