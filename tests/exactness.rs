@@ -81,10 +81,16 @@ fn blocks_freed_on_another_cpu_leave_exact_totals() {
 #[test]
 fn verbose_says_what_each_program_cost_when_the_kernel_counts_it() {
     const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    let was = std::fs::read_to_string(STATS).expect("bpf_stats_enabled");
+    /// Puts the setting back, even if the run panics.
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(STATS, self.0.trim());
+        }
+    }
+    let _restore = Restore(std::fs::read_to_string(STATS).expect("bpf_stats_enabled"));
     std::fs::write(STATS, "1").expect("enabling BPF stats");
     let (report, stderr) = report(&["exact", "37"], &["-v"]);
-    std::fs::write(STATS, was.trim()).expect("restoring BPF stats");
     assert_eq!(report.stacks.len(), 1, "{report:?}");
     let runs = |program: &str| -> u64 {
         let prefix = format!("memleak: program {program} ran ");

@@ -84,7 +84,8 @@ pub struct Pending {
     /// realloc's old block, untracked at entry and restored if realloc fails.
     pub old_addr: u64,
     pub old: AllocInfo,
-    /// Entry time, to recognise an entry whose return never came.
+    /// Entry time: the block's timestamp, and how an entry whose return
+    /// never came is recognised.
     pub entered_ns: u64,
     /// The stack pointer at entry: a call inside this one has a lower one.
     pub sp: u64,
@@ -171,7 +172,8 @@ pub enum Stat {
     AllocMapFull = 0,
     /// No user stack: the stack map is full, or the walk failed.
     StackLost = 1,
-    /// `COMBINED` was full: `--combined-only` totals miss the allocation.
+    /// `COMBINED` was full: the per-stack totals (allocation counts, and
+    /// with `--combined-only` sizes) miss the allocation.
     CombinedMapFull = 2,
     /// No room to note a call for its return: the kernel could not allocate
     /// a thread's `PENDING` value.

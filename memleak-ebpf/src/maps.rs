@@ -16,9 +16,11 @@ use memleak_common::{
 pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
     HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
-/// Outstanding totals per (tgid, stack), for `--combined-only`. Not per
-/// CPU: per-CPU elements come from a cache that runs dry in BPF context
-/// under load (thousands of updates lost per second system-wide).
+/// Totals per (tgid, stack), in a part per CPU (see `CombinedKey`):
+/// outstanding bytes and blocks with `--combined-only`, and allocations
+/// since attach. A hash with the CPU in the key, not a per-CPU map: per-CPU
+/// elements come from a cache that runs dry in BPF context under load
+/// (thousands of updates lost per second system-wide).
 #[map]
 pub static COMBINED: HashMap<CombinedKey, CombinedAlloc> =
     HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);

@@ -302,8 +302,10 @@ pub fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool) -> bool {
             // The address is tracked already: its free was missed (made
             // before attach, or by a path we do not hook). Replace it, and
             // take the stale block out of the totals (bcc's --wa-missing-free,
-            // always on).
-            if let Some(stale) = ALLOCS.get_ptr(&key) {
+            // always on). Only --combined-only keeps sizes in the totals.
+            if config::combined_only()
+                && let Some(stale) = ALLOCS.get_ptr(&key)
+            {
                 combine(tgid, unsafe { *stale }, false, false);
             }
             if ALLOCS.insert(&key, &info, BPF_ANY as u64).is_err() {
