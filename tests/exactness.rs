@@ -79,6 +79,21 @@ fn blocks_freed_on_another_cpu_leave_exact_totals() {
 }
 
 #[test]
+fn blocks_past_a_full_table_bucket_are_tracked_and_freed_exactly() {
+    // --max-allocs 65536 has the smallest table, 16384 slots: 60000 blocks
+    // fill every bucket, and most go to the hash map beside it. Freed on
+    // another CPU, each must be found wherever it went.
+    for mode in [&["--max-allocs", "65536"][..], &["--max-allocs", "65536", "--combined-only"]] {
+        let (report, stderr) = report(&["handoff", "60000", "7"], mode);
+        assert_eq!(report.stacks.len(), 1, "{mode:?}: {report:?}\n{stderr}");
+        let stack = &report.stacks[0];
+        assert_eq!((stack.bytes, stack.count), (7 * 100, 7), "{mode:?}: {stack:?}");
+        assert!(stack.trend.contains("60000 allocs/59993 frees"), "{mode:?}: {stack:?}");
+        assert!(!stderr.contains("warning"), "{stderr}");
+    }
+}
+
+#[test]
 fn verbose_says_what_each_program_cost_when_the_kernel_counts_it() {
     const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     /// Puts the setting back, even if the run panics.

@@ -6,11 +6,14 @@ use std::{collections::HashMap as StdHashMap, io, mem::size_of, os::fd::AsFd as 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, IterableMap as _, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
 };
-use crate::batch::{self, BatchReader};
+use crate::{
+    batch::{self, BatchReader},
+    table,
+};
 use memleak_common::{
-    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,
+    AllocInfo, AllocKey, Bucket, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,
     Stack, Stat, maps,
 };
 
@@ -18,6 +21,10 @@ use memleak_common::{
 const SPLIT_BUCKETS: u32 = 1 << 16;
 
 pub struct Recorded {
+    /// The blocks' table, and its buckets (0: none, all in `allocs`).
+    table: Array<MapData, Bucket>,
+    table_buckets: u32,
+    /// The blocks the table had no room for.
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     combined: HashMap<MapData, CombinedKey, CombinedAlloc>,
     stacks: HashMap<MapData, u64, Stack>,
@@ -30,12 +37,15 @@ pub struct Recorded {
 }
 
 impl Recorded {
-    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    pub fn take(ebpf: &mut Ebpf, table_buckets: u32) -> anyhow::Result<Self> {
         let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
         let allocs: HashMap<MapData, AllocKey, AllocInfo> = HashMap::try_from(take(maps::ALLOCS)?)?;
         // The kernel gives a hash map a power of two of buckets.
         let allocs_buckets = allocs.map().info()?.max_entries().next_power_of_two();
+        let table: Array<MapData, Bucket> = Array::try_from(take(maps::ALLOC_TABLE)?)?;
         Ok(Self {
+            table,
+            table_buckets,
             allocs,
             allocs_buckets,
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
@@ -48,21 +58,53 @@ impl Recorded {
     }
 
     /// Puts each outstanding allocation into a sink made by `make`, one
-    /// sink per thread when the map is big enough to read on every CPU
-    /// (see `batch::read_split`). Nothing is collected on the way: a
-    /// million allocations would cost 40 MB.
+    /// sink per thread: the table is read on every CPU, in ranges of
+    /// buckets, and so is the hash map when it is big enough (see
+    /// `batch::read_split`). Nothing is collected on the way: a million
+    /// allocations would cost 40 MB.
     pub fn allocations_into<S: Send>(
         &mut self,
         make: impl Fn() -> S + Sync,
         add: impl Fn(&mut S, AllocKey, AllocInfo) + Sync,
     ) -> Vec<S> {
-        let what = "the allocation map";
         let parts = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) as u32;
+        let mut sinks = self.spilled_into(parts, &make, &add);
+        if self.table_buckets == 0 {
+            return sinks;
+        }
+        let ranges = table::split(self.table_buckets, parts);
+        sinks.resize_with(sinks.len().max(ranges.len()), &make);
+        let fd = self.table.map().fd().as_fd();
+        let failed = std::thread::scope(|scope| {
+            let threads: Vec<_> = sinks
+                .iter_mut()
+                .zip(ranges)
+                .map(|(sink, range)| {
+                    let add = &add;
+                    scope.spawn(move || table::for_each(fd, range, |k, v| add(sink, k, v)))
+                })
+                .collect();
+            threads.into_iter().find_map(|t| t.join().expect("table reader thread panicked").err())
+        });
+        if let Some(e) = failed {
+            eprintln!("warning: reading the allocation table: {e}");
+        }
+        sinks
+    }
+
+    /// The blocks in the hash map, into sinks as `allocations_into` says.
+    fn spilled_into<S: Send>(
+        &mut self,
+        parts: u32,
+        make: &(impl Fn() -> S + Sync),
+        add: &(impl Fn(&mut S, AllocKey, AllocInfo) + Sync),
+    ) -> Vec<S> {
+        let what = "the allocation map";
         if parts > 1 && self.allocs_buckets >= SPLIT_BUCKETS {
             let fd = self.allocs.map().fd().as_fd();
             let (key_size, value_size) = (size_of::<AllocKey>(), size_of::<AllocInfo>());
             let add_bytes = |s: &mut S, k: &[u8], v: &[u8]| add(s, batch::read(k), batch::read(v));
-            match batch::read_split(fd, key_size, value_size, self.allocs_buckets, parts, &make, add_bytes) {
+            match batch::read_split(fd, key_size, value_size, self.allocs_buckets, parts, make, add_bytes) {
                 Ok(Some(sinks)) => return sinks,
                 // Ranges that could not be joined exactly: read it in one pass.
                 Ok(None) => {}
@@ -81,6 +123,11 @@ impl Recorded {
     /// Removes everything recorded for these processes (they exited); a
     /// later process with the same PID starts with free REGIONS slots.
     pub fn forget_processes(&mut self, tgids: &std::collections::HashSet<u32>) {
+        if self.table_buckets > 0
+            && let Err(e) = table::forget(self.table.map().fd().as_fd(), self.table_buckets, tgids)
+        {
+            eprintln!("warning: forgetting exited processes' blocks: {e}");
+        }
         for key in of_processes(self.allocs.keys(), |k| k.tgid, tgids) {
             let _ = self.allocs.remove(&key);
         }

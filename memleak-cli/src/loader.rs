@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use aya::{Ebpf, EbpfLoader, maps::ProgramArray, programs::UProbe};
-use memleak_common::{FIELD_COUNT, MAX_SHARDS, globals, maps};
+use memleak_common::{BUCKET_SLOTS, FIELD_COUNT, MAX_SHARDS, globals, maps};
 
 use crate::{
     cli::Args,
@@ -21,6 +21,9 @@ pub struct Config {
     pub sample_every: u64,
     pub trace: bool,
     pub max_allocs: u32,
+    /// Buckets of the allocation table, a power of two; 0 for none (see
+    /// `table_buckets`).
+    pub table_buckets: u32,
     pub max_stacks: u32,
     /// Outstanding sizes in the per-stack totals (`COMBINED_ONLY`).
     pub combined_only: bool,
@@ -43,6 +46,7 @@ impl Config {
             sample_every: args.sample_rate,
             trace: args.trace,
             max_allocs: args.max_allocs,
+            table_buckets: table_buckets(args.max_allocs),
             max_stacks: args.max_stacks,
             combined_only: args.combined_only,
             shards,
@@ -75,7 +79,9 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::FIELD_OFFSETS, &config.field_offsets, true)
         .override_global(globals::PAGE_SIZE, &page_size(), true)
         .override_global(globals::SKIP_CALLER, &config.skip_caller, true)
-        .map_max_entries(maps::ALLOCS, config.max_allocs)
+        .override_global(globals::TABLE_SHIFT, &table_shift(config.table_buckets), true)
+        .map_max_entries(maps::ALLOC_TABLE, config.table_buckets.max(1))
+        .map_max_entries(maps::ALLOCS, config.max_allocs - table_slots(config.table_buckets))
         .map_max_entries(maps::STACKS, config.max_stacks)
         .map_max_entries(maps::COMBINED, config.max_combined)
         // PENDING, a task storage map: aya creates it but has no type to
@@ -83,6 +89,29 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .allow_unsupported_maps()
         .load(PROGRAMS)
         .map_err(load_error)
+}
+
+/// The allocation table's share of `--max-allocs`: a quarter of it, in
+/// slots (rounded down to a power of two of buckets), and the rest in
+/// ALLOCS for the blocks whose bucket is full. The table is allocated
+/// whole when the map is made (384 bytes a bucket: 12 MiB for the default
+/// million), so small limits have none, and keep exactly their count.
+pub fn table_buckets(max_allocs: u32) -> u32 {
+    const SMALLEST: u32 = 1 << 16;
+    if max_allocs < SMALLEST {
+        return 0;
+    }
+    let buckets = max_allocs / 4 / BUCKET_SLOTS as u32;
+    1 << buckets.ilog2()
+}
+
+fn table_slots(buckets: u32) -> u32 {
+    buckets * BUCKET_SLOTS as u32
+}
+
+/// A bucket is the top bits of a key's hash (`TABLE_SHIFT`).
+fn table_shift(buckets: u32) -> u32 {
+    if buckets == 0 { 0 } else { 64 - buckets.ilog2() }
 }
 
 /// aya 0.14's `EbpfLoader::new()` always reads and parses the kernel's BTF
@@ -310,6 +339,17 @@ mod tests {
         let err = load_error(map_error(libc::EINVAL));
         assert_eq!(crate::error::exit_code(&err), 1);
         assert!(format!("{err:#}").starts_with("loading the BPF programs: "), "{err:#}");
+    }
+
+    #[test]
+    fn a_quarter_of_max_allocs_is_table_slots_from_65536_up() {
+        assert_eq!(table_buckets(65535), 0);
+        assert_eq!(table_shift(0), 0);
+        assert_eq!((table_buckets(65536), table_shift(2048)), (2048, 53));
+        assert_eq!(table_slots(table_buckets(1 << 20)), 1 << 18);
+        // Rounded down to a power of two of buckets: the hash map has the rest.
+        assert_eq!(table_buckets(1_000_000), 16384);
+        assert_eq!(table_buckets(u32::MAX), 1 << 26);
     }
 
     #[test]

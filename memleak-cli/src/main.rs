@@ -22,6 +22,7 @@ mod report;
 mod reporter;
 mod sort;
 mod symbolize;
+mod table;
 mod trace;
 mod trend;
 

@@ -3,8 +3,10 @@
 //! so both sides agree on the layout byte for byte.
 #![no_std]
 
-/// Key of `ALLOCS`: an address is only unique within one process, and
-/// system-wide tracing sees many processes.
+/// Key of `ALLOCS` (the blocks `ALLOC_TABLE` has no room for, and those
+/// of direct mappings, which munmap looks up there): an address
+/// is only unique within one process, and system-wide tracing sees many
+/// processes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AllocKey {
@@ -23,6 +25,32 @@ pub struct AllocInfo {
     /// Key into `STACKS` (a hash of the frames), or [`NO_STACK`] when the
     /// stack could not be recorded.
     pub stack_id: u64,
+}
+
+/// Slots per bucket of `ALLOC_TABLE`.
+pub const BUCKET_SLOTS: usize = 8;
+
+/// A bucket of `ALLOC_TABLE`, the outstanding blocks by (process,
+/// address): each block in one of the slots of the bucket its key hashes
+/// to. A slot is free while `addrs[i]` is 0, claimed by a compare-and-swap
+/// of 0 to the block's address, and valid once `owners[i]` (the tgid,
+/// written last) is non-zero; it is given back by a compare-and-swap of
+/// the owner to 0, then `addrs[i]` set to 0. Addresses and owners are
+/// apart from the rest, so a lookup reads two cache lines. 384 bytes: a
+/// whole number of cache lines, and of buckets per 3 pages (for `mmap`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
+    pub addrs: [u64; BUCKET_SLOTS],
+    /// tgid of each slot's block (u64: BPF has compare-and-swap on 64 bits
+    /// on every CPU version).
+    pub owners: [u64; BUCKET_SLOTS],
+    pub infos: [AllocInfo; BUCKET_SLOTS],
+    /// Blocks whose key hashes here but which found the bucket full and went
+    /// to `ALLOCS`: a key not in the bucket is looked for there only when
+    /// this is not 0. Never too low; too high only costs lookups.
+    pub spilled: u64,
+    pub _pad: [u64; 7],
 }
 
 /// `stack_id` of an allocation whose user stack could not be recorded.
@@ -168,7 +196,8 @@ pub const FIELD_COUNT: usize = 14;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// `ALLOCS` was full: the allocation is not tracked.
+    /// No room: its bucket of `ALLOC_TABLE` and `ALLOCS` were full. The
+    /// allocation is not tracked.
     AllocMapFull = 0,
     /// No user stack: the stack map is full, or the walk failed.
     StackLost = 1,
@@ -202,6 +231,10 @@ pub mod globals {
     /// report adds the blocks up itself, and the totals count allocations
     /// only: a free just forgets its block.
     pub const COMBINED_ONLY: &str = "COMBINED_ONLY";
+    /// u32: 64 less the log2 of `ALLOC_TABLE`'s buckets (a bucket is the
+    /// top bits of a key's hash); 0 when there is no table and every block
+    /// goes to `ALLOCS`.
+    pub const TABLE_SHIFT: &str = "TABLE_SHIFT";
     /// u32: the number of parts of each stack's totals, a power of two, less
     /// one (a CPU's part is its number masked with it).
     pub const SHARD_MASK: &str = "SHARD_MASK";
@@ -217,6 +250,7 @@ pub mod globals {
 /// Map names, written once here so both sides agree.
 pub mod maps {
     pub const ALLOCS: &str = "ALLOCS";
+    pub const ALLOC_TABLE: &str = "ALLOC_TABLE";
     pub const COMBINED: &str = "COMBINED";
     pub const STACKS: &str = "STACKS";
     pub const STATS: &str = "STATS";
@@ -231,9 +265,21 @@ mod pod {
     // pattern is valid.
     unsafe impl aya::Pod for AllocKey {}
     unsafe impl aya::Pod for AllocInfo {}
+    unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for CombinedKey {}
     unsafe impl aya::Pod for CombinedAlloc {}
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for RegionKey {}
     unsafe impl aya::Pod for Region {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_is_whole_cache_lines_and_tiles_pages() {
+        assert_eq!(size_of::<Bucket>() % 64, 0);
+        assert_eq!((3 * 4096) % size_of::<Bucket>(), 0);
+    }
 }

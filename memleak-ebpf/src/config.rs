@@ -15,6 +15,8 @@ static TRACE: u32 = 0;
 #[unsafe(no_mangle)]
 static SHARD_MASK: u32 = 0;
 #[unsafe(no_mangle)]
+static TABLE_SHIFT: u32 = 0;
+#[unsafe(no_mangle)]
 static COMBINED_ONLY: u32 = 0;
 #[unsafe(no_mangle)]
 static FIELD_OFFSETS: [u32; FIELD_COUNT] = [0; FIELD_COUNT];
@@ -49,6 +51,10 @@ pub fn trace() -> bool {
 #[inline(always)]
 pub fn combined_only() -> bool {
     unsafe { core::ptr::read_volatile(&COMBINED_ONLY) != 0 }
+}
+#[inline(always)]
+pub fn table_shift() -> u32 {
+    unsafe { core::ptr::read_volatile(&TABLE_SHIFT) }
 }
 #[inline(always)]
 pub fn shard_mask() -> u32 {

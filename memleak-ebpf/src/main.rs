@@ -4,7 +4,7 @@
 //! walk starts in the caller); free and munmap forget it.
 #![no_std]
 #![no_main]
-// atomic_xadd: see record::combine.
+// atomic_xadd and atomic_cxchg: see record::combine.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -14,6 +14,7 @@ mod kernel;
 mod maps;
 mod record;
 mod regions;
+mod table;
 mod task_storage;
 mod unwind;
 

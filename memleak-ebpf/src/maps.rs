@@ -2,16 +2,23 @@
 //! `--max-allocs` and `--max-stacks` before load.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::{btf_map, map},
-    maps::{HashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use crate::task_storage::TaskStorage;
 use memleak_common::{
-    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack,
+    AllocInfo, AllocKey, Bucket, CombinedAlloc, CombinedKey, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack,
 };
 
-/// Outstanding allocations. Not preallocated: memory follows what is live.
+/// Outstanding allocations, by the hash of (process, address): see
+/// `table`. Mappable, so the report reads it in place.
+#[map]
+pub static ALLOC_TABLE: Array<Bucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Outstanding allocations that found their bucket of ALLOC_TABLE full (or
+/// all of them with no table), and blocks of direct mappings (see
+/// `record::track`). Not preallocated: memory follows what is live.
 #[map]
 pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
     HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);

@@ -9,25 +9,22 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     EbpfContext,
-    helpers::generated::{bpf_get_smp_processor_id, bpf_get_stack},
+    helpers::generated::{bpf_get_smp_processor_id, bpf_get_stack, bpf_jiffies64},
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::info;
 use memleak_common::{
-    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_ACTIVE,
+    AllocInfo, AllocKey, Bucket, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_ACTIVE,
     PENDING_HAS_OLD, PENDING_MMAP, PENDING_RECORD, Region, Stack, Stat,
 };
 
 use crate::{
     config, regions,
+    table,
     unwind::{stack_pointer, user_stack},
     maps::{ALLOCS, COMBINED, KNOWN_STACK_BITS, KNOWN_STACKS, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
-/// An entry whose return did not come within this long is stale, even if
-/// the new call's frame is below it (a longjmp left it, and a deeper frame
-/// called again): a new call replaces it.
-const STALE_NS: u64 = 1_000_000_000;
 
 const EEXIST: i32 = -17;
 const MAP_FAILED: u64 = u64::MAX;
@@ -37,10 +34,24 @@ pub fn thread_id() -> u64 {
     bpf_get_current_pid_tgid()
 }
 
+/// The time of a call: CLOCK_MONOTONIC in ns. With --combined-only,
+/// whose reports show no ages, jiffies instead: reading them is a load,
+/// where a clock read costs about 40 ns (kvm-clock), and those times are
+/// only compared with each other (a call gone stale, a followed mapping's
+/// block). Tracing programs may not read the coarse clock.
 #[inline(always)]
 fn now() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: helpers without arguments.
+    if config::combined_only() { unsafe { bpf_jiffies64() } } else { unsafe { bpf_ktime_get_ns() } }
+}
+
+/// An entry whose return did not come within this long is stale, even if
+/// the new call's frame is below it (a longjmp left it, and a deeper frame
+/// called again): a new call replaces it. In `now`'s units: a second, or
+/// 1000 jiffies (1 to 10 s by the kernel's HZ).
+#[inline(always)]
+fn stale_after() -> u64 {
+    if config::combined_only() { 1000 } else { 1_000_000_000 }
 }
 
 #[inline(always)]
@@ -91,7 +102,7 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     let entered_ns = now();
     if pending.flags & PENDING_ACTIVE != 0
         && sp < pending.sp
-        && entered_ns.wrapping_sub(pending.entered_ns) < STALE_NS
+        && entered_ns.wrapping_sub(pending.entered_ns) < stale_after()
     {
         // Inside another allocator call (memalign -> malloc, malloc ->
         // mmap), whose frame is above this one's: the outer call records
@@ -168,22 +179,24 @@ pub fn exit(ctx: &RetProbeContext) {
     } else {
         ret
     };
-    if addr == 0 {
-        // Failed, or realloc(ptr, 0) which freed ptr. A failed realloc with a
-        // non-zero size leaves the old block allocated.
-        if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
-            track(tgid, pending.old_addr, pending.old, false);
+    // One call of `track` below: the verifier walks each copy.
+    let (addr, info, new) = if addr != 0 {
+        if pending.flags & PENDING_RECORD == 0 {
+            return;
         }
+        // The entry's time: one clock read per call.
+        (addr, new_block(ctx, tgid, addr, pending.size, pending.entered_ns), true)
+    } else if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
+        // A failed realloc with a non-zero size leaves the old block
+        // allocated (realloc(ptr, 0) freed it).
+        (pending.old_addr, pending.old, false)
+    } else {
+        // Failed.
         return;
-    }
-    if pending.flags & PENDING_RECORD == 0 {
-        return;
-    }
-    // The entry's time: one clock read per call.
-    if let Some(timestamp_ns) = record(ctx, tgid, addr, pending.size, pending.entered_ns)
-        && pending.flags & PENDING_MMAP != 0
-    {
-        regions::follow(tgid, Region { start: addr, timestamp_ns });
+    };
+    let mmap = new && pending.flags & PENDING_MMAP != 0;
+    if track(tgid, addr, info, new, mmap) && mmap {
+        regions::follow(tgid, Region { start: addr, timestamp_ns: info.timestamp_ns });
     }
 }
 
@@ -253,9 +266,9 @@ fn kernel_stack_id<C: EbpfContext>(ctx: &C) -> u64 {
     })
 }
 
-/// Records a new block with the caller's stack; its timestamp if tracked.
+/// A new block, with the caller's stack.
 #[inline(always)]
-fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64, timestamp_ns: u64) -> Option<u64> {
+fn new_block(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64, timestamp_ns: u64) -> AllocInfo {
     let info = AllocInfo {
         size,
         timestamp_ns,
@@ -265,7 +278,7 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64, timestamp_ns: 
     if config::trace() {
         info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
     }
-    track(tgid, addr, info, true).then_some(info.timestamp_ns)
+    info
 }
 
 /// A kernel allocation (tracepoints): recorded with the kernel stack.
@@ -279,59 +292,151 @@ pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) 
         timestamp_ns: now(),
         stack_id: kernel_stack_id(ctx),
     };
-    track(space, addr, info, true);
+    track(space, addr, info, true, false);
 }
 
 /// A kernel free.
 #[inline(always)]
 pub fn forget_kernel(space: u32, addr: u64) {
     if addr != 0 {
-        drop_block(space, addr);
+        let _ = take(space, addr);
     }
 }
 
-/// Puts a block into ALLOCS and COMBINED; `new` for a block just allocated
-/// (not one given back, as after a failed realloc), counted in `allocs`.
-/// False if ALLOCS was full.
+/// Puts a block into the table (or ALLOCS) and COMBINED; `new` for a block
+/// just allocated (not one given back, as after a failed realloc), counted
+/// in `allocs`. `spilled` puts it straight into ALLOCS: a block REGIONS
+/// follows, which munmap's scan of REGIONS looks up there (in that loop of
+/// 32, a hash lookup is far less for the verifier to walk than a bucket's
+/// slots: 150 ms), and the pieces munmap leaves. Their addresses are a
+/// direct mmap's, or inside one just cut: no stale block is looked for in
+/// the table there, which keeps munmap's copies of this short for the
+/// verifier. False if there was no room.
 #[inline(always)]
-pub fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool) -> bool {
-    let key = AllocKey { addr, tgid, _pad: 0 };
-    match ALLOCS.insert(&key, &info, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        Err(EEXIST) => {
-            // The address is tracked already: its free was missed (made
-            // before attach, or by a path we do not hook). Replace it, and
-            // take the stale block out of the totals (bcc's --wa-missing-free,
-            // always on). Only --combined-only keeps sizes in the totals.
-            if config::combined_only()
-                && let Some(stale) = ALLOCS.get_ptr(&key)
-            {
-                combine(tgid, unsafe { *stale }, false, false);
+pub fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool, spilled: bool) -> bool {
+    let mut bucket = table::bucket(tgid, addr);
+    // A block tracked at this address already: its free was missed. It is
+    // in one place at most; one call of `replaced` serves them all (the
+    // verifier walks each copy).
+    let mut stale = AllocInfo::default();
+    let mut has_stale = false;
+    let mut placed = false;
+    if !spilled && let Some(b) = bucket.as_deref_mut() {
+        if table::spilled(b)
+            && let Some(old) = unspill(tgid, addr, Some(b))
+        {
+            stale = old;
+            has_stale = true;
+        }
+        let put = table::put(b, tgid, addr, &info, &mut stale);
+        has_stale |= put.stale;
+        placed = put.placed;
+    }
+    if !placed {
+        if let Some(b) = bucket.as_deref_mut() {
+            // Counted first: a free of this block must look in ALLOCS.
+            table::count_spilled(b, 1);
+        }
+        match spill(tgid, addr, &info, &mut stale) {
+            Ok(found) => {
+                has_stale |= found;
+                placed = true;
             }
-            if ALLOCS.insert(&key, &info, BPF_ANY as u64).is_err() {
-                count(Stat::AllocMapFull);
-                return false;
+            Err(()) => {
+                if let Some(b) = bucket {
+                    table::count_spilled(b, u64::MAX);
+                }
             }
         }
-        Err(_) => {
-            count(Stat::AllocMapFull);
-            return false;
-        }
+    }
+    if has_stale {
+        replaced(tgid, stale);
+    }
+    if !placed {
+        count(Stat::AllocMapFull);
+        return false;
     }
     combine(tgid, info, true, new);
     true
 }
 
-/// Removes a block from ALLOCS and COMBINED; returns what it was.
+/// A tracked address allocated again: its free was missed (made before
+/// attach, or by a path we do not hook), and the stale block leaves the
+/// totals (bcc's --wa-missing-free, always on). Only --combined-only keeps
+/// sizes in the totals.
 #[inline(always)]
-pub fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
+fn replaced(tgid: u32, stale: AllocInfo) {
+    if config::combined_only() {
+        combine(tgid, stale, false, false);
+    }
+}
+
+/// Puts a block into ALLOCS; true if it replaced one there (into `stale`).
+#[inline(always)]
+fn spill(tgid: u32, addr: u64, info: &AllocInfo, stale: &mut AllocInfo) -> Result<bool, ()> {
+    let key = AllocKey { addr, tgid, _pad: 0 };
+    match ALLOCS.insert(&key, info, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(false),
+        Err(EEXIST) => {
+            let found = match ALLOCS.get_ptr(&key) {
+                Some(old) => {
+                    *stale = unsafe { *old };
+                    true
+                }
+                None => false,
+            };
+            ALLOCS.insert(&key, info, BPF_ANY as u64).map(|()| found).map_err(|_| ())
+        }
+        Err(_) => Err(()),
+    }
+}
+
+/// Takes a block out of ALLOCS, and out of its bucket's count.
+#[inline(always)]
+fn unspill(tgid: u32, addr: u64, bucket: Option<&mut Bucket>) -> Option<AllocInfo> {
     let key = AllocKey { addr, tgid, _pad: 0 };
     let info = unsafe { *ALLOCS.get_ptr(&key)? };
-    // Only the thread whose delete succeeds updates the totals, so a double
-    // free racing on two threads subtracts once.
+    // Only the thread whose delete succeeds takes it, so a double free
+    // racing on two threads subtracts once.
     ALLOCS.remove(&key).ok()?;
+    if let Some(b) = bucket {
+        table::count_spilled(b, u64::MAX);
+    }
+    Some(info)
+}
+
+/// Removes a block from the table (or ALLOCS) and COMBINED; returns what
+/// it was.
+#[inline(always)]
+pub fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
+    let mut bucket = table::bucket(tgid, addr);
+    let info = match bucket.as_deref_mut() {
+        Some(b) => match table::take(b, tgid, addr) {
+            Some(info) => info,
+            None if table::spilled(b) => unspill(tgid, addr, Some(b))?,
+            None => return None,
+        },
+        None => unspill(tgid, addr, None)?,
+    };
     combine(tgid, info, false, false);
     Some(info)
+}
+
+/// Removes a block that is in ALLOCS (one REGIONS follows: see `track`)
+/// from there and COMBINED; returns what it was.
+#[inline(always)]
+pub fn take_spilled(tgid: u32, addr: u64) -> Option<AllocInfo> {
+    let info = unspill(tgid, addr, table::bucket(tgid, addr))?;
+    combine(tgid, info, false, false);
+    Some(info)
+}
+
+/// What ALLOCS holds for a block (a followed one is always there: see
+/// `track`).
+#[inline(always)]
+pub fn get_spilled(tgid: u32, addr: u64) -> Option<AllocInfo> {
+    let key = AllocKey { addr, tgid, _pad: 0 };
+    ALLOCS.get_ptr(&key).map(|info| unsafe { *info })
 }
 
 /// free.
@@ -341,18 +446,7 @@ pub fn forget(tgid: u64, addr: u64) {
     if tgid == config::self_tgid() {
         return;
     }
-    drop_block(tgid, addr);
-}
-
-/// A block freed. Only --combined-only keeps outstanding sizes in the
-/// totals; otherwise the block just goes (one hash walk, not two).
-#[inline(always)]
-fn drop_block(tgid: u32, addr: u64) {
-    if config::combined_only() {
-        let _ = take(tgid, addr);
-    } else {
-        let _ = ALLOCS.remove(&AllocKey { addr, tgid, _pad: 0 });
-    }
+    let _ = take(tgid, addr);
 }
 
 /// munmap(addr, len). Blocks from direct mmap calls are cut exactly, one
@@ -372,7 +466,9 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) -> bool {
         && len < info.size
     {
         info.size -= len;
-        track(tgid, addr + len, info, false);
+        // Rare (a direct mapping REGIONS had no slot for): to ALLOCS,
+        // which keeps this program short for the verifier.
+        track(tgid, addr + len, info, false, true);
     }
     false
 }
@@ -413,8 +509,9 @@ fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
     } else {
         (info.size.wrapping_neg(), u64::MAX)
     };
-    // BPF has atomic add but no compare-and-swap, so core's atomics lack
-    // fetch_add here: the intrinsic compiles to a plain `lock xadd`.
+    // Rust's BPF target declares no compare-and-swap (the kernel has it
+    // since 5.12), so core's atomics lack fetch_add here: the intrinsic
+    // compiles to a plain `lock xadd`.
     unsafe {
         if sizes {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).total_size, size);

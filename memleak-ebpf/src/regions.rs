@@ -1,16 +1,16 @@
 //! Blocks from direct mmap calls, followed so that munmap can cut any part
-//! of them: ALLOCS is keyed by a block's start, and munmap of its tail or
+//! of them: blocks are recorded by their start, and munmap of its tail or
 //! middle names an address inside it. Up to MAX_REGIONS slots per process,
 //! scanned by mmap and munmap only (system calls: a few dozen map lookups
 //! are small next to them); malloc and free never come here.
 
 use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
-use memleak_common::{AllocInfo, AllocKey, MAX_REGIONS, Region, RegionKey, Stat};
+use memleak_common::{AllocInfo, MAX_REGIONS, Region, RegionKey, Stat};
 
 use crate::{
     config,
-    maps::{ALLOCS, REGIONS},
-    record::{count, take, track},
+    maps::REGIONS,
+    record::{count, get_spilled, take_spilled, track},
 };
 
 const EEXIST: i32 = -17;
@@ -46,9 +46,9 @@ pub fn unmap(tgid: u32, addr: u64, len: u64) -> bool {
         return false;
     };
     let (start, stop) = (region.start, region.start + info.size);
-    let _ = take(tgid, start);
+    let _ = take_spilled(tgid, start);
     if addr > start {
-        track(tgid, start, AllocInfo { size: addr - start, ..info }, false);
+        track(tgid, start, AllocInfo { size: addr - start, ..info }, false, true);
     }
     if end >= stop {
         if addr <= start {
@@ -58,10 +58,10 @@ pub fn unmap(tgid: u32, addr: u64, len: u64) -> bool {
     }
     let rest = AllocInfo { size: stop - end, ..info };
     if addr > start {
-        if track(tgid, end, rest, true) {
+        if track(tgid, end, rest, true, true) {
             follow(tgid, Region { start: end, timestamp_ns: info.timestamp_ns });
         }
-    } else if track(tgid, end, rest, false) {
+    } else if track(tgid, end, rest, false, true) {
         // Its head is gone: the block now starts at end.
         region.start = end;
         let _ = REGIONS.insert(&key, &region, BPF_EXIST as u64);
@@ -70,7 +70,7 @@ pub fn unmap(tgid: u32, addr: u64, len: u64) -> bool {
 }
 
 /// A followed block that overlaps [addr, end): its slot, its region and
-/// what ALLOCS holds for it. Frees the slots of blocks gone.
+/// what is recorded for it. Frees the slots of blocks gone.
 #[inline(always)]
 fn overlapping(tgid: u32, addr: u64, end: u64) -> Option<(RegionKey, Region, AllocInfo)> {
     for slot in 0..MAX_REGIONS {
@@ -94,7 +94,6 @@ fn overlapping(tgid: u32, addr: u64, end: u64) -> Option<(RegionKey, Region, All
 /// The block a slot names, unless it is gone.
 #[inline(always)]
 fn live(tgid: u32, region: &Region) -> Option<AllocInfo> {
-    let key = AllocKey { addr: region.start, tgid, _pad: 0 };
-    let info = unsafe { *ALLOCS.get_ptr(&key)? };
+    let info = get_spilled(tgid, region.start)?;
     (info.timestamp_ns == region.timestamp_ns).then_some(info)
 }

@@ -1,0 +1,113 @@
+//! The outstanding blocks, by (process, address): an array of buckets of
+//! slots, each slot claimed and given back with compare-and-swap (the
+//! protocol is on `memleak_common::Bucket`). A hash map insert and delete per
+//! block (jhash, bucket lock, an element allocated and freed) was the largest
+//! cost of tracing a malloc and free; here it is a few loads and one atomic
+//! on lines the last call on that address touched. A block whose bucket is
+//! full goes to ALLOCS (see `record`), and the bucket counts it.
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+    ptr::{read_volatile, write_volatile},
+};
+
+use memleak_common::{AllocInfo, BUCKET_SLOTS, Bucket};
+
+use crate::{config, maps::ALLOC_TABLE};
+
+/// The bucket of (tgid, addr); None without a table.
+#[inline(always)]
+pub fn bucket(tgid: u32, addr: u64) -> Option<&'static mut Bucket> {
+    let shift = config::table_shift();
+    if shift == 0 {
+        return None;
+    }
+    // Multiplicative hashing: the top bits depend on every bit of the key.
+    let hash = (addr ^ (u64::from(tgid) << 44)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // SAFETY: an array map's value, alive as long as the map.
+    ALLOC_TABLE.get_ptr_mut((hash >> (shift & 63)) as u32).map(|b| unsafe { &mut *b })
+}
+
+/// The slot holding (tgid, addr).
+#[inline(always)]
+fn find(bucket: &Bucket, tgid: u32, addr: u64) -> Option<usize> {
+    // Volatile: other CPUs change the slots while this reads them.
+    let i = (0..BUCKET_SLOTS).find(|&i| unsafe {
+        read_volatile(&bucket.addrs[i]) == addr && read_volatile(&bucket.owners[i]) == u64::from(tgid)
+    })?;
+    // The slot again, read back from the map, so that to the verifier it is
+    // any of them: it then walks the code that uses it once, not once per
+    // slot (twice the time to attach). `addr ^ addr` at run time; if the
+    // slot changed since, this checks whichever it names.
+    let i = (i | unsafe { read_volatile(&bucket.addrs[i]) ^ addr } as usize) & (BUCKET_SLOTS - 1);
+    (unsafe { read_volatile(&bucket.addrs[i]) == addr && read_volatile(&bucket.owners[i]) == u64::from(tgid) })
+        .then_some(i)
+}
+
+/// What `put` did.
+pub struct Put {
+    /// The bucket held a block at that address (its free was missed),
+    /// written to `stale`.
+    pub stale: bool,
+    /// The new block is in.
+    pub placed: bool,
+}
+
+/// Records a block in its bucket. The block it replaces goes to `stale`,
+/// an out-parameter and not an `Option`: LLVM copies a `None`'s undefined
+/// payload, which the verifier rejects.
+#[inline(always)]
+pub fn put(bucket: &mut Bucket, tgid: u32, addr: u64, info: &AllocInfo, stale: &mut AllocInfo) -> Put {
+    if let Some(i) = find(bucket, tgid, addr) {
+        *stale = bucket.infos[i];
+        unsafe { write_volatile(&mut bucket.infos[i], *info) };
+        return Put { stale: true, placed: true };
+    }
+    for i in 0..BUCKET_SLOTS {
+        // SAFETY: an 8-byte aligned u64 in the map value.
+        if unsafe { read_volatile(&bucket.addrs[i]) } == 0
+            && unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(&raw mut bucket.addrs[i], 0, addr) }.1
+        {
+            // The owner last: a slot matches only once its info is written.
+            unsafe {
+                write_volatile(&mut bucket.infos[i], *info);
+                write_volatile(&mut bucket.owners[i], u64::from(tgid));
+            }
+            return Put { stale: false, placed: true };
+        }
+    }
+    Put { stale: false, placed: false }
+}
+
+/// Gives slot `i` back if it is still `tgid`'s: only the thread whose
+/// compare-and-swap wins does (a double free racing on two threads).
+#[inline(always)]
+fn release(bucket: &mut Bucket, i: usize, tgid: u32) -> bool {
+    let owner = u64::from(tgid);
+    if !unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(&raw mut bucket.owners[i], owner, 0) }.1 {
+        return false;
+    }
+    unsafe { write_volatile(&mut bucket.addrs[i], 0) };
+    true
+}
+
+/// Takes (tgid, addr) out of its bucket; None if it is not there (or a
+/// double free on another thread took it first).
+#[inline(always)]
+pub fn take(bucket: &mut Bucket, tgid: u32, addr: u64) -> Option<AllocInfo> {
+    let i = find(bucket, tgid, addr)?;
+    let info = bucket.infos[i];
+    release(bucket, i, tgid).then_some(info)
+}
+
+/// Whether blocks of this bucket went to ALLOCS.
+#[inline(always)]
+pub fn spilled(bucket: &Bucket) -> bool {
+    unsafe { read_volatile(&bucket.spilled) != 0 }
+}
+
+/// One more (or, `n` = u64::MAX, one less) block of this bucket in ALLOCS.
+#[inline(always)]
+pub fn count_spilled(bucket: &mut Bucket, n: u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut bucket.spilled, n) };
+}
