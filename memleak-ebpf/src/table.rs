@@ -32,16 +32,9 @@ pub fn bucket(tgid: u32, addr: u64) -> Option<&'static mut Bucket> {
 #[inline(always)]
 fn find(bucket: &Bucket, tgid: u32, addr: u64) -> Option<usize> {
     // Volatile: other CPUs change the slots while this reads them.
-    let i = (0..BUCKET_SLOTS).find(|&i| unsafe {
+    (0..BUCKET_SLOTS).find(|&i| unsafe {
         read_volatile(&bucket.addrs[i]) == addr && read_volatile(&bucket.owners[i]) == u64::from(tgid)
-    })?;
-    // The slot again, read back from the map, so that to the verifier it is
-    // any of them: it then walks the code that uses it once, not once per
-    // slot (twice the time to attach). `addr ^ addr` at run time; if the
-    // slot changed since, this checks whichever it names.
-    let i = (i | unsafe { read_volatile(&bucket.addrs[i]) ^ addr } as usize) & (BUCKET_SLOTS - 1);
-    (unsafe { read_volatile(&bucket.addrs[i]) == addr && read_volatile(&bucket.owners[i]) == u64::from(tgid) })
-        .then_some(i)
+    })
 }
 
 /// What `put` did.
