@@ -96,7 +96,7 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
 /// ALLOCS for the blocks whose bucket is full. The table is allocated
 /// whole when the map is made (384 bytes a bucket: 12 MiB for the default
 /// million), so small limits have none, and keep exactly their count.
-pub fn table_buckets(max_allocs: u32) -> u32 {
+fn table_buckets(max_allocs: u32) -> u32 {
     const SMALLEST: u32 = 1 << 16;
     if max_allocs < SMALLEST {
         return 0;

@@ -71,7 +71,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     for attached in attach::attach(&mut ebpf, planned)? {
         verbose(args, &attached);
     }
-    let recorded = Recorded::take(&mut ebpf, loader::table_buckets(args.max_allocs))?;
+    let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, started);
     say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm));
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
@@ -89,7 +89,8 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let pid = held.pid;
     let exited = watch(pid)?;
     let exports = Exports::create(args)?;
-    let mut ebpf = loader::load(&Config::from_args(args))?;
+    let config = Config::from_args(args);
+    let mut ebpf = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     // The command will map the same libc as we do (or -O's object): probe
     // it for the child's PID now; the kernel puts the breakpoints into the
@@ -101,7 +102,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let target = Target { pid, comm: argv[0].clone(), dir: None };
     let attached = attach::attach_file(&mut ebpf, &obj, NonZeroU32::new(pid).expect("child pid"))?;
     verbose(args, &attached);
-    let recorded = Recorded::take(&mut ebpf, loader::table_buckets(args.max_allocs))?;
+    let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let started = (monotonic_ns(), SystemTime::now());
     held.release()?;
     command::wait_for_exec(pid, &argv[0]);
@@ -155,7 +156,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         }
         what.push("kernel allocators".to_string());
     }
-    let recorded = Recorded::take(&mut ebpf, loader::table_buckets(args.max_allocs))?;
+    let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, started);
     say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")));
     let rescan = user && args.obj.is_none();

@@ -371,20 +371,21 @@ fn replaced(tgid: u32, stale: AllocInfo) {
     }
 }
 
-/// Puts a block into ALLOCS; true if it replaced one there (into `stale`).
+/// Puts a block into ALLOCS; true if it replaced one there (into `stale`,
+/// which only --combined-only needs, so only it looks the old one up).
 #[inline(always)]
 fn spill(tgid: u32, addr: u64, info: &AllocInfo, stale: &mut AllocInfo) -> Result<bool, ()> {
     let key = AllocKey { addr, tgid, _pad: 0 };
     match ALLOCS.insert(&key, info, BPF_NOEXIST as u64) {
         Ok(()) => Ok(false),
         Err(EEXIST) => {
-            let found = match ALLOCS.get_ptr(&key) {
-                Some(old) => {
-                    *stale = unsafe { *old };
-                    true
-                }
-                None => false,
-            };
+            let mut found = false;
+            if config::combined_only()
+                && let Some(old) = ALLOCS.get_ptr(&key)
+            {
+                *stale = unsafe { *old };
+                found = true;
+            }
             ALLOCS.insert(&key, info, BPF_ANY as u64).map(|()| found).map_err(|_| ())
         }
         Err(_) => Err(()),
