@@ -115,3 +115,47 @@ fn kernel_allocations_are_reported_with_kernel_symbols() {
     );
     assert!(!reports.iter().flat_map(|r| &r.stacks).any(|s| s.process.as_deref().is_some_and(|p| !p.starts_with("kernel"))));
 }
+
+#[test]
+fn an_exited_process_gives_its_per_stack_totals_back() {
+    let tracer = std::process::Command::new(memleak_tests::memleak_bin())
+        .args(["--user-only", "--combined-only", "-v", "-T", "5", "1", "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    // 8 processes with a block from each of 300 stacks: 2,400 entries at
+    // least (more where a process moved between CPUs).
+    let leakers: Vec<std::process::Child> = (0..8)
+        .map(|_| {
+            let mut child = std::process::Command::new(fixture("exact"))
+                .args(["stacks", "300", "1"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"go\n").unwrap();
+            child
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(3000));
+    for mut child in leakers {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let out = tracer.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // "memleak: report 3 took 0.001 s (2430 entries read)"
+    let read: Vec<u64> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("memleak: report ")?.split_once('(')?.1.split(' ').next()?.parse().ok())
+        .collect();
+    // Other tests' processes come and go too: the fewest entries after the
+    // peak, not the last report's.
+    let most = *read.iter().max().expect(&stderr);
+    let peak = read.iter().position(|&n| n == most).unwrap();
+    let after = read[peak + 1..].iter().min().copied();
+    assert!(most >= 2400 && after.is_some_and(|n| n + 2400 <= most), "entries read per report: {read:?}");
+}

@@ -11,10 +11,11 @@ use aya::{
 use crate::{
     batch::{self, BatchReader},
     table,
+    totals::{self, CombinedAlloc},
 };
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,
-    Stack, Stat, maps,
+    AllocInfo, AllocKey, Bucket, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,
+    Stack, Stat, Totals, maps,
 };
 
 /// Maps of at least this many buckets are read on every CPU at once.
@@ -26,14 +27,14 @@ pub struct Recorded {
     table_buckets: u32,
     /// The blocks the table had no room for.
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
-    combined: HashMap<MapData, CombinedKey, CombinedAlloc>,
+    totals: Array<MapData, Totals>,
+    totals_entries: u32,
     stacks: HashMap<MapData, u64, Stack>,
     stats: PerCpuArray<MapData, u64>,
     regions: HashMap<MapData, RegionKey, Region>,
     allocs_reader: BatchReader,
     /// Buckets of the allocation map.
     allocs_buckets: u32,
-    combined_reader: BatchReader,
 }
 
 impl Recorded {
@@ -43,17 +44,19 @@ impl Recorded {
         // The kernel gives a hash map a power of two of buckets.
         let allocs_buckets = allocs.map().info()?.max_entries().next_power_of_two();
         let table: Array<MapData, Bucket> = Array::try_from(take(maps::ALLOC_TABLE)?)?;
+        let totals: Array<MapData, Totals> = Array::try_from(take(maps::TOTALS)?)?;
+        let totals_entries = totals.len();
         Ok(Self {
             table,
             table_buckets,
             allocs,
             allocs_buckets,
-            combined: HashMap::try_from(take(maps::COMBINED)?)?,
+            totals,
+            totals_entries,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             stats: PerCpuArray::try_from(take(maps::STATS)?)?,
             regions: HashMap::try_from(take(maps::REGIONS)?)?,
             allocs_reader: BatchReader::new(size_of::<AllocKey>(), size_of::<AllocInfo>()),
-            combined_reader: BatchReader::new(size_of::<CombinedKey>(), size_of::<CombinedAlloc>()),
         })
     }
 
@@ -72,7 +75,7 @@ impl Recorded {
         if self.table_buckets == 0 {
             return sinks;
         }
-        let ranges = table::split(self.table_buckets, parts);
+        let ranges = table::LAYOUT.split(self.table_buckets, parts);
         sinks.resize_with(sinks.len().max(ranges.len()), &make);
         let fd = self.table.map().fd().as_fd();
         let failed = std::thread::scope(|scope| {
@@ -131,19 +134,23 @@ impl Recorded {
         for key in of_processes(self.allocs.keys(), |k| k.tgid, tgids) {
             let _ = self.allocs.remove(&key);
         }
-        for key in of_processes(self.combined.keys(), |k| k.tgid, tgids) {
-            let _ = self.combined.remove(&key);
-        }
         for key in of_processes(self.regions.keys(), |k| k.tgid, tgids) {
             let _ = self.regions.remove(&key);
         }
+        // Last: no block names their totals any more.
+        if let Err(e) = totals::forget(self.totals.map().fd().as_fd(), self.totals_entries, tgids) {
+            eprintln!("warning: forgetting exited processes' totals: {e}");
+        }
     }
 
-    /// The kernel's running totals per (process, stack), their parts added.
-    pub fn combined(&mut self) -> Vec<(CombinedKey, CombinedAlloc)> {
-        let mut parts = Vec::new();
-        for_each(&self.combined, &mut self.combined_reader, "the per-stack totals", |k, v| parts.push((k, v)));
-        add_parts(parts)
+    /// The kernel's running totals, each entry (a part of a (process,
+    /// stack)'s) with its index. Read after the blocks, it has every entry
+    /// they name (entries are given back only for processes gone).
+    pub fn totals(&self) -> Vec<totals::Entry> {
+        totals::read(self.totals.map().fd().as_fd(), self.totals_entries).unwrap_or_else(|e| {
+            eprintln!("warning: reading the per-stack totals: {e}");
+            Vec::new()
+        })
     }
 
     /// Return addresses of a stack, innermost first (empty if it is gone).
@@ -167,10 +174,12 @@ impl Recorded {
 }
 
 /// Each (process, stack)'s totals: the sum of its parts (one per CPU, see
-/// `CombinedKey`), in wrapping arithmetic, as some parts are below zero. A
-/// sum below zero (frees of blocks the totals missed when the map was full,
-/// which was warned about) counts as none.
-fn add_parts(mut parts: Vec<(CombinedKey, CombinedAlloc)>) -> Vec<(CombinedKey, CombinedAlloc)> {
+/// `CombinedKey`, and now and then two for one), in wrapping arithmetic,
+/// as some parts are below zero. A sum below zero (frees of blocks the
+/// totals missed when the map was full, which was warned about) counts as
+/// none.
+pub fn add_parts(entries: &[totals::Entry]) -> Vec<(CombinedKey, CombinedAlloc)> {
+    let mut parts: Vec<(CombinedKey, CombinedAlloc)> = entries.iter().map(|&(_, k, v)| (k, v)).collect();
     parts.sort_unstable_by_key(|(k, _)| (k.tgid, k.stack_id));
     let mut totals: Vec<(CombinedKey, CombinedAlloc)> = Vec::with_capacity(parts.len());
     for (key, part) in parts {
@@ -282,7 +291,7 @@ fn lost_what(i: usize) -> &'static str {
         i if i == Stat::AllocMapFull as usize => "allocations not tracked (allocation map full, raise --max-allocs)",
         i if i == Stat::StackLost as usize => "allocations recorded without a stack (stack map full, raise --max-stacks)",
         i if i == Stat::CombinedMapFull as usize => {
-            "allocations missing from the per-stack totals (combined map full, raise --max-stacks)"
+            "allocations missing from the per-stack totals, and so without a stack (totals full, raise --max-stacks)"
         }
         i if i == Stat::RegionsFull as usize => {
             "mmap'd blocks not followed for a partial munmap (more than 32 live mappings in a process): if unmapped past their head, their rest stays counted"
@@ -305,13 +314,16 @@ mod tests {
             count: count as u64,
             allocs,
         };
-        let totals = add_parts(vec![
+        let totals = add_parts(&[
             // 5 blocks of 10 bytes allocated on CPU 0, 3 freed on CPU 1.
-            (key(7, 1, 40), part(-30, -3, 0)),
-            (key(9, 0, 40), part(8, 1, 1)),
-            (key(7, 0, 40), part(50, 5, 5)),
+            (3, key(7, 1, 40), part(-30, -3, 0)),
+            (0, key(9, 0, 40), part(8, 1, 1)),
+            (1, key(7, 0, 40), part(40, 4, 4)),
+            // A second entry of the same part (the key's first was given
+            // back and claimed again in front of it).
+            (9, key(7, 0, 40), part(10, 1, 1)),
             // Freed on CPU 1 only: its allocation was missed (map full).
-            (key(7, 1, 41), part(-16, -1, 0)),
+            (5, key(7, 1, 41), part(-16, -1, 0)),
         ]);
         assert_eq!(
             totals,

@@ -1,4 +1,4 @@
-//! The hash maps of a report, keyed by (process, stack id). A stack id is
+//! The hash maps of a report, keyed by (process, stack id or totals entry). A stack id is
 //! already a 64-bit hash of the frames, so SipHash's resistance to chosen
 //! keys buys nothing, and at a million allocations it took a fifth of a
 //! report. This is FxHash's step (multiply, rotate), one per word.

@@ -29,8 +29,9 @@ pub struct Config {
     pub combined_only: bool,
     /// Parts of each stack's totals (a power of two): see `CombinedKey`.
     pub shards: u32,
-    /// Entries of the per-(process, stack) totals, all parts.
-    pub max_combined: u32,
+    /// Entries of the per-(process, stack) totals (`TOTALS`), a power of
+    /// two: see `totals_entries`.
+    pub totals_entries: u32,
     /// Tracepoint field offsets (kernel tracing only).
     pub field_offsets: [u32; FIELD_COUNT],
     /// Kernel text whose allocations are not traced (kernel tracing only).
@@ -52,11 +53,13 @@ impl Config {
             shards,
             // One process has each stack once, plus the blocks without one;
             // system-wide, processes share stacks (of libc, say).
-            max_combined: match args.mode() {
-                crate::cli::Mode::System { .. } => args.max_stacks.saturating_mul(4).max(1024),
-                _ => args.max_stacks.saturating_add(1),
-            }
-            .saturating_mul(shards),
+            totals_entries: totals_entries(
+                match args.mode() {
+                    crate::cli::Mode::System { .. } => args.max_stacks.saturating_mul(4).max(1024),
+                    _ => args.max_stacks.saturating_add(1),
+                }
+                .saturating_mul(shards),
+            ),
             field_offsets: [0; FIELD_COUNT],
             skip_caller: [0; 2],
         }
@@ -80,10 +83,11 @@ pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::PAGE_SIZE, &page_size(), true)
         .override_global(globals::SKIP_CALLER, &config.skip_caller, true)
         .override_global(globals::TABLE_SHIFT, &table_shift(config.table_buckets), true)
+        .override_global(globals::TOTALS_BITS, &config.totals_entries.ilog2(), true)
         .map_max_entries(maps::ALLOC_TABLE, config.table_buckets.max(1))
         .map_max_entries(maps::ALLOCS, config.max_allocs - table_slots(config.table_buckets))
         .map_max_entries(maps::STACKS, config.max_stacks)
-        .map_max_entries(maps::COMBINED, config.max_combined)
+        .map_max_entries(maps::TOTALS, config.totals_entries)
         // PENDING, a task storage map: aya creates it but has no type to
         // read it with, and memleak never does.
         .allow_unsupported_maps()
@@ -103,6 +107,14 @@ fn table_buckets(max_allocs: u32) -> u32 {
     }
     let buckets = max_allocs / 4 / BUCKET_SLOTS as u32;
     1 << buckets.ilog2()
+}
+
+/// Entries for this many (process, stack, part) keys: half as many again,
+/// rounded up to a power of two, so that a key finds a free entry within
+/// `TOTALS_PROBES` of its hash. Allocated whole when the map is made (40
+/// bytes each: 2.5 MiB for the defaults on 2 CPUs), so at most 2^22.
+fn totals_entries(keys: u32) -> u32 {
+    keys.saturating_add(keys / 2).clamp(1 << 10, 1 << 22).next_power_of_two()
 }
 
 fn table_slots(buckets: u32) -> u32 {
@@ -350,6 +362,15 @@ mod tests {
         // Rounded down to a power of two of buckets: the hash map has the rest.
         assert_eq!(table_buckets(1_000_000), 16384);
         assert_eq!(table_buckets(u32::MAX), 1 << 26);
+    }
+
+    #[test]
+    fn totals_have_half_as_many_entries_again_as_keys_in_a_power_of_two() {
+        assert_eq!(totals_entries(16385 * 2), 1 << 16);
+        assert_eq!(totals_entries(43690), 1 << 16);
+        assert_eq!(totals_entries(43692), 1 << 17);
+        assert_eq!(totals_entries(1), 1 << 10);
+        assert_eq!(totals_entries(u32::MAX), 1 << 22);
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod hooks;
 mod json;
 mod kernel;
 mod loader;
+mod mapped;
 mod placement;
 mod pprof;
 mod proc;
@@ -23,6 +24,7 @@ mod reporter;
 mod sort;
 mod symbolize;
 mod table;
+mod totals;
 mod trace;
 mod trend;
 

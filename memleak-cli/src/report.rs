@@ -7,10 +7,10 @@ use std::{
 };
 
 use memleak_common::{
-    AllocInfo, AllocKey, CombinedAlloc, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel,
+    AllocInfo, AllocKey, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel,
 };
 
-use crate::{fasthash::FastMap, trend::Row};
+use crate::{fasthash::FastMap, totals::CombinedAlloc, trend::Row};
 
 /// One outstanding allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct StackTotal {
 /// Groups allocations at least `min_age_ns` old by (process, stack), one
 /// at a time as they are read from the kernel: memory follows the number
 /// of stacks, not of allocations (unless their blocks are kept, for `-a`).
+/// A block names its stack through its totals entry (`AllocInfo::slot`),
+/// so they are grouped by entry, and the entries by stack at the end.
 pub struct Aggregator {
     now_ns: u64,
     min_age_ns: u64,
@@ -53,9 +55,9 @@ impl Aggregator {
     }
 
     pub fn add(&mut self, key: AllocKey, info: AllocInfo) {
-        let total = self.totals.entry((key.tgid, info.stack_id)).or_insert_with(|| StackTotal {
+        let total = self.totals.entry((key.tgid, info.slot)).or_insert_with(|| StackTotal {
             tgid: key.tgid,
-            stack_id: info.stack_id,
+            stack_id: NO_STACK,
             bytes: 0,
             count: 0,
             live: 0,
@@ -81,25 +83,30 @@ impl Aggregator {
                 Entry::Vacant(slot) => {
                     slot.insert(theirs);
                 }
-                Entry::Occupied(mut slot) => {
-                    let ours = slot.get_mut();
-                    ours.bytes += theirs.bytes;
-                    ours.count += theirs.count;
-                    ours.live += theirs.live;
-                    ours.oldest_ns = match (ours.oldest_ns, theirs.oldest_ns) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    ours.blocks.extend(theirs.blocks);
-                }
+                Entry::Occupied(mut slot) => absorb(slot.get_mut(), theirs),
             }
         }
     }
 
     /// The stacks with blocks old enough, in no order (a report sorts them
-    /// by `--sort`), their blocks by address.
-    pub fn finish(self) -> Vec<StackTotal> {
-        let mut totals: Vec<StackTotal> = self.totals.into_values().filter(|t| t.count > 0).collect();
+    /// by `--sort`), their blocks by address. `stack_of` names the stack of
+    /// a totals entry; a block whose entry it does not know (or that had
+    /// none, the totals being full) counts as one without a stack.
+    pub fn finish(self, stack_of: impl Fn(u64) -> Option<u64>) -> Vec<StackTotal> {
+        let mut by_stack: FastMap<(u32, u64), StackTotal> = FastMap::default();
+        for ((tgid, slot), mut total) in self.totals {
+            if total.count == 0 {
+                continue;
+            }
+            total.stack_id = stack_of(slot).unwrap_or(NO_STACK);
+            match by_stack.entry((tgid, total.stack_id)) {
+                Entry::Vacant(e) => {
+                    e.insert(total);
+                }
+                Entry::Occupied(mut e) => absorb(e.get_mut(), total),
+            }
+        }
+        let mut totals: Vec<StackTotal> = by_stack.into_values().collect();
         for t in &mut totals {
             t.blocks.sort_unstable_by_key(|b| b.addr);
         }
@@ -107,7 +114,20 @@ impl Aggregator {
     }
 }
 
-/// [`Aggregator`] over a collection of allocations.
+/// Adds `theirs` into `ours`: the same stack, read in another part.
+fn absorb(ours: &mut StackTotal, theirs: StackTotal) {
+    ours.bytes += theirs.bytes;
+    ours.count += theirs.count;
+    ours.live += theirs.live;
+    ours.oldest_ns = match (ours.oldest_ns, theirs.oldest_ns) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    ours.blocks.extend(theirs.blocks);
+}
+
+/// [`Aggregator`] over a collection of allocations whose totals entry is
+/// their stack.
 #[cfg(test)]
 pub fn by_stack(
     allocs: impl IntoIterator<Item = (AllocKey, AllocInfo)>,
@@ -117,7 +137,7 @@ pub fn by_stack(
 ) -> Vec<StackTotal> {
     let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks, 0);
     allocs.into_iter().for_each(|(key, info)| aggregator.add(key, info));
-    let mut totals = aggregator.finish();
+    let mut totals = aggregator.finish(Some);
     sort(&mut totals);
     totals
 }
@@ -272,6 +292,8 @@ pub fn clock_now() -> String {
 
 #[cfg(test)]
 mod tests {
+    use memleak_common::NO_SLOT;
+
     use super::*;
     use crate::trend::Tracker;
 
@@ -281,7 +303,7 @@ mod tests {
     }
 
     fn alloc(addr: u64, size: u64, ts: u64, stack_id: u64) -> (AllocKey, AllocInfo) {
-        (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id })
+        (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, slot: stack_id })
     }
 
     #[test]
@@ -309,6 +331,21 @@ mod tests {
         other.0.tgid = 8;
         let totals = by_stack([alloc(0x10, 5, 0, 1), other], 10, 0, false);
         assert_eq!(totals.len(), 2);
+    }
+
+    #[test]
+    fn entries_of_one_stack_are_one_stack_and_unknown_ones_have_none() {
+        // Entries 4 and 5 are stack 40's parts on two CPUs; 6 is gone, and
+        // 7 was never (the totals were full: NO_SLOT).
+        let mut aggregator = Aggregator::new(10, 0, true, 0);
+        for (addr, slot) in [(0x10, 4), (0x20, 5), (0x30, 6), (0x40, NO_SLOT)] {
+            let (key, info) = alloc(addr, 8, 1, slot);
+            aggregator.add(key, info);
+        }
+        let mut totals = aggregator.finish(|slot| [4, 5].contains(&slot).then_some(40));
+        totals.sort_by_key(|t| t.stack_id);
+        assert_eq!(totals.iter().map(|t| (t.stack_id, t.count, t.live)).collect::<Vec<_>>(), [(NO_STACK, 2, 2), (40, 2, 2)]);
+        assert_eq!(totals[1].blocks, [Block { addr: 0x10, size: 8 }, Block { addr: 0x20, size: 8 }]);
     }
 
     #[test]
@@ -400,7 +437,7 @@ mod properties {
             (any::<u64>(), 1u32..4, 0u64..1 << 40, 0u64..2000, 0u64..8), 0..200), min_age in 0u64..1500) {
             let mut unique = std::collections::HashMap::new();
             for (addr, tgid, size, ts, stack) in allocs {
-                unique.insert(AllocKey { addr, tgid, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, stack_id: stack });
+                unique.insert(AllocKey { addr, tgid, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, slot: stack });
             }
             let now = 2000;
             let totals = by_stack(unique.clone(), now, min_age, true);
@@ -411,7 +448,7 @@ mod properties {
             }
             let [mut merged, second] = halves;
             merged.merge(second);
-            let mut merged = merged.finish();
+            let mut merged = merged.finish(Some);
             sort(&mut merged);
             prop_assert_eq!(merged, totals.clone());
             let lean = by_stack(unique.clone(), now, min_age, false);

@@ -14,6 +14,7 @@ use crate::{
     cli::{Args, Format},
     collect::{self, Recorded},
     exports::{Exports, StackProfile},
+    fasthash::FastMap,
     json, pprof, proc,
     report::{self, StackTotal},
     sort::{self, SortKey},
@@ -89,11 +90,8 @@ impl Reporter {
     /// Prints one report; returns how many map entries it read (for -v).
     pub fn report(&mut self) -> anyhow::Result<usize> {
         let now = monotonic_ns();
-        let combined = self.recorded.combined();
-        let mut read = combined.len();
-        let mut totals = if self.combined_only {
-            report::from_combined(combined.iter().copied())
-        } else {
+        let mut read = 0;
+        let aggregated = (!self.combined_only).then(|| {
             // JSON lists blocks with -a too.
             // As many stacks as last time, most likely: no table regrown by doubling.
             let (min_age_ns, show_allocs, stacks) = (self.min_age_ns, self.show_allocs, self.last.len());
@@ -110,7 +108,19 @@ impl Reporter {
                 read += n;
                 all.merge(aggregator);
             }
-            all.finish()
+            all
+        });
+        // After the blocks: it has every entry they name.
+        let entries = self.recorded.totals();
+        read += entries.len();
+        let combined = collect::add_parts(&entries);
+        let mut totals = match aggregated {
+            None => report::from_combined(combined.iter().copied()),
+            Some(all) => {
+                let stacks: FastMap<u64, u64> =
+                    entries.iter().map(|&(slot, key, _)| (u64::from(slot), key.stack_id)).collect();
+                all.finish(|slot| stacks.get(&slot).copied())
+            }
         };
         if let Scope::System { .. } = self.scope {
             // A process that exited without freeing is not leaking any

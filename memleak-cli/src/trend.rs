@@ -4,9 +4,9 @@
 //! every report (`growing`). Pure: it gets totals and times, keeps what the
 //! next report needs.
 
-use memleak_common::{CombinedAlloc, CombinedKey};
+use memleak_common::CombinedKey;
 
-use crate::{fasthash::FastMap, report::StackTotal};
+use crate::{fasthash::FastMap, report::StackTotal, totals::CombinedAlloc};
 
 /// (process, stack).
 type Key = (u32, u64);
@@ -43,7 +43,7 @@ pub struct Row {
     pub trend: Trend,
 }
 
-/// Each stack's allocations since attach, from `COMBINED`, by (process,
+/// Each stack's allocations since attach, from `TOTALS`, by (process,
 /// stack).
 pub fn allocs(combined: &[(CombinedKey, CombinedAlloc)]) -> FastMap<Key, u64> {
     combined.iter().map(|(k, c)| ((k.tgid, k.stack_id), c.allocs)).collect()

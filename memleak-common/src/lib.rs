@@ -20,11 +20,13 @@ pub struct AllocKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllocInfo {
     pub size: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at return.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at return; jiffies with
+    /// --combined-only.
     pub timestamp_ns: u64,
-    /// Key into `STACKS` (a hash of the frames), or [`NO_STACK`] when the
-    /// stack could not be recorded.
-    pub stack_id: u64,
+    /// Index into `TOTALS` of the entry its (process, stack, part) counts
+    /// in, which names its stack; [`NO_SLOT`] when `TOTALS` had none free.
+    /// A free subtracts from that entry without looking it up.
+    pub slot: u64,
 }
 
 /// Slots per bucket of `ALLOC_TABLE`.
@@ -69,11 +71,11 @@ pub struct Stack {
     pub ips: [u64; MAX_STACK_DEPTH],
 }
 
-/// Key of `COMBINED`: outstanding totals per process and stack, kept in
-/// parts by CPU (`shard`, the CPU number modulo the loader's shard count, up
-/// to [`MAX_SHARDS`]): threads allocating from one stack on several CPUs
-/// update separate entries instead of moving one cache line between them.
-/// A report adds the parts up.
+/// What a [`Totals`] entry totals: one process's blocks from one stack,
+/// counted in parts by CPU (`shard`, the CPU number modulo the loader's
+/// shard count, up to [`MAX_SHARDS`]): threads allocating from one stack
+/// on several CPUs update separate entries instead of moving one cache line
+/// between them. A report adds the parts up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CombinedKey {
@@ -85,20 +87,59 @@ pub struct CombinedKey {
 /// Most parts a stack's totals are kept in (see [`CombinedKey`]).
 pub const MAX_SHARDS: u32 = 8;
 
-/// Value of `COMBINED`, updated with atomic adds from the CPUs of its part
-/// (`total_size` and `count` with --combined-only only).
-/// A part may be below zero (wrapped): blocks freed on a CPU other than the
-/// one they were allocated on.
+/// The running sums of a [`Totals`] entry, updated with atomic adds.
+/// Outstanding blocks are `allocs - frees`; `total_size` and `frees` are
+/// kept with --combined-only only (without it a free just forgets its
+/// block). A part may be below zero (wrapped): blocks freed on a CPU other
+/// than the one they were allocated on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CombinedAlloc {
+pub struct Sums {
     /// Outstanding bytes.
     pub total_size: u64,
-    /// Outstanding blocks.
-    pub count: u64,
-    /// Blocks recorded on this stack since attach, freed or not; so
-    /// `allocs - count` of them were freed (or replaced, their free missed).
+    /// Blocks recorded on this stack since attach, freed or not.
     pub allocs: u64,
+    /// Blocks freed (or replaced, their free missed) since attach, less
+    /// the pieces a munmap leaves of a block beyond the first.
+    pub frees: u64,
+}
+
+/// An entry of `TOTALS`, the per-(process, stack, part) totals: an array
+/// with open addressing (a key's entry is within [`TOTALS_PROBES`] of the
+/// top bits of its hash), so that a block can name its entry by index
+/// (`AllocInfo::slot`) and a free finds it without a lookup. An entry is
+/// free while `owner` is 0; it is claimed by a compare-and-swap of 0 to
+/// [`TOTALS_BUSY`], its stack and sums written, then its owner
+/// ([`totals_owner`]); user space gives an exited process's entries back
+/// with a compare-and-swap of the owner to 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub owner: u64,
+    pub stack_id: u64,
+    pub sums: Sums,
+}
+
+/// `Totals::owner` while the entry is being claimed.
+pub const TOTALS_BUSY: u64 = u64::MAX;
+
+/// How many entries from its hash's a key's entry may be.
+pub const TOTALS_PROBES: u32 = 32;
+
+/// `AllocInfo::slot` of a block whose totals had no entry.
+pub const NO_SLOT: u64 = u64::MAX;
+
+/// `Totals::owner` of (process, part): never 0 or [`TOTALS_BUSY`].
+pub const fn totals_owner(tgid: u32, shard: u32) -> u64 {
+    1 << 63 | (shard as u64) << 32 | tgid as u64
+}
+
+/// The key of an entry; None while it is free or being claimed.
+pub const fn totals_key(owner: u64, stack_id: u64) -> Option<CombinedKey> {
+    if owner == 0 || owner == TOTALS_BUSY {
+        return None;
+    }
+    Some(CombinedKey { tgid: owner as u32, shard: (owner >> 32) as u32 & 0x7fff_ffff, stack_id })
 }
 
 /// What an allocator entry probe leaves for its return probe, per thread.
@@ -201,8 +242,9 @@ pub enum Stat {
     AllocMapFull = 0,
     /// No user stack: the stack map is full, or the walk failed.
     StackLost = 1,
-    /// `COMBINED` was full: the per-stack totals (allocation counts, and
-    /// with `--combined-only` sizes) miss the allocation.
+    /// `TOTALS` had no free entry near the key's: the per-stack totals
+    /// (allocation counts, and with `--combined-only` sizes) miss the
+    /// allocation, and its block is tracked without its stack.
     CombinedMapFull = 2,
     /// No room to note a call for its return: the kernel could not allocate
     /// a thread's `PENDING` value.
@@ -238,6 +280,9 @@ pub mod globals {
     /// u32: the number of parts of each stack's totals, a power of two, less
     /// one (a CPU's part is its number masked with it).
     pub const SHARD_MASK: &str = "SHARD_MASK";
+    /// u32: log2 of `TOTALS`' entries (a key's first entry is the top
+    /// bits of its hash).
+    pub const TOTALS_BITS: &str = "TOTALS_BITS";
     /// [u32; FIELD_COUNT]: tracepoint field offsets, by `Field`.
     pub const FIELD_OFFSETS: &str = "FIELD_OFFSETS";
     /// u64: the page size, for mm_page_alloc's order.
@@ -251,7 +296,7 @@ pub mod globals {
 pub mod maps {
     pub const ALLOCS: &str = "ALLOCS";
     pub const ALLOC_TABLE: &str = "ALLOC_TABLE";
-    pub const COMBINED: &str = "COMBINED";
+    pub const TOTALS: &str = "TOTALS";
     pub const STACKS: &str = "STACKS";
     pub const STATS: &str = "STATS";
     pub const REGIONS: &str = "REGIONS";
@@ -267,7 +312,7 @@ mod pod {
     unsafe impl aya::Pod for AllocInfo {}
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for CombinedKey {}
-    unsafe impl aya::Pod for CombinedAlloc {}
+    unsafe impl aya::Pod for Totals {}
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for RegionKey {}
     unsafe impl aya::Pod for Region {}
@@ -281,5 +326,16 @@ mod tests {
     fn a_bucket_is_whole_cache_lines_and_tiles_pages() {
         assert_eq!(size_of::<Bucket>() % 64, 0);
         assert_eq!((3 * 4096) % size_of::<Bucket>(), 0);
+    }
+
+    #[test]
+    fn a_totals_owner_is_never_free_or_busy_and_gives_its_key_back() {
+        for (tgid, shard) in [(0, 0), (1, 7), (u32::MAX, MAX_SHARDS - 1)] {
+            let owner = totals_owner(tgid, shard);
+            assert!(owner != 0 && owner != TOTALS_BUSY);
+            assert_eq!(totals_key(owner, 9), Some(CombinedKey { tgid, shard, stack_id: 9 }));
+        }
+        assert_eq!(totals_key(0, 9), None);
+        assert_eq!(totals_key(TOTALS_BUSY, 9), None);
     }
 }

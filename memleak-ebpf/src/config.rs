@@ -19,6 +19,8 @@ static TABLE_SHIFT: u32 = 0;
 #[unsafe(no_mangle)]
 static COMBINED_ONLY: u32 = 0;
 #[unsafe(no_mangle)]
+static TOTALS_BITS: u32 = 0;
+#[unsafe(no_mangle)]
 static FIELD_OFFSETS: [u32; FIELD_COUNT] = [0; FIELD_COUNT];
 #[unsafe(no_mangle)]
 static PAGE_SIZE: u64 = 4096;
@@ -55,6 +57,10 @@ pub fn combined_only() -> bool {
 #[inline(always)]
 pub fn table_shift() -> u32 {
     unsafe { core::ptr::read_volatile(&TABLE_SHIFT) }
+}
+#[inline(always)]
+pub fn totals_bits() -> u32 {
+    unsafe { core::ptr::read_volatile(&TOTALS_BITS) }
 }
 #[inline(always)]
 pub fn shard_mask() -> u32 {

@@ -4,7 +4,7 @@
 //! walk starts in the caller); free and munmap forget it.
 #![no_std]
 #![no_main]
-// atomic_xadd and atomic_cxchg: see record::combine.
+// atomic_xadd and atomic_cxchg: see totals::add.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -15,6 +15,7 @@ mod maps;
 mod record;
 mod regions;
 mod table;
+mod totals;
 mod task_storage;
 mod unwind;
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use crate::task_storage::TaskStorage;
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, CombinedAlloc, CombinedKey, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack,
+    AllocInfo, AllocKey, Bucket, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack, Totals,
 };
 
 /// Outstanding allocations, by the hash of (process, address): see
@@ -23,23 +23,22 @@ pub static ALLOC_TABLE: Array<Bucket> = Array::with_max_entries(1, BPF_F_MMAPABL
 pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
     HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
-/// Totals per (tgid, stack), in a part per CPU (see `CombinedKey`):
-/// outstanding bytes and blocks with `--combined-only`, and allocations
-/// since attach. A hash with the CPU in the key, not a per-CPU map: per-CPU
-/// elements come from a cache that runs dry in BPF context under load
-/// (thousands of updates lost per second system-wide).
+/// Totals per (tgid, stack), in a part per CPU (see `totals` and
+/// `memleak_common::Totals`): outstanding bytes and blocks with
+/// `--combined-only`, and allocations since attach. An array, so a block
+/// names its entry by index; mappable, so the report reads it in place.
 #[map]
-pub static COMBINED: HashMap<CombinedKey, CombinedAlloc> =
-    HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+pub static TOTALS: Array<Totals> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// User stacks, by the hash of their frames.
 #[map]
 pub static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 14, BPF_F_NO_PREALLOC);
 
-/// Stacks known to be in STACKS, per CPU, by the top bits of their id.
+/// The TOTALS entries of (process, stack) this CPU used lately, by the top
+/// bits of their hash: a hint, checked against the entry.
 #[map]
-pub static KNOWN_STACKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1 << KNOWN_STACK_BITS, 0);
-pub const KNOWN_STACK_BITS: u32 = 8;
+pub static KNOWN_SLOTS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1 << KNOWN_SLOT_BITS, 0);
+pub const KNOWN_SLOT_BITS: u32 = 8;
 
 /// Where bpf_get_stack writes, per CPU (a stack is too big for the BPF stack).
 #[map]

@@ -1,9 +1,6 @@
 //! What the probes do, shared by every allocator hook.
 
-use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
-    ptr,
-};
+use core::ptr;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -14,15 +11,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, CombinedAlloc, CombinedKey, MAX_STACK_DEPTH, NO_STACK, PENDING_ACTIVE,
-    PENDING_HAS_OLD, PENDING_MMAP, PENDING_RECORD, Region, Stack, Stat,
+    AllocInfo, AllocKey, Bucket, MAX_STACK_DEPTH, NO_SLOT, NO_STACK, PENDING_ACTIVE, PENDING_HAS_OLD, PENDING_MMAP,
+    PENDING_RECORD, Region, Stack, Stat, totals_owner,
 };
 
 use crate::{
     config, regions,
-    table,
+    table, totals,
     unwind::{stack_pointer, user_stack},
-    maps::{ALLOCS, COMBINED, KNOWN_STACK_BITS, KNOWN_STACKS, PENDING, STACK_SCRATCH, STACKS, STATS},
+    maps::{ALLOCS, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
 
@@ -200,12 +197,13 @@ pub fn exit(ctx: &RetProbeContext) {
     }
 }
 
-/// The stack `fill` writes (into a per-CPU scratch buffer, returning its
-/// depth), stored in STACKS under a hash of its frames.
+/// The TOTALS entry of (tgid, the stack `fill` writes into a per-CPU
+/// scratch buffer, returning its depth); the stack is stored in STACKS
+/// under a hash of its frames. [`NO_SLOT`] if TOTALS has no room.
 #[inline(always)]
-fn stack_id(fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
+fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return NO_STACK;
+        return NO_SLOT;
     };
     let stack = unsafe { &mut *stack };
     stack.len = fill(stack) as u64;
@@ -213,52 +211,55 @@ fn stack_id(fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
     // every path out of the walk. Known exactly on each, it would check the
     // hash loop below once per possible depth (160 ms per program).
     let depth = (unsafe { core::ptr::read_volatile(&stack.len) } as usize).min(MAX_STACK_DEPTH);
+    let mut id = NO_STACK;
     if depth == 0 {
         count(Stat::StackLost);
-        return NO_STACK;
+    } else {
+        // 64-bit multiplicative hash of the frames: no collisions in
+        // practice, unlike a stack-trace map's bucket index.
+        let mut hash = 0x9e37_79b9_7f4a_7c15u64 ^ depth as u64;
+        for &ip in stack.ips.iter().take(depth) {
+            hash = (hash.rotate_left(23) ^ ip).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        }
+        id = if hash == NO_STACK { 1 } else { hash };
     }
-    // 64-bit multiplicative hash of the frames: no collisions in practice,
-    // unlike a stack-trace map's bucket index.
-    let mut hash = 0x9e37_79b9_7f4a_7c15u64 ^ depth as u64;
-    for &ip in stack.ips.iter().take(depth) {
-        hash = (hash.rotate_left(23) ^ ip).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    // SAFETY: a helper without arguments.
+    let owner = totals_owner(tgid, unsafe { bpf_get_smp_processor_id() } & config::shard_mask());
+    let Some(hint) = totals::hint(owner, id) else {
+        return NO_SLOT;
+    };
+    if totals::holds(*hint, owner, id) {
+        // An entry's stack is in STACKS: nothing removes one.
+        return u64::from(*hint);
     }
-    let id = if hash == NO_STACK { 1 } else { hash };
-    // Nothing removes a stack from STACKS, so one this CPU stored or found
-    // there lately needs no lookup (an array slot, by the hash's top bits).
-    let known = KNOWN_STACKS.get_ptr_mut((id >> (64 - KNOWN_STACK_BITS)) as u32);
-    if let Some(known) = known
-        && unsafe { *known } == id
-    {
-        return id;
-    }
-    if STACKS.get_ptr(&id).is_none() {
+    if id != NO_STACK && STACKS.get_ptr(&id).is_none() {
         match STACKS.insert(&id, stack, BPF_NOEXIST as u64) {
             Ok(()) | Err(EEXIST) => {}
             Err(_) => {
                 count(Stat::StackLost);
-                return NO_STACK;
+                id = NO_STACK;
             }
         }
     }
-    if let Some(known) = known {
-        unsafe { *known = id };
+    if !totals::probe(owner, id, hint) {
+        count(Stat::CombinedMapFull);
+        return NO_SLOT;
     }
-    id
+    u64::from(*hint)
 }
 
 /// The user stack at an allocator's return (see `unwind`).
 #[inline(always)]
-fn user_stack_id(ctx: &RetProbeContext) -> u64 {
+fn user_stack_slot(ctx: &RetProbeContext, tgid: u32) -> u64 {
     // SAFETY: a uprobe's context is the task's pt_regs.
     let regs = unsafe { &*ctx.regs };
-    stack_id(|stack| user_stack(regs, &mut stack.ips))
+    stack_slot(tgid, |stack| user_stack(regs, &mut stack.ips))
 }
 
 /// The kernel stack of a tracepoint.
 #[inline(always)]
-fn kernel_stack_id<C: EbpfContext>(ctx: &C) -> u64 {
-    stack_id(|stack| {
+fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32) -> u64 {
+    stack_slot(space, |stack| {
         let bytes = unsafe {
             bpf_get_stack(ctx.as_ptr(), stack.ips.as_mut_ptr().cast(), (MAX_STACK_DEPTH * 8) as u32, 0)
         };
@@ -272,11 +273,11 @@ fn new_block(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64, timestamp_n
     let info = AllocInfo {
         size,
         timestamp_ns,
-        stack_id: user_stack_id(ctx),
+        slot: user_stack_slot(ctx, tgid),
     };
-    let stack_id = info.stack_id;
+    let slot = info.slot;
     if config::trace() {
-        info!(ctx, "alloc tgid={} addr={:x} size={} stack={}", tgid, addr, size, stack_id);
+        info!(ctx, "alloc tgid={} addr={:x} size={} totals={}", tgid, addr, size, slot);
     }
     info
 }
@@ -290,7 +291,7 @@ pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) 
     let info = AllocInfo {
         size,
         timestamp_ns: now(),
-        stack_id: kernel_stack_id(ctx),
+        slot: kernel_stack_slot(ctx, space),
     };
     track(space, addr, info, true, false);
 }
@@ -303,7 +304,7 @@ pub fn forget_kernel(space: u32, addr: u64) {
     }
 }
 
-/// Puts a block into the table (or ALLOCS) and COMBINED; `new` for a block
+/// Puts a block into the table (or ALLOCS) and its totals; `new` for a block
 /// just allocated (not one given back, as after a failed realloc), counted
 /// in `allocs`. `spilled` puts it straight into ALLOCS: a block REGIONS
 /// follows, which munmap's scan of REGIONS looks up there (in that loop of
@@ -406,7 +407,7 @@ fn unspill(tgid: u32, addr: u64, bucket: Option<&mut Bucket>) -> Option<AllocInf
     Some(info)
 }
 
-/// Removes a block from the table (or ALLOCS) and COMBINED; returns what
+/// Removes a block from the table (or ALLOCS) and its totals; returns what
 /// it was.
 #[inline(always)]
 pub fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
@@ -424,7 +425,7 @@ pub fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
 }
 
 /// Removes a block that is in ALLOCS (one REGIONS follows: see `track`)
-/// from there and COMBINED; returns what it was.
+/// from there and its totals; returns what it was.
 #[inline(always)]
 pub fn take_spilled(tgid: u32, addr: u64) -> Option<AllocInfo> {
     let info = unspill(tgid, addr, table::bucket(tgid, addr))?;
@@ -474,53 +475,27 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) -> bool {
     false
 }
 
-/// Adds (or removes) one block to its stack's totals, in this CPU's part,
-/// atomically: CPUs sharing a part (and a program preempted on one) must not
-/// lose updates. `new` also counts it in the stack's allocations since
-/// attach, which is all the totals keep without --combined-only.
+/// Adds (or removes) one block to its totals (the entry it names: see
+/// `totals`). `new` counts it in the stack's allocations since attach,
+/// which is all the totals keep without --combined-only; a block added
+/// that is not new (a piece a munmap left) is one free less.
 #[inline(always)]
 fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
     let sizes = config::combined_only();
     if !sizes && !new {
         return;
     }
-    let key = CombinedKey {
-        tgid,
-        // SAFETY: a helper without arguments.
-        shard: unsafe { bpf_get_smp_processor_id() } & config::shard_mask(),
-        stack_id: info.stack_id,
+    // None: counted as lost when the block was recorded.
+    let Some(t) = totals::entry(info.slot, tgid) else {
+        return;
     };
-    let totals = match COMBINED.get_ptr_mut(&key) {
-        Some(t) => t,
-        None => {
-            // A free may be the first of this stack on this CPU: its part
-            // then goes below zero.
-            let _ = COMBINED.insert(&key, &CombinedAlloc::default(), BPF_NOEXIST as u64);
-            match COMBINED.get_ptr_mut(&key) {
-                Some(t) => t,
-                None => {
-                    count(Stat::CombinedMapFull);
-                    return;
-                }
-            }
-        }
-    };
-    let (size, n) = if add {
-        (info.size, 1u64)
-    } else {
-        (info.size.wrapping_neg(), u64::MAX)
-    };
-    // Rust's BPF target declares no compare-and-swap (the kernel has it
-    // since 5.12), so core's atomics lack fetch_add here: the intrinsic
-    // compiles to a plain `lock xadd`.
-    unsafe {
-        if sizes {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).total_size, size);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).count, n);
-        }
-        if new {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*totals).allocs, 1);
+    if new {
+        totals::add(&mut t.sums.allocs, 1);
+    }
+    if sizes {
+        totals::add(&mut t.sums.total_size, if add { info.size } else { info.size.wrapping_neg() });
+        if !new {
+            totals::add(&mut t.sums.frees, if add { u64::MAX } else { 1 });
         }
     }
 }
-
