@@ -95,9 +95,6 @@ impl Aggregator {
     pub fn finish(self, stack_of: impl Fn(u64) -> Option<u64>) -> Vec<StackTotal> {
         let mut by_stack: FastMap<(u32, u64), StackTotal> = FastMap::default();
         for ((tgid, slot), mut total) in self.totals {
-            if total.count == 0 {
-                continue;
-            }
             total.stack_id = stack_of(slot).unwrap_or(NO_STACK);
             match by_stack.entry((tgid, total.stack_id)) {
                 Entry::Vacant(e) => {
@@ -106,7 +103,8 @@ impl Aggregator {
                 Entry::Occupied(mut e) => absorb(e.get_mut(), total),
             }
         }
-        let mut totals: Vec<StackTotal> = by_stack.into_values().collect();
+        // Only now: a part with young blocks only still counts in `live`.
+        let mut totals: Vec<StackTotal> = by_stack.into_values().filter(|t| t.count > 0).collect();
         for t in &mut totals {
             t.blocks.sort_unstable_by_key(|b| b.addr);
         }
@@ -337,14 +335,18 @@ mod tests {
     fn entries_of_one_stack_are_one_stack_and_unknown_ones_have_none() {
         // Entries 4 and 5 are stack 40's parts on two CPUs; 6 is gone, and
         // 7 was never (the totals were full: NO_SLOT).
-        let mut aggregator = Aggregator::new(10, 0, true, 0);
+        let mut aggregator = Aggregator::new(10, 5, true, 0);
         for (addr, slot) in [(0x10, 4), (0x20, 5), (0x30, 6), (0x40, NO_SLOT)] {
             let (key, info) = alloc(addr, 8, 1, slot);
             aggregator.add(key, info);
         }
-        let mut totals = aggregator.finish(|slot| [4, 5].contains(&slot).then_some(40));
+        // Too young to list, but one of stack 40's live blocks (its part
+        // on a third CPU has no other).
+        let (key, info) = alloc(0x50, 8, 10, 3);
+        aggregator.add(key, info);
+        let mut totals = aggregator.finish(|slot| [3, 4, 5].contains(&slot).then_some(40));
         totals.sort_by_key(|t| t.stack_id);
-        assert_eq!(totals.iter().map(|t| (t.stack_id, t.count, t.live)).collect::<Vec<_>>(), [(NO_STACK, 2, 2), (40, 2, 2)]);
+        assert_eq!(totals.iter().map(|t| (t.stack_id, t.count, t.live)).collect::<Vec<_>>(), [(NO_STACK, 2, 2), (40, 2, 3)]);
         assert_eq!(totals[1].blocks, [Block { addr: 0x10, size: 8 }, Block { addr: 0x20, size: 8 }]);
     }
 

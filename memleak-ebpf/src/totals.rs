@@ -25,7 +25,9 @@ pub fn entry(slot: u64, tgid: u32) -> Option<&'static mut Totals> {
     }
     // SAFETY: an array map's value, alive as long as the map.
     let t = unsafe { &mut *TOTALS.get_ptr_mut(slot as u32)? };
-    (unsafe { read_volatile(&t.owner) } as u32 == tgid).then_some(t)
+    let owner = unsafe { read_volatile(&t.owner) };
+    // Not one being claimed: its low half is u32::MAX, KERNEL_SLAB's tgid.
+    (owner as u32 == tgid && owner != TOTALS_BUSY).then_some(t)
 }
 
 /// This CPU's hint for (owner, stack_id): the index of the entry it used
