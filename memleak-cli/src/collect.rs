@@ -28,7 +28,6 @@ pub struct Recorded {
     /// The blocks the table had no room for.
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     totals: Array<MapData, Totals>,
-    totals_entries: u32,
     stacks: HashMap<MapData, u64, Stack>,
     stats: PerCpuArray<MapData, u64>,
     regions: HashMap<MapData, RegionKey, Region>,
@@ -44,15 +43,12 @@ impl Recorded {
         // The kernel gives a hash map a power of two of buckets.
         let allocs_buckets = allocs.map().info()?.max_entries().next_power_of_two();
         let table: Array<MapData, Bucket> = Array::try_from(take(maps::ALLOC_TABLE)?)?;
-        let totals: Array<MapData, Totals> = Array::try_from(take(maps::TOTALS)?)?;
-        let totals_entries = totals.len();
         Ok(Self {
             table,
             table_buckets,
             allocs,
             allocs_buckets,
-            totals,
-            totals_entries,
+            totals: Array::try_from(take(maps::TOTALS)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             stats: PerCpuArray::try_from(take(maps::STATS)?)?,
             regions: HashMap::try_from(take(maps::REGIONS)?)?,
@@ -138,7 +134,7 @@ impl Recorded {
             let _ = self.regions.remove(&key);
         }
         // Last: no block names their totals any more.
-        if let Err(e) = totals::forget(self.totals.map().fd().as_fd(), self.totals_entries, tgids) {
+        if let Err(e) = totals::forget(self.totals.map().fd().as_fd(), self.totals.len(), tgids) {
             eprintln!("warning: forgetting exited processes' totals: {e}");
         }
     }
@@ -147,7 +143,7 @@ impl Recorded {
     /// stack)'s) with its index. Read after the blocks, it has every entry
     /// they name (entries are given back only for processes gone).
     pub fn totals(&self) -> Vec<totals::Entry> {
-        totals::read(self.totals.map().fd().as_fd(), self.totals_entries).unwrap_or_else(|e| {
+        totals::read(self.totals.map().fd().as_fd(), self.totals.len()).unwrap_or_else(|e| {
             eprintln!("warning: reading the per-stack totals: {e}");
             Vec::new()
         })
