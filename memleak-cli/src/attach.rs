@@ -25,6 +25,7 @@ use crate::{
     error::{Kind, user_error},
     hooks::{C_API, CXX_API, Shape},
     loader,
+    multi::Links,
     placement::{self, Placement},
     proc::{self, Mapping, Target, mapped_file, module_name},
 };
@@ -74,10 +75,10 @@ pub struct TargetPlan {
 }
 
 /// Attaches the planned probes.
-pub fn attach(ebpf: &mut Ebpf, planned: TargetPlan) -> anyhow::Result<Vec<Attached>> {
+pub fn attach(ebpf: &mut Ebpf, links: &Links, planned: TargetPlan) -> anyhow::Result<Vec<Attached>> {
     let TargetPlan { pid, plans, floor } = planned;
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid is non-zero"));
-    attach_plans(ebpf, &plans, scope, floor).map_err(|e| exited(pid, e))?;
+    attach_plans(ebpf, links, &plans, scope, floor).map_err(|e| exited(pid, e))?;
     Ok(plans.into_iter().map(|plan| plan.attached).collect())
 }
 
@@ -92,11 +93,11 @@ fn exited(pid: u32, e: anyhow::Error) -> anyhow::Error {
 
 /// Attaches every hook to the object at `path` (valid on the host) for
 /// process `pid`, mapped or not yet (-c: the command has not exec'd).
-pub fn attach_file(ebpf: &mut Ebpf, path: &Path, pid: NonZeroU32) -> anyhow::Result<Attached> {
+pub fn attach_file(ebpf: &mut Ebpf, links: &Links, path: &Path, pid: NonZeroU32) -> anyhow::Result<Attached> {
     if !path.exists() {
         return Err(user_error(Kind::Attach, format!("-O {}: no such file", path.display())));
     }
-    probe_object(ebpf, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, None)
+    probe_object(ebpf, links, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, None)
 }
 
 /// Attaches the hooks the object defines, at `host_path` (a path valid on
@@ -104,6 +105,7 @@ pub fn attach_file(ebpf: &mut Ebpf, path: &Path, pid: NonZeroU32) -> anyhow::Res
 /// define malloc and free.
 fn probe_object(
     ebpf: &mut Ebpf,
+    links: &Links,
     host_path: &Path,
     object: &str,
     scope: UProbeScope,
@@ -111,7 +113,7 @@ fn probe_object(
     floor: Option<Floor>,
 ) -> anyhow::Result<Attached> {
     let plan = plan(host_path, object, serves_malloc, floor)?;
-    attach_plans(ebpf, std::slice::from_ref(&plan), scope, floor)?;
+    attach_plans(ebpf, links, std::slice::from_ref(&plan), scope, floor)?;
     Ok(plan.attached)
 }
 
@@ -163,20 +165,56 @@ fn plan(host_path: &Path, object: &str, serves_malloc: bool, floor: Option<Floor
 /// soon as it is verified: the kernel's first uprobe registration waits
 /// for an RCU grace period (about 20 ms), which then passes while the
 /// larger programs are verified. The munmap program goes in last, once it
-/// is chained to itself (see `loader::chain_unmap`).
-fn attach_plans(ebpf: &mut Ebpf, plans: &[Plan], scope: UProbeScope, floor: Option<Floor>) -> anyhow::Result<()> {
+/// is chained to itself (see `loader::chain_unmap`). With uprobe_multi
+/// links, each program's probes on one file are one link (see `multi`).
+fn attach_plans(
+    ebpf: &mut Ebpf,
+    links: &Links,
+    plans: &[Plan],
+    scope: UProbeScope,
+    floor: Option<Floor>,
+) -> anyhow::Result<()> {
     let unmap = Shape::Munmap.programs().0;
     let chained = floor.is_none();
     let mut names: Vec<&str> = plans.iter().flat_map(|plan| plan.probes.iter().map(|&(program, ..)| program)).collect();
     names.sort_by_key(|name| (load_order(name), *name));
     names.dedup();
+    let cannot = |function: &str, object: &str, e: &dyn std::fmt::Display| {
+        user_error(Kind::Attach, format!("cannot probe {function} in {object}: {e:#}"))
+    };
+    if links.multi() {
+        let pid = match scope {
+            UProbeScope::OneProcess(pid) => pid.get(),
+            _ => 0,
+        };
+        let attach_program = |name: &str| {
+            for plan in plans {
+                let (functions, offsets): (Vec<&str>, Vec<u64>) =
+                    plan.probes.iter().filter(|(p, ..)| *p == name).map(|&(_, function, at)| (function, at)).unzip();
+                if offsets.is_empty() {
+                    continue;
+                }
+                links
+                    .attach(name, &plan.attached.host_path, &offsets, pid, is_return(name))
+                    .map_err(|e| cannot(&functions.join(", "), &plan.attached.object, &e))?;
+            }
+            anyhow::Ok(())
+        };
+        let loaded =
+            loader::load_each_multi(links, &names, |name| if chained && name == unmap { Ok(()) } else { attach_program(name) })?;
+        if chained && names.contains(&unmap) {
+            if loaded.contains(&unmap) {
+                loader::chain_unmap(ebpf, links)?;
+            }
+            attach_program(unmap)?;
+        }
+        return Ok(());
+    }
     let attach_program = |name: &str, program: &mut UProbe| {
         for plan in plans {
             let object = &plan.attached.object;
             for &(_, function, at) in plan.probes.iter().filter(|(p, ..)| *p == name) {
-                program.attach(at, &plan.attached.host_path, scope).map_err(|e| {
-                    user_error(Kind::Attach, format!("cannot probe {function} in {object}: {e:#}"))
-                })?;
+                program.attach(at, &plan.attached.host_path, scope).map_err(|e| cannot(function, object, &e))?;
             }
         }
         anyhow::Ok(())
@@ -186,11 +224,16 @@ fn attach_plans(ebpf: &mut Ebpf, plans: &[Plan], scope: UProbeScope, floor: Opti
     })?;
     if chained && names.contains(&unmap) {
         if loaded.contains(&unmap) {
-            loader::chain_unmap(ebpf)?;
+            loader::chain_unmap(ebpf, links)?;
         }
         attach_program(unmap, loader::uprobe(ebpf, unmap)?)?;
     }
     Ok(())
+}
+
+/// Whether a program runs at return (`alloc_exit`, `floor_exit`).
+fn is_return(program: &str) -> bool {
+    program.ends_with("_exit")
 }
 
 /// The order to verify programs in: free's small one first, so that its
@@ -200,7 +243,7 @@ fn load_order(program: &str) -> u8 {
     match program {
         "free_enter" | "floor_enter" => 0,
         "munmap_enter" => 1,
-        p if p.ends_with("_exit") => 2,
+        p if is_return(p) => 2,
         _ => 3,
     }
 }
@@ -263,7 +306,7 @@ pub struct SystemProbes {
 
 impl SystemProbes {
     /// Probes `obj` (a host path) for every process.
-    pub fn object(&mut self, ebpf: &mut Ebpf, obj: &Path) -> anyhow::Result<()> {
+    pub fn object(&mut self, ebpf: &mut Ebpf, links: &Links, obj: &Path) -> anyhow::Result<()> {
         if !obj.is_absolute() || !obj.exists() {
             return Err(user_error(
                 Kind::Attach,
@@ -271,14 +314,14 @@ impl SystemProbes {
             ));
         }
         let object = obj.to_string_lossy().into_owned();
-        self.objects.push(probe_object(ebpf, obj, &object, UProbeScope::AllProcesses, true, None)?);
+        self.objects.push(probe_object(ebpf, links, obj, &object, UProbeScope::AllProcesses, true, None)?);
         Ok(())
     }
 
     /// Probes the allocator files of every process not probed yet; returns
     /// how many were added. Called at start and each interval, so new
     /// containers and programs are caught.
-    pub fn scan(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<usize> {
+    pub fn scan(&mut self, ebpf: &mut Ebpf, links: &Links) -> anyhow::Result<usize> {
         use std::os::unix::fs::MetadataExt as _;
         let me = std::process::id();
         let mut added = 0;
@@ -301,7 +344,7 @@ impl SystemProbes {
                     continue;
                 }
                 let label = format!("{} (of pid {pid})", mapping.path);
-                match probe_object(ebpf, &host_path, &label, UProbeScope::AllProcesses, serves_malloc, None) {
+                match probe_object(ebpf, links, &host_path, &label, UProbeScope::AllProcesses, serves_malloc, None) {
                     Ok(attached) => {
                         self.objects.push(attached);
                         added += 1;

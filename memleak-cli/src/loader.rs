@@ -1,14 +1,22 @@
 //! Loads the kernel programs, configured through read-only globals and map
 //! sizes (no recompiling), and names each program once.
 
+use std::os::fd::AsFd as _;
+
 use anyhow::Context as _;
-use aya::{Ebpf, EbpfLoader, maps::ProgramArray, programs::UProbe};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, ProgramArray},
+    programs::UProbe,
+};
 use memleak_common::{BUCKET_SLOTS, FIELD_COUNT, MAX_SHARDS, globals, maps};
 
 use crate::{
     cli::Args,
     error::{Kind, user_error},
     hooks::Shape,
+    multi::{self, Links},
 };
 
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
@@ -66,7 +74,15 @@ impl Config {
     }
 }
 
-pub fn load(config: &Config) -> anyhow::Result<Ebpf> {
+/// Loads the object, and readies its uprobe programs for uprobe_multi
+/// links where the kernel has them.
+pub fn load(config: &Config) -> anyhow::Result<(Ebpf, Links)> {
+    let ebpf = load_object(config)?;
+    let links = Links::new(PROGRAMS, &ebpf).context("relocating the programs for uprobe_multi links")?;
+    Ok((ebpf, links))
+}
+
+fn load_object(config: &Config) -> anyhow::Result<Ebpf> {
     check_privileges()?;
     raise_memlock_limit();
     let self_tgid = std::process::id();
@@ -156,8 +172,15 @@ fn without_kernel_btf<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// The munmap program runs once per followed mapping a munmap cuts, by
 /// tail-calling itself through UNMAP_AGAIN: put it there (before it is
 /// attached).
-pub fn chain_unmap(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+pub fn chain_unmap(ebpf: &mut Ebpf, links: &Links) -> anyhow::Result<()> {
     let (name, _) = Shape::Munmap.programs();
+    if links.multi() {
+        let map = ebpf.map(maps::UNMAP_AGAIN).context("map UNMAP_AGAIN missing")?;
+        let Map::ProgramArray(map) = map else { anyhow::bail!("map UNMAP_AGAIN is not a program array") };
+        return links
+            .with_program(name, |prog| multi::set_program(map.fd().as_fd(), 0, prog))
+            .context("chaining the munmap program");
+    }
     let fd = uprobe(ebpf, name)?.fd()?.try_clone().context("duplicating the munmap program's fd")?;
     let map = ebpf.map_mut(maps::UNMAP_AGAIN).context("map UNMAP_AGAIN missing")?;
     ProgramArray::try_from(map)?.set(0, &fd, 0).context("chaining the munmap program")?;
@@ -167,14 +190,22 @@ pub fn chain_unmap(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 /// What each program cost while the kernel counted (sysctl
 /// `kernel.bpf_stats_enabled=1`; it counts nothing otherwise), for -v:
 /// `memleak: program alloc_exit ran 400003 times, 144001080 ns in all (360 ns each)`.
-pub fn program_costs(ebpf: &Ebpf) -> Vec<String> {
-    ebpf.programs()
-        .filter_map(|(name, program)| {
-            let info = program.info().ok()?;
-            let (runs, ns) = (info.run_count(), info.run_time().as_nanos());
-            (runs > 0).then(|| format!("memleak: program {name} ran {runs} times, {ns} ns in all ({} ns each)", ns / runs as u128))
-        })
-        .collect()
+pub fn program_costs(ebpf: &Ebpf, links: &Links) -> Vec<String> {
+    let line = |name: &str, info: aya::programs::ProgramInfo| {
+        let (runs, ns) = (info.run_count(), info.run_time().as_nanos());
+        (runs > 0).then(|| format!("memleak: program {name} ran {runs} times, {ns} ns in all ({} ns each)", ns / runs as u128))
+    };
+    let mut lines: Vec<String> =
+        ebpf.programs().filter_map(|(name, program)| line(name, program.info().ok()?)).collect();
+    let ids = links.program_ids();
+    if !ids.is_empty() {
+        lines.extend(aya::programs::loaded_programs().filter_map(Result::ok).filter_map(|info| {
+            let (name, _) = ids.iter().find(|(_, id)| *id == info.id())?;
+            line(name, info)
+        }));
+    }
+    lines.sort();
+    lines
 }
 
 /// EPERM anywhere in the cause (aya wraps the errno of bpf() a few layers
@@ -279,26 +310,48 @@ pub fn load_each<'n>(
         .collect();
     programs.sort_by_key(|(name, _)| names.iter().position(|n| n == name));
     let loaded: Vec<&'n str> = programs.iter().filter(|(_, p)| p.fd().is_err()).map(|(name, _)| *name).collect();
-    // One thread more than CPUs: the kernel's first uprobe registration
-    // sleeps for an RCU grace period, and a CPU would idle through it.
+    in_parallel(programs, |(name, program)| {
+        if program.fd().is_err() {
+            program.load().with_context(|| format!("loading program {name}"))?;
+        }
+        then(name, program)
+    })?;
+    Ok(loaded)
+}
+
+/// [`load_each`] for uprobe_multi links: the programs are loaded through
+/// `links`, `then` gets each one's name once it is loaded.
+pub fn load_each_multi<'n>(
+    links: &Links,
+    names: &[&'n str],
+    then: impl Fn(&str) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<Vec<&'n str>> {
+    let loaded = std::sync::Mutex::new(vec![]);
+    in_parallel(names.to_vec(), |name| {
+        if links.load(name).with_context(|| format!("loading program {name}"))? {
+            loaded.lock().expect("loaded").push(name);
+        }
+        then(name)
+    })?;
+    Ok(loaded.into_inner().expect("loaded"))
+}
+
+/// Runs `f` on each item, on one thread more than CPUs: the kernel's first
+/// uprobe registration sleeps for an RCU grace period, and a CPU would idle
+/// through it. Each thread takes the next item when done with one (their
+/// verification times differ tenfold); the first error stops them all.
+fn in_parallel<T: Send>(items: Vec<T>, f: impl Fn(T) -> anyhow::Result<()> + Sync) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cpus + 1).min(programs.len().max(1));
-    // Each thread takes the next program when done with one: their
-    // verification times differ tenfold.
-    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(programs));
+    let threads = (cpus + 1).min(items.len().max(1));
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(items));
     let next = || queue.lock().expect("program queue").pop_front();
     let give_up = || queue.lock().expect("program queue").clear();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    while let Some((name, program)) = next() {
-                        let done = if program.fd().is_err() {
-                            program.load().with_context(|| format!("loading program {name}"))
-                        } else {
-                            Ok(())
-                        };
-                        if let Err(e) = done.and_then(|()| then(name, program)) {
+                    while let Some(item) = next() {
+                        if let Err(e) = f(item) {
                             give_up();
                             return Err(e);
                         }
@@ -308,8 +361,7 @@ pub fn load_each<'n>(
             })
             .collect();
         workers.into_iter().try_for_each(|worker| worker.join().expect("program loader thread panicked"))
-    })?;
-    Ok(loaded)
+    })
 }
 
 /// Loads one program into the kernel, by name, for attaching.

@@ -16,6 +16,7 @@ mod json;
 mod kernel;
 mod loader;
 mod mapped;
+mod multi;
 mod placement;
 mod pprof;
 mod proc;

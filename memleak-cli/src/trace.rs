@@ -22,6 +22,7 @@ use crate::{
     exports::Exports,
     kernel,
     loader::{self, Config},
+    multi::Links,
     proc::{PidFd, Target},
     reporter::{Reporter, Scope, monotonic_ns},
 };
@@ -63,12 +64,12 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
         let planned = attach::plan_target(&target, args.obj.as_deref(), args.floor);
         (loading.join().expect("loader thread panicked"), planned)
     });
-    let mut ebpf = ebpf?;
+    let (mut ebpf, links) = ebpf?;
     let planned = planned?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     // The run starts as the probes go in: nothing is outstanding before.
     let started = (monotonic_ns(), SystemTime::now());
-    for attached in attach::attach(&mut ebpf, planned)? {
+    for attached in attach::attach(&mut ebpf, &links, planned)? {
         verbose(args, &attached);
     }
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
@@ -79,7 +80,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
         eprintln!("memleak: process {pid} ({}) exited", target.comm);
     }
     reporter.report()?;
-    detach(args, ebpf);
+    detach(args, ebpf, links);
     reporter.finish()
 }
 
@@ -90,7 +91,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let exited = watch(pid)?;
     let exports = Exports::create(args)?;
     let config = Config::from_args(args);
-    let mut ebpf = loader::load(&config)?;
+    let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     // The command will map the same libc as we do (or -O's object): probe
     // it for the child's PID now; the kernel puts the breakpoints into the
@@ -100,7 +101,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
         None => own_libc()?,
     };
     let target = Target { pid, comm: argv[0].clone(), dir: None };
-    let attached = attach::attach_file(&mut ebpf, &obj, NonZeroU32::new(pid).expect("child pid"))?;
+    let attached = attach::attach_file(&mut ebpf, &links, &obj, NonZeroU32::new(pid).expect("child pid"))?;
     verbose(args, &attached);
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let started = (monotonic_ns(), SystemTime::now());
@@ -118,7 +119,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
         None
     };
     reporter.report()?;
-    detach(args, ebpf);
+    detach(args, ebpf, links);
     reporter.finish()?;
     Ok(code.map_or(0, |c| c as u8))
 }
@@ -132,16 +133,16 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         config.skip_caller = kernel::bpf_refill_range();
     }
     let exports = Exports::create(args)?;
-    let mut ebpf = loader::load(&config)?;
+    let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     let started = (monotonic_ns(), SystemTime::now());
     let mut probes = SystemProbes::default();
     let mut what = vec![];
     if user {
         match &args.obj {
-            Some(obj) => probes.object(&mut ebpf, obj)?,
+            Some(obj) => probes.object(&mut ebpf, &links, obj)?,
             None => {
-                probes.scan(&mut ebpf)?;
+                probes.scan(&mut ebpf, &links)?;
             }
         }
         for attached in &probes.objects {
@@ -150,7 +151,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         what.push(format!("all processes ({} allocator files)", probes.objects.len()));
     }
     if kernel_too {
-        let events = kernel::attach(&mut ebpf, args.percpu)?;
+        let events = kernel::attach(&mut ebpf, &links, args.percpu)?;
         if args.verbose {
             eprintln!("memleak: kernel tracepoints: {}", events.join(", "));
         }
@@ -165,7 +166,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         // Programs and containers started since: probe their allocators too.
         if rescan {
             let before = probes.objects.len();
-            if probes.scan(&mut ebpf)? > 0 && verbose_on {
+            if probes.scan(&mut ebpf, &links)? > 0 && verbose_on {
                 for attached in &probes.objects[before..] {
                     eprintln!("memleak: now also probing {}", attached.object);
                 }
@@ -176,7 +177,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     .await?;
     reporter.report()?;
     drop(probes);
-    detach(args, ebpf);
+    detach(args, ebpf, links);
     reporter.finish()
 }
 
@@ -247,13 +248,15 @@ fn watch(pid: u32) -> anyhow::Result<AsyncFd<PidFd>> {
     unsafe { AsyncFd::register(PidFd::open(pid)?) }.context("watching the target")
 }
 
-/// Detaches every probe. The kernel unregisters perf-event uprobes one at
-/// a time, ~0.1 s each, under one lock. With -v, says first what each
-/// program cost, if the kernel counted it.
-fn detach(args: &Args, ebpf: Ebpf) {
+/// Detaches every probe: the links all at once (see `Links::detach`), then
+/// what aya attached (perf-event uprobes on kernels without uprobe_multi,
+/// unregistered one at a time, ~0.2 s each, under one lock). With -v, says
+/// first what each program cost, if the kernel counted it.
+fn detach(args: &Args, ebpf: Ebpf, links: Links) {
     if args.verbose {
-        loader::program_costs(&ebpf).iter().for_each(|line| eprintln!("{line}"));
+        loader::program_costs(&ebpf, &links).iter().for_each(|line| eprintln!("{line}"));
     }
+    links.detach();
     drop(ebpf);
 }
 
