@@ -51,7 +51,8 @@ pub struct Args {
     #[arg(short, long, value_name = "MS", default_value_t = 500)]
     pub older: u64,
 
-    /// Run this command and trace it.
+    /// Run this command and trace it (split as a shell would, without
+    /// expanding anything; or give it after `--`, one word per argument).
     #[arg(short, long, value_name = "COMMAND")]
     pub command: Option<String>,
 
@@ -149,6 +150,10 @@ pub struct Args {
 
     /// Number of reports, then exit (default: until Ctrl-C or the target exits).
     pub count: Option<u64>,
+
+    /// `memleak [OPTIONS] -- CMD ARGS...`: as -c, one word per argument.
+    #[arg(last = true, value_name = "CMD")]
+    pub argv: Vec<String>,
 }
 
 /// `--floor`: what a probe costs with no work in it.
@@ -165,7 +170,7 @@ pub enum Floor {
 pub enum Mode {
     /// One running process.
     Pid(u32),
-    /// A command memleak starts (split on white space, no shell).
+    /// A command memleak starts (-c split as a shell would, or after --).
     Command(Vec<String>),
     /// Every process, and the kernel.
     System { user: bool, kernel: bool },
@@ -176,7 +181,9 @@ impl Args {
         if let Some(pid) = self.pid {
             Mode::Pid(pid)
         } else if let Some(command) = &self.command {
-            Mode::Command(command.split_whitespace().map(String::from).collect())
+            Mode::Command(shlex::split(command).unwrap_or_default())
+        } else if !self.argv.is_empty() {
+            Mode::Command(self.argv.clone())
         } else {
             Mode::System { user: !self.kernel_only, kernel: !self.user_only }
         }
@@ -212,9 +219,13 @@ impl Args {
             return Err(user_error(Kind::Usage, "--top-procs must be at least 1"));
         }
         let system_only = [("--kernel-only", self.kernel_only), ("--user-only", self.user_only), ("--percpu", self.percpu)];
-        if self.pid.is_some() || self.command.is_some() {
-            if self.pid.is_some() && self.command.is_some() {
-                return Err(user_error(Kind::Usage, "-p and -c exclude each other"));
+        let command = self.command.is_some() || !self.argv.is_empty();
+        if self.command.is_some() && !self.argv.is_empty() {
+            return Err(user_error(Kind::Usage, "-c and a command after -- exclude each other"));
+        }
+        if self.pid.is_some() || command {
+            if self.pid.is_some() && command {
+                return Err(user_error(Kind::Usage, "-p and a command (-c, or after --) exclude each other"));
             }
             if let Some((flag, _)) = system_only.iter().find(|(_, on)| *on) {
                 return Err(user_error(Kind::Usage, format!("{flag} applies to system-wide tracing (no -p, no -c)")));
@@ -223,8 +234,12 @@ impl Args {
         if self.floor.is_some() && self.pid.is_none() {
             return Err(user_error(Kind::Usage, "--floor needs -p"));
         }
-        if self.command.as_deref().is_some_and(|c| c.split_whitespace().next().is_none()) {
-            return Err(user_error(Kind::Usage, "-c needs a command"));
+        if let Some(command) = &self.command {
+            match shlex::split(command) {
+                None => return Err(user_error(Kind::Usage, format!("-c {command}: unbalanced quotes or a trailing backslash"))),
+                Some(words) if words.is_empty() => return Err(user_error(Kind::Usage, "-c needs a command")),
+                Some(_) => {}
+            }
         }
         Ok(())
     }
@@ -295,8 +310,18 @@ mod tests {
         assert_eq!(parse(&["--kernel-only"]).unwrap().mode(), Mode::System { user: false, kernel: true });
         assert_eq!(parse(&["--user-only"]).unwrap().mode(), Mode::System { user: true, kernel: false });
         assert_eq!(parse(&["-c", "./app 50 3"]).unwrap().mode(), Mode::Command(vec!["./app".into(), "50".into(), "3".into()]));
+        // Quoted as a shell would: python3 -c 'print(1)' is three words.
+        let quoted = parse(&["-c", "python3 -c 'print(1)' \"a b\""]).unwrap();
+        quoted.validate().unwrap();
+        assert_eq!(quoted.mode(), Mode::Command(vec!["python3".into(), "-c".into(), "print(1)".into(), "a b".into()]));
+        // After --, one word per argument, after the interval and count.
+        let after = parse(&["-a", "2", "3", "--", "sh", "-c", "exit 7"]).unwrap();
+        after.validate().unwrap();
+        assert_eq!((after.interval, after.count), (2, Some(3)));
+        assert_eq!(after.mode(), Mode::Command(vec!["sh".into(), "-c".into(), "exit 7".into()]));
         assert!(parse(&["--kernel-only", "--user-only"]).is_err());
-        for args in [&["-p", "1", "--percpu"][..], &["-p", "1", "--kernel-only"], &["-p", "1", "-c", "ls"], &["-c", " "]] {
+        for args in [&["-p", "1", "--percpu"][..], &["-p", "1", "--kernel-only"], &["-p", "1", "-c", "ls"], &["-c", " "],
+                     &["-c", "sh -c 'exit"], &["-c", "ls", "--", "ls"], &["-p", "1", "--", "ls"]] {
             let err = parse(args).unwrap().validate().unwrap_err();
             assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}: {err}");
         }

@@ -1,17 +1,29 @@
 //! `-c COMMAND`: the command is forked but held before exec until the
 //! probes are in, so its very first allocation is traced.
 
-use std::{ffi::CString, io, os::fd::RawFd};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 
 use crate::error::{Kind, user_error};
 
-/// A forked child waiting to exec the command.
+/// A forked child waiting to exec the command, then the command: killed
+/// and reaped if memleak lets go of it (an error, a signal during attach),
+/// and killed by the kernel if memleak dies (`PR_SET_PDEATHSIG`).
 pub struct Held {
     pub pid: u32,
-    go: RawFd,
+    /// Our end of the pipe the child waits on; `None` once released.
+    go: Option<OwnedFd>,
+    reaped: bool,
 }
+
+/// How long a command has to exit after SIGTERM before SIGKILL.
+pub const GRACE: Duration = Duration::from_secs(1);
 
 impl Held {
     /// Forks; the child waits on a pipe, then execs `argv` (PATH is searched).
@@ -32,11 +44,31 @@ impl Held {
             return Err(io::Error::last_os_error()).context("pipe2");
         }
         let [wait, go] = fds;
-        // SAFETY: the child only calls async-signal-safe functions (close,
-        // read, execvp, _exit) on memory prepared before the fork.
+        // SAFETY: getpid cannot fail.
+        let parent = unsafe { libc::getpid() };
+        let last_signal = libc::SIGRTMAX();
+        // SAFETY: the child only calls async-signal-safe functions (signal,
+        // sigprocmask, prctl, getppid, close, read, execvp, _exit) on memory
+        // prepared before the fork.
         match unsafe { libc::fork() } {
             -1 => Err(io::Error::last_os_error()).context("fork"),
             0 => unsafe {
+                // memleak's handlers (tokio's, which swallowed a Ctrl-C
+                // meant for the command) and its blocked signals are not
+                // the command's: the defaults, as a shell gives them.
+                for signal in 1..=last_signal {
+                    if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                        libc::signal(signal, libc::SIG_DFL);
+                    }
+                }
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                // Never outlive memleak, even killed (kept across exec).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(127);
+                }
                 libc::close(go);
                 let mut byte = 0u8;
                 if libc::read(wait, (&raw mut byte).cast(), 1) == 1 {
@@ -45,22 +77,67 @@ impl Held {
                 libc::_exit(127)
             },
             pid => {
-                // SAFETY: closing our copy of the child's end.
+                // SAFETY: closing our copy of the child's end; `go` is ours.
                 unsafe { libc::close(wait) };
-                Ok(Self { pid: pid as u32, go })
+                Ok(Self { pid: pid as u32, go: Some(unsafe { OwnedFd::from_raw_fd(go) }), reaped: false })
             }
         }
     }
 
     /// Lets the child exec the command.
-    pub fn release(self) -> anyhow::Result<()> {
-        // SAFETY: writing one byte to our pipe end, then closing it.
-        let n = unsafe { libc::write(self.go, [1u8].as_ptr().cast(), 1) };
-        unsafe { libc::close(self.go) };
+    pub fn release(&mut self) -> anyhow::Result<()> {
+        let go = self.go.take().context("the command was released already")?;
+        // SAFETY: writing one byte to our pipe end.
+        let n = unsafe { libc::write(go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         if n != 1 {
             return Err(io::Error::last_os_error()).context("starting the command");
         }
         Ok(())
+    }
+
+    /// Reaps the command, exited; returns its exit code (128 + signal if
+    /// killed).
+    pub fn reap(&mut self) -> Option<i32> {
+        let code = reap(self.pid, 0);
+        self.reaped = true;
+        code.flatten()
+    }
+
+    /// Ends the command: SIGTERM, then SIGKILL if it is still running
+    /// after `grace`; reaps it and returns its exit status as `reap`.
+    pub fn end(&mut self, grace: Duration) -> Option<i32> {
+        if self.reaped {
+            return None;
+        }
+        let pid = self.pid as i32;
+        // SAFETY: signalling our own child, not reaped yet (its PID is ours).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(code) = reap(self.pid, libc::WNOHANG) {
+                self.reaped = true;
+                return code;
+            }
+            if start.elapsed() >= grace {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        self.reap()
+    }
+}
+
+impl Drop for Held {
+    /// A command memleak lets go of dies with it: never left running, or
+    /// started, untraced.
+    fn drop(&mut self) {
+        if !self.reaped {
+            // SAFETY: our own child, not reaped yet.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+            reap(self.pid, 0);
+        }
     }
 }
 
@@ -75,20 +152,26 @@ fn runnable(program: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
 }
 
-/// Reaps an exited child; returns its exit code (128 + signal if killed).
-pub fn reap(pid: u32) -> Option<i32> {
+/// Waits for child `pid` (`flags`: 0 or WNOHANG); `None` if it has not
+/// changed state (WNOHANG), else its exit code (128 + signal if killed),
+/// if it could be had.
+fn reap(pid: u32, flags: i32) -> Option<Option<i32>> {
     let mut status = 0;
     // SAFETY: waiting for our own child.
-    if unsafe { libc::waitpid(pid as i32, &mut status, 0) } != pid as i32 {
+    let got = unsafe { libc::waitpid(pid as i32, &mut status, flags) };
+    if got == 0 {
         return None;
     }
-    if libc::WIFEXITED(status) {
+    if got != pid as i32 {
+        return Some(None);
+    }
+    Some(if libc::WIFEXITED(status) {
         Some(libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {
         Some(128 + libc::WTERMSIG(status))
     } else {
         None
-    }
+    })
 }
 
 /// Waits (up to ~2 s) until `pid` runs a new program with its libraries

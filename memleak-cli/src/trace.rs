@@ -47,6 +47,18 @@ impl Signals {
     fn catch() -> anyhow::Result<Self> {
         Ok(Self { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
     }
+
+    /// A signal caught while memleak was busy (SIGINT or SIGTERM), if any.
+    /// The runtime notices one only when it polls its driver: a 1 ms
+    /// sleep lets it.
+    async fn caught(&mut self) -> Option<i32> {
+        tokio::select! {
+            biased;
+            _ = self.int.recv() => Some(libc::SIGINT),
+            _ = self.term.recv() => Some(libc::SIGTERM),
+            () = tokio::time::sleep(Duration::from_millis(1)) => None,
+        }
+    }
 }
 
 async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
@@ -86,7 +98,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
 
 async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let mut signals = Signals::catch()?;
-    let held = Held::spawn(argv)?;
+    let mut held = Held::spawn(argv)?;
     let pid = held.pid;
     let exited = watch(pid)?;
     let exports = Exports::create(args)?;
@@ -104,6 +116,14 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let attached = attach::attach_file(&mut ebpf, &links, &obj, NonZeroU32::new(pid).expect("child pid"))?;
     verbose(args, &attached);
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
+    // A Ctrl-C while attaching: the command is not started (`held` kills
+    // and reaps it).
+    if let Some(signal) = signals.caught().await {
+        eprintln!("memleak: interrupted before {} started", argv[0]);
+        drop(held);
+        detach(args, ebpf, links);
+        return Ok(128 + signal as u8);
+    }
     let started = (monotonic_ns(), SystemTime::now());
     held.release()?;
     command::wait_for_exec(pid, &argv[0]);
@@ -112,13 +132,17 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")));
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     let code = if end == End::TargetExited {
-        let code = command::reap(pid);
+        let code = held.reap();
         eprintln!("memleak: {} exited{}", target.comm, code.map(|c| format!(" with {c}")).unwrap_or_default());
         code
     } else {
         None
     };
     reporter.report()?;
+    if end != End::TargetExited {
+        // After the last report: memleak ends, and its command with it.
+        held.end(command::GRACE);
+    }
     detach(args, ebpf, links);
     reporter.finish()?;
     Ok(code.map_or(0, |c| c as u8))

@@ -1,0 +1,203 @@
+//! How memleak ends: Ctrl-C in a blink, no command left behind (or started
+//! after a Ctrl-C), output that never blocks a signal or panics, export
+//! files never clobbered by a run that fails, and reports that say what
+//! they miss. Real probes on real processes: run as root.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use memleak_tests::{Running, fixture, memleak_bin, parse_reports, run_memleak};
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(pid as i32, signal) };
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is not running: only its exit status is left.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// A fresh directory for one test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("memleak-ending-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// memleak with stdout piped, killed if the test fails before it ends.
+struct Memleak {
+    child: Child,
+    stdout: Option<BufReader<std::process::ChildStdout>>,
+}
+
+impl Memleak {
+    fn start(list: &[&str]) -> Self {
+        let mut child = Command::new(memleak_bin())
+            .args(list)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start memleak");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self { child, stdout: Some(stdout) }
+    }
+
+    /// Reads stdout up to a line starting with `prefix`; returns it.
+    fn line_starting(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.stdout.as_mut().unwrap().read_line(&mut line).unwrap() == 0 {
+                let mut err = String::new();
+                self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("memleak ended before a line starting {prefix:?}: {err}");
+            }
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for memleak to exit (killing it past `limit`); returns its
+    /// exit code, the time it took, and the rest of stdout and stderr.
+    fn wait(mut self, limit: Duration) -> (Option<i32>, Duration, String, String) {
+        let start = Instant::now();
+        let mut stdout = self.stdout.take().unwrap();
+        let reader = thread::spawn(move || {
+            let mut out = String::new();
+            let _ = stdout.read_to_string(&mut out);
+            out
+        });
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let took = start.elapsed();
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (status.code(), took, reader.join().unwrap(), err)
+    }
+}
+
+impl Drop for Memleak {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ctrl-C after a report; returns how long memleak took to exit, and its
+/// output since.
+fn exit_time(list: &[&str]) -> (Duration, String, String) {
+    let mut memleak = Memleak::start(list);
+    memleak.line_starting("[");
+    let pid = memleak.child.id();
+    signal(pid, libc::SIGINT);
+    let (code, took, out, err) = memleak.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    (took, out, err)
+}
+
+#[test]
+fn ctrl_c_ends_a_traced_process_run_in_a_blink() {
+    let app = Running::spawn(fixture("fibonacci"), &["100"]);
+    thread::sleep(Duration::from_millis(200));
+    // Each perf-event uprobe took about 0.2 s to remove, one at a time
+    // (2 to 5 s for the 11 hooks); the bench records the real figure.
+    let (took, out, err) = exit_time(&["-p", &app.pid().to_string(), "1"]);
+    assert!(took < Duration::from_millis(1500), "{took:?} to exit after SIGINT: {err}");
+    // The last report still came.
+    assert_eq!(parse_reports(&out).len(), 1, "{out}");
+}
+
+#[test]
+fn ctrl_c_ends_a_system_wide_run_in_a_blink() {
+    // The allocator files of every process, one report of all of them:
+    // 2.6 to 11 s to exit before.
+    let (took, out, err) = exit_time(&["--user-only", "-T", "1", "--top-procs", "1", "1"]);
+    assert!(took < Duration::from_millis(1500), "{took:?} to exit after SIGINT: {err}");
+    assert_eq!(parse_reports(&out).len(), 1, "{out}");
+}
+
+#[test]
+fn sigterm_to_memleak_ends_its_command() {
+    let mut memleak = Memleak::start(&["-c", "sleep 60", "1"]);
+    let tracing = memleak.line_starting("Tracing ");
+    let pid: u32 = tracing.split("(pid ").nth(1).and_then(|r| r.split(')').next()).unwrap().parse().unwrap();
+    assert!(alive(pid), "{tracing}");
+    signal(memleak.child.id(), libc::SIGTERM);
+    // Not waiting for stdout's end: a command left running holds it open.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = memleak.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "memleak did not exit after SIGTERM");
+        thread::sleep(Duration::from_millis(5));
+    };
+    let left = alive(pid);
+    if left {
+        signal(pid, libc::SIGKILL);
+    }
+    assert!(!left, "memleak exited ({status}) and left sleep {pid} running");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn ctrl_c_while_attaching_never_starts_the_command() {
+    let dir = scratch("attach");
+    let marker = dir.join("started");
+    let memleak = Memleak::start(&["-c", &format!("touch {}", marker.display()), "1"]);
+    let me = memleak.child.id();
+    // The command is forked at once and held until the probes are in: the
+    // moment memleak has a child still running memleak, it is attaching.
+    let start = Instant::now();
+    let held = loop {
+        let children = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            break pid.parse::<u32>().unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "memleak forked no command");
+        thread::sleep(Duration::from_micros(200));
+    };
+    assert_eq!(std::fs::read_link(format!("/proc/{held}/exe")).ok(), Some(memleak_bin().canonicalize().unwrap()));
+    signal(me, libc::SIGINT);
+    let (code, _, _, err) = memleak.wait(Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(100));
+    assert!(!marker.exists(), "the command ran after the Ctrl-C: {err}");
+    assert!(!alive(held), "the held command is still there: {err}");
+    assert_eq!(code, Some(128 + libc::SIGINT), "{err}");
+    assert!(err.contains("memleak: interrupted before touch started"), "{err}");
+}
+
+#[test]
+fn a_quoted_command_and_one_after_dashdash_run_as_a_shell_would() {
+    // bcc split -c on spaces: `'exit` and `7'` reached sh, a syntax error.
+    let out = run_memleak(&args(&["-c", "sh -c 'exit 7'", "1"]), Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    let out = run_memleak(&args(&["1", "--", "sh", "-c", "exit 9"]), Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(9), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("memleak: sh exited with 9"), "{}", text(&out.stderr));
+}
