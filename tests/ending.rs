@@ -201,3 +201,84 @@ fn a_quoted_command_and_one_after_dashdash_run_as_a_shell_would() {
     assert_eq!(out.status.code(), Some(9), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("memleak: sh exited with 9"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn ctrl_c_ends_memleak_while_nobody_reads_its_stdout() {
+    let app = Running::spawn(fixture("fibonacci"), &["5"]);
+    thread::sleep(Duration::from_millis(100));
+    // A pipe of one page that the test never reads: a report or two of
+    // `-a` lines (200 blocks a second) fill it, and memleak's next write blocks.
+    let mut fds = [0; 2];
+    // SAFETY: a valid two-int array; the fds are owned below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (read, write) = unsafe {
+        use std::os::fd::FromRawFd as _;
+        (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: fcntl and ioctl on a pipe this test owns.
+    let size = unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(size >= 4096, "F_SETPIPE_SZ");
+    let mut memleak = Command::new(memleak_bin())
+        .args(["-p", &app.pid().to_string(), "-a", "-o", "0", "1"])
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let mut queued: libc::c_int = 0;
+        unsafe { libc::ioctl(read.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        // Past the start-up line: a report is being written (over 4 KiB
+        // from the first: a write that takes what fits, then waits).
+        if queued > 100 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "memleak did not fill its stdout ({queued} bytes)");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Two more reports' time: memleak is in a write that cannot end, or
+    // (fixed) its writer is.
+    thread::sleep(Duration::from_millis(2100));
+    signal(memleak.id(), libc::SIGINT);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = memleak.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = memleak.kill();
+            let _ = memleak.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let mut err = String::new();
+    memleak.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let took = start.elapsed();
+    drop(read);
+    let status = status.unwrap_or_else(|| panic!("memleak ignored SIGINT for 10 s with a blocked stdout: {err}"));
+    assert!(took < Duration::from_secs(4), "{took:?} to exit: {err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("warning: stdout is not being read"), "{err}");
+}
+
+#[test]
+fn a_full_stdout_is_one_line_naming_it_and_its_own_exit_code() {
+    let app = Running::spawn(fixture("fibonacci"), &["100"]);
+    thread::sleep(Duration::from_millis(200));
+    for format in ["text", "json"] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let out = Command::new(memleak_bin())
+            .args(["-p", &app.pid().to_string(), "--format", format, "1", "1"])
+            .stdout(Stdio::from(full))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{format}: {err}");
+        let last = err.lines().last().unwrap_or("");
+        assert_eq!(last, "memleak: writing stdout: No space left on device (os error 28)", "{format}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

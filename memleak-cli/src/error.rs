@@ -13,6 +13,8 @@ pub enum Kind {
     Permission = 4,
     /// The allocator library or its symbols cannot be found or probed.
     Attach = 5,
+    /// stdout could not be written (a full disk, `/dev/full`).
+    Output = 6,
 }
 
 /// An error whose message is meant for the user as is.

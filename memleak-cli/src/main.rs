@@ -17,6 +17,7 @@ mod kernel;
 mod loader;
 mod mapped;
 mod multi;
+mod output;
 mod placement;
 mod pprof;
 mod proc;
@@ -45,6 +46,9 @@ fn main() -> ExitCode {
             .build()?
             .block_on(trace::run(args))
     });
+    // What is queued for stdout goes out before memleak's last word.
+    let drained = output::finish(output::DRAIN);
+    let result = result.and_then(|code| drained.map(|()| code));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {

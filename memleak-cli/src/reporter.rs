@@ -4,7 +4,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::Write as _,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -15,7 +14,7 @@ use crate::{
     collect::{self, Recorded},
     exports::{Exports, StackProfile},
     fasthash::FastMap,
-    json, pprof, proc,
+    json, output, pprof, proc,
     report::{self, StackTotal},
     sort::{self, SortKey},
     symbolize::{Frame, Symbolizer},
@@ -155,7 +154,7 @@ impl Reporter {
         }
         let comms = self.comms(&rows);
         let Self { recorded, symbolizer, .. } = self;
-        let mut out = std::io::stdout().lock();
+        let mut out = Vec::new();
         match (self.format, &self.scope) {
             (Format::Text, Scope::Process(..)) => {
                 let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
@@ -191,7 +190,7 @@ impl Reporter {
                 json::write(&mut out, &json::interval(&ctx, &rows, &mut frames))?;
             }
         }
-        out.flush()?;
+        output::write(out)?;
         self.last = rows;
         self.last_ns = now;
         Ok(read)

@@ -23,6 +23,7 @@ use crate::{
     kernel,
     loader::{self, Config},
     multi::Links,
+    output,
     proc::{PidFd, Target},
     reporter::{Reporter, Scope, monotonic_ns},
 };
@@ -86,7 +87,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     }
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, started);
-    say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm));
+    say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm))?;
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     if end == End::TargetExited {
         eprintln!("memleak: process {pid} ({}) exited", target.comm);
@@ -129,7 +130,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     command::wait_for_exec(pid, &argv[0]);
     let scope = Scope::Process(pid, crate::proc::module_name(&argv[0]).to_string());
     let mut reporter = Reporter::new(args, recorded, scope, exports, started);
-    say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")));
+    say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")))?;
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     let code = if end == End::TargetExited {
         let code = held.reap();
@@ -183,7 +184,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     }
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, started);
-    say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")));
+    say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")))?;
     let rescan = user && args.obj.is_none();
     let verbose_on = args.verbose;
     report_loop(args, &mut reporter, &mut signals, &mut logger, None, |_| {
@@ -206,11 +207,12 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
 }
 
 /// A status line: on stdout, or on stderr when stdout holds JSON only.
-fn say(args: &Args, line: &str) {
+fn say(args: &Args, line: &str) -> anyhow::Result<()> {
     if args.format == Format::Json {
         eprintln!("memleak: {line}");
+        Ok(())
     } else {
-        println!("{line}");
+        output::line(line)
     }
 }
 
@@ -346,7 +348,8 @@ impl log::Log for TracePrinter {
         if self.to_stderr {
             eprintln!("{}", record.args());
         } else {
-            println!("{}", record.args());
+            // A failed write is told by the next report.
+            let _ = output::line(&record.args().to_string());
         }
     }
     fn flush(&self) {}
