@@ -282,3 +282,36 @@ fn a_full_stdout_is_one_line_naming_it_and_its_own_exit_code() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn an_old_export_file_outlives_a_run_that_never_traced() {
+    let app = Running::spawn(fixture("fibonacci"), &["100"]);
+    let dir = scratch("exports");
+    let (pprof, folded) = (dir.join("heap.pb.gz"), dir.join("heap.folded"));
+    std::fs::write(&pprof, b"an older profile").unwrap();
+    std::fs::write(&folded, b"main 1\n").unwrap();
+    let pid = app.pid().to_string();
+    let list = ["-p", &pid, "--pprof", pprof.to_str().unwrap(), "--folded", folded.to_str().unwrap(), "-O", "/nonexistent.so", "1", "1"];
+    let out = run_memleak(&args(&list), Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&pprof).unwrap(), b"an older profile");
+    assert_eq!(std::fs::read_to_string(&folded).unwrap(), "main 1\n");
+    let mut left: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["heap.folded", "heap.pb.gz"], "no temporary file left");
+    // Two exports into one file: refused before anything is traced.
+    let same = dir.join(".").join("heap.pb.gz");
+    let list = ["-p", &pid, "--pprof", pprof.to_str().unwrap(), "--folded", same.to_str().unwrap(), "1", "1"];
+    let out = run_memleak(&args(&list), Duration::from_secs(20));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end(), format!("memleak: --folded and --pprof name the same file: {}", same.display()));
+    assert_eq!(std::fs::read(&pprof).unwrap(), b"an older profile");
+    // A run that traces replaces both.
+    let list = ["-p", &pid, "--pprof", pprof.to_str().unwrap(), "--folded", folded.to_str().unwrap(), "1", "1"];
+    let out = run_memleak(&args(&list), Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(&std::fs::read(&pprof).unwrap()[..2], &[0x1f, 0x8b]);
+    assert!(std::fs::read_to_string(&folded).unwrap().contains("child;fibonacci "));
+}

@@ -28,24 +28,53 @@ pub struct StackProfile {
     pub frames: Vec<Frame>,
 }
 
-/// A file the user asked for, open for writing.
+/// A file the user asked for, open for writing: a temporary file beside
+/// it, renamed over it once written, so that a run that fails (or is
+/// killed) leaves the file as it was. A path that is not a regular file
+/// (a device, a FIFO) is written in place.
 struct Output {
     option: &'static str,
     path: PathBuf,
+    /// The temporary file, until renamed.
+    temp: Option<PathBuf>,
     file: File,
 }
 
 impl Output {
     fn create(option: &'static str, path: &Path) -> anyhow::Result<Self> {
-        let file = File::create(path)
-            .map_err(|e| user_error(Kind::Usage, format!("cannot create {option} {}: {e}", path.display())))?;
-        Ok(Self { option, path: path.to_path_buf(), file })
+        let cannot = |e: &dyn std::fmt::Display| user_error(Kind::Usage, format!("cannot create {option} {}: {e}", path.display()));
+        let special = match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => return Err(cannot(&"it is a directory")),
+            Ok(meta) => !meta.is_file(),
+            Err(_) => false,
+        };
+        if special {
+            let file = File::options().write(true).open(path).map_err(|e| cannot(&e))?;
+            return Ok(Self { option, path: path.to_path_buf(), temp: None, file });
+        }
+        let name = path.file_name().ok_or_else(|| cannot(&"no file name"))?;
+        let temp = path.with_file_name(format!(".{}.memleak-{}", name.to_string_lossy(), std::process::id()));
+        let file = File::options().write(true).create_new(true).open(&temp).map_err(|e| cannot(&e))?;
+        Ok(Self { option, path: path.to_path_buf(), temp: Some(temp), file })
     }
 
+    /// Writes the file whole, and puts it in place.
     fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        self.file
-            .write_all(bytes)
-            .with_context(|| format!("writing {} {}", self.option, self.path.display()))
+        let context = || format!("writing {} {}", self.option, self.path.display());
+        self.file.write_all(bytes).with_context(context)?;
+        if let Some(temp) = &self.temp {
+            std::fs::rename(temp, &self.path).with_context(context)?;
+            self.temp = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if let Some(temp) = &self.temp {
+            let _ = std::fs::remove_file(temp);
+        }
     }
 }
 
@@ -58,6 +87,13 @@ pub struct Exports {
 
 impl Exports {
     pub fn create(args: &Args) -> anyhow::Result<Self> {
+        let asked = [("--folded", &args.folded), ("--flamegraph", &args.flamegraph), ("--pprof", &args.pprof)];
+        let asked: Vec<(&str, &Path)> = asked.iter().filter_map(|(o, p)| Some((*o, p.as_deref()?))).collect();
+        for (i, (a, path_a)) in asked.iter().enumerate() {
+            if let Some((b, _)) = asked[i + 1..].iter().find(|(_, path_b)| same_file(path_a, path_b)) {
+                return Err(user_error(Kind::Usage, format!("{a} and {b} name the same file: {}", path_a.display())));
+            }
+        }
         let open = |option, path: &Option<PathBuf>| path.as_deref().map(|p| Output::create(option, p)).transpose();
         Ok(Self {
             folded: open("--folded", &args.folded)?,
@@ -92,6 +128,21 @@ impl Exports {
         }
         Ok(())
     }
+}
+
+/// Whether two paths name one file: the same name in the same directory
+/// (however written), or one file already (links).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (a.dev(), a.ino()) == (b.dev(), b.ino());
+    }
+    let place = |p: &Path| {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        (dir.canonicalize().ok(), p.file_name().map(|n| n.to_owned()))
+    };
+    let (place_a, place_b) = (place(a), place(b));
+    place_a.0.is_some() && place_a == place_b
 }
 
 #[cfg(test)]
@@ -130,6 +181,36 @@ mod tests {
         assert_eq!(&std::fs::read(&pprof).unwrap()[..2], &[0x1f, 0x8b]);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(Exports::create(&args(&[])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_file_is_replaced_only_once_written_and_kept_if_never() {
+        let dir = std::env::temp_dir().join(format!("memleak-exports-keep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("heap.folded");
+        std::fs::write(&path, "old 1\n").unwrap();
+        let exports = Exports::create(&args(&["--folded", path.to_str().unwrap()])).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old 1\n", "not truncated at start");
+        drop(exports);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old 1\n");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from("heap.folded")], "no temporary file left");
+        let mut exports = Exports::create(&args(&["--folded", path.to_str().unwrap()])).unwrap();
+        let meta = pprof::Meta { time_nanos: 0, duration_nanos: 1, period: 1 };
+        exports.write(&[], "pid 1", &mut |_, _| None, meta).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_file_for_two_exports_is_a_usage_error() {
+        let dir = std::env::temp_dir();
+        let a = dir.join(format!("memleak-same-{}.out", std::process::id()));
+        let b = dir.join(".").join(a.file_name().unwrap());
+        let err = Exports::create(&args(&["--folded", a.to_str().unwrap(), "--pprof", b.to_str().unwrap()])).err().unwrap();
+        assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8);
+        assert_eq!(err.to_string(), format!("--folded and --pprof name the same file: {}", a.display()));
+        assert!(!a.exists());
     }
 
     #[test]
