@@ -315,3 +315,27 @@ fn an_old_export_file_outlives_a_run_that_never_traced() {
     assert_eq!(&std::fs::read(&pprof).unwrap()[..2], &[0x1f, 0x8b]);
     assert!(std::fs::read_to_string(&folded).unwrap().contains("child;fibonacci "));
 }
+
+#[test]
+fn system_wide_json_keeps_top_stacks_per_process() {
+    // Two leaking processes: -T applied to the rows of all processes
+    // together gave the smaller one `stacks: []` beside `stacks_total: 1`.
+    let apps = [Running::spawn(fixture("fibonacci"), &["20"]), Running::spawn(fixture("fibonacci"), &["50"])];
+    thread::sleep(Duration::from_millis(100));
+    let out = run_memleak(&args(&["--user-only", "--format", "json", "-T", "1", "1", "1"]), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for app in &apps {
+        let process = report["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pid"].as_u64() == Some(u64::from(app.pid())))
+            .unwrap_or_else(|| panic!("pid {} not in {stdout}", app.pid()));
+        assert!(process["stacks_total"].as_u64().unwrap() >= 1, "{process}");
+        let stacks = process["stacks"].as_array().unwrap();
+        assert_eq!(stacks.len(), 1, "-T 1: one stack of each process: {process}");
+        assert_eq!(stacks[0]["frames"][0]["symbol"], "fibonacci", "{process}");
+    }
+}

@@ -102,7 +102,8 @@ pub struct Context<'a> {
 
 /// One report: the traced processes (those in `comms`, by pid, even with
 /// nothing outstanding), then any other in order of its first row; each
-/// with its rows among the `top` first (as the text report shows them).
+/// with its `top` first rows (as the text report shows them: `-T` stacks
+/// per process).
 pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTotal) -> Vec<Frame>) -> Interval {
     let process = |pid: u32| Process {
         pid,
@@ -116,7 +117,7 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
     traced.sort_unstable();
     let mut processes: Vec<Process> = traced.iter().map(|&pid| process(pid)).collect();
     let mut index: HashMap<u32, usize> = traced.iter().enumerate().map(|(i, &pid)| (pid, i)).collect();
-    for (i, Row { total, trend }) in rows.iter().enumerate() {
+    for Row { total, trend } in rows {
         let p = *index.entry(total.tgid).or_insert_with(|| {
             processes.push(process(total.tgid));
             processes.len() - 1
@@ -125,7 +126,7 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
         process.bytes += total.bytes;
         process.count += total.count;
         process.stacks_total += 1;
-        if i >= ctx.top {
+        if process.stacks.len() >= ctx.top {
             continue;
         }
         let recorded = total.stack_id != memleak_common::NO_STACK;
@@ -322,11 +323,14 @@ mod tests {
     fn top_limits_stacks_not_totals_and_processes_stay_apart() {
         let mut lost = row(42, memleak_common::NO_STACK, 8192);
         lost.trend.allocs = None;
-        let v = encode(&[row(7, 1, 16384), lost, row(7, 2, 8192)], 2, true);
+        let v = encode(&[row(7, 1, 16384), lost, row(7, 2, 8192), row(7, 3, 100)], 2, true);
         let ps = v["processes"].as_array().unwrap();
         assert_eq!(ps.len(), 2);
-        assert_eq!((ps[1]["pid"].as_u64(), ps[1]["stacks_total"].as_u64(), ps[1]["bytes"].as_u64()), (Some(7), Some(2), Some(24576)));
-        assert_eq!(ps[1]["stacks"].as_array().unwrap().len(), 1);
+        assert_eq!((ps[1]["pid"].as_u64(), ps[1]["stacks_total"].as_u64(), ps[1]["bytes"].as_u64()), (Some(7), Some(3), Some(24676)));
+        // -T per process, as in the text report: its first two, though
+        // another process's row came between them.
+        let bytes: Vec<u64> = ps[1]["stacks"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).collect();
+        assert_eq!(bytes, [16384, 8192]);
         assert_eq!(ps[1]["comm"], serde_json::Value::Null);
         assert_eq!(ps[1]["stacks"][0]["blocks"], serde_json::json!([{"addr": "0x7f00", "size": 8192}]));
         let s = &ps[0]["stacks"][0];
