@@ -339,3 +339,27 @@ fn system_wide_json_keeps_top_stacks_per_process() {
         assert_eq!(stacks[0]["frames"][0]["symbol"], "fibonacci", "{process}");
     }
 }
+
+#[test]
+fn a_report_says_what_was_lost_since_attach() {
+    // 200 blocks a second into a map of 100: most are not tracked.
+    let app = Running::spawn(fixture("fibonacci"), &["5"]);
+    thread::sleep(Duration::from_millis(100));
+    let pid = app.pid().to_string();
+    let out = run_memleak(&args(&["-p", &pid, "--max-allocs", "100", "1", "2"]), Duration::from_secs(30));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let header = stdout.lines().skip_while(|l| !l.starts_with('[')).nth(1).unwrap_or("");
+    let untracked: u64 = header
+        .strip_prefix("lost since attach: ")
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no loss in the header: {stdout}"));
+    assert!(untracked > 0 && header.contains(" allocations not tracked (allocation map full, raise --max-allocs)"), "{header}");
+    // By the second report, the map's 100 blocks are all old enough to show.
+    let report = &parse_reports(&stdout)[1];
+    assert_eq!(report.stacks.iter().map(|s| s.count).sum::<u64>(), 100, "the map's 100 blocks: {stdout}");
+    let out = run_memleak(&args(&["-p", &pid, "--max-allocs", "100", "--format", "json", "1", "1"]), Duration::from_secs(30));
+    let json: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(json["lost"]["allocations_untracked"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(json["lost"]["mappings_unfollowed"], 0, "{json}");
+}

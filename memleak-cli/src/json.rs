@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    report::StackTotal,
+    report::{Lost, StackTotal},
     symbolize::Frame,
     trend::{Row, Trend},
 };
@@ -28,6 +28,8 @@ pub struct Interval {
     pub sort: &'static str,
     /// `-o`: younger blocks are not counted (null with --combined-only).
     pub min_age_ms: Option<u64>,
+    /// What the kernel side could not record since attach (all 0 if nothing).
+    pub lost: Lost,
     pub processes: Vec<Process>,
 }
 
@@ -98,6 +100,7 @@ pub struct Context<'a> {
     pub top: usize,
     pub show_allocs: bool,
     pub comms: &'a HashMap<u32, String>,
+    pub lost: Lost,
 }
 
 /// One report: the traced processes (those in `comms`, by pid, even with
@@ -147,6 +150,7 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
         report: ctx.report,
         sort: ctx.sort,
         min_age_ms: ctx.min_age_ms,
+        lost: ctx.lost,
         processes,
     }
 }
@@ -283,6 +287,7 @@ mod tests {
             top,
             show_allocs,
             comms: &comms,
+            lost: Lost { allocations_untracked: 27, ..Lost::default() },
         };
         let mut out = Vec::new();
         write(&mut out, &interval(&ctx, rows, &mut frames)).unwrap();
@@ -297,6 +302,11 @@ mod tests {
         assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(v["elapsed_s"], 3.0);
         assert_eq!((v["report"].as_u64(), v["sort"].as_str(), v["min_age_ms"].as_u64()), (Some(3), Some("size"), Some(500)));
+        assert_eq!(
+            v["lost"],
+            serde_json::json!({"allocations_untracked": 27, "stacks_unrecorded": 0, "totals_missed": 0,
+                               "calls_unfollowed": 0, "mappings_unfollowed": 0})
+        );
         let p = &v["processes"][0];
         assert_eq!((p["pid"].as_u64(), p["comm"].as_str()), (Some(42), Some("app")));
         assert_eq!((p["bytes"].as_u64(), p["count"].as_u64(), p["stacks_total"].as_u64()), (Some(49152), Some(6), Some(2)));

@@ -7,7 +7,7 @@ use std::{
 };
 
 use memleak_common::{
-    AllocInfo, AllocKey, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel,
+    AllocInfo, AllocKey, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, Stat, is_kernel,
 };
 
 use crate::{fasthash::FastMap, totals::CombinedAlloc, trend::Row};
@@ -157,6 +157,53 @@ pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAll
         .collect()
 }
 
+/// What the kernel side could not record since attach (the `STATS`
+/// counters over all CPUs): the report says so, so that numbers short of
+/// the truth never look whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Lost {
+    /// Allocations not tracked: the allocation map was full (`--max-allocs`).
+    pub allocations_untracked: u64,
+    /// Allocations tracked without their stack: the stack map was full (`--max-stacks`).
+    pub stacks_unrecorded: u64,
+    /// Allocations missing from the per-stack totals, and so without a stack (`--max-stacks`).
+    pub totals_missed: u64,
+    /// Allocator calls not followed (no kernel memory to note a call).
+    pub calls_unfollowed: u64,
+    /// mmap'd blocks not followed for a partial munmap (over 32 in a process).
+    pub mappings_unfollowed: u64,
+}
+
+impl Lost {
+    pub fn from_counts(counts: &[u64]) -> Self {
+        let at = |stat: Stat| counts.get(stat as usize).copied().unwrap_or(0);
+        Self {
+            allocations_untracked: at(Stat::AllocMapFull),
+            stacks_unrecorded: at(Stat::StackLost),
+            totals_missed: at(Stat::CombinedMapFull),
+            calls_unfollowed: at(Stat::PendingMapFull),
+            mappings_unfollowed: at(Stat::RegionsFull),
+        }
+    }
+
+    /// The header's line, if anything was lost:
+    /// `lost since attach: 27 allocations not tracked (allocation map full, raise --max-allocs)`.
+    pub fn line(&self) -> Option<String> {
+        let parts: Vec<String> = [
+            (self.allocations_untracked, "allocations not tracked (allocation map full, raise --max-allocs)"),
+            (self.stacks_unrecorded, "allocations without a stack (stack map full, raise --max-stacks)"),
+            (self.totals_missed, "allocations missing from the per-stack totals (raise --max-stacks)"),
+            (self.calls_unfollowed, "allocator calls not followed"),
+            (self.mappings_unfollowed, "mmap'd blocks not followed for a partial munmap"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        (!parts.is_empty()).then(|| format!("lost since attach: {}", parts.join(", ")))
+    }
+}
+
 /// Biggest first (tests; reports sort by `--sort`).
 #[cfg(test)]
 fn sort(totals: &mut [StackTotal]) {
@@ -194,19 +241,29 @@ pub fn by_process(rows: Vec<Row>) -> Vec<ProcessTotal> {
     procs
 }
 
-/// Writes one interval's report for one process: the header, then up to
-/// `top` stacks, each with its blocks (if `show_allocs`), bcc's line with
-/// the trend after it, and its frames from `frames`.
+/// Writes one interval's report for one process: the header (and what was
+/// lost, if anything), then up to `top` stacks, each with its blocks (if
+/// `show_allocs`), bcc's line with the trend after it, and its frames from
+/// `frames`.
 pub fn write(
     out: &mut impl Write,
     clock: &str,
     top: usize,
     rows: &[Row],
+    lost: &Lost,
     show_allocs: bool,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations:")?;
+    write_lost(out, lost)?;
     write_stacks(out, top, rows, show_allocs, frames)
+}
+
+fn write_lost(out: &mut impl Write, lost: &Lost) -> std::io::Result<()> {
+    match lost.line() {
+        Some(line) => writeln!(out, "{line}"),
+        None => Ok(()),
+    }
 }
 
 /// Writes a system-wide report: each process (at most `top_procs`, biggest
@@ -218,11 +275,13 @@ pub fn write_system(
     top: usize,
     top_procs: usize,
     procs: &[ProcessTotal],
+    lost: &Lost,
     show_allocs: bool,
     comm: &mut dyn FnMut(u32) -> String,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations, by process:")?;
+    write_lost(out, lost)?;
     let user = procs.iter().filter(|p| !is_kernel(p.tgid)).take(top_procs);
     for p in user.chain(procs.iter().filter(|p| is_kernel(p.tgid))) {
         writeln!(out, "{}: {} bytes in {} {}", process_name(p.tgid, comm), p.bytes, p.count, plural(p.count))?;
@@ -367,7 +426,7 @@ mod tests {
         let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0, true);
         let mut out = Vec::new();
         let mut frames = |_: &StackTotal| vec!["fibonacci+0x1f [app]".to_string(), "child+0x4f [app]".to_string()];
-        write(&mut out, "03:00:41", 10, &rows(totals), true, &mut frames).unwrap();
+        write(&mut out, "03:00:41", 10, &rows(totals), &Lost::default(), true, &mut frames).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[03:00:41] Top 10 stacks with outstanding allocations:\n\
@@ -383,8 +442,14 @@ mod tests {
     fn top_limits_stacks_and_lost_stacks_say_why() {
         let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0, false);
         let mut out = Vec::new();
-        write(&mut out, "00:00:00", 2, &rows(totals), false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        let lost = Lost::from_counts(&[27, 0, 0, 0, 3]);
+        write(&mut out, "00:00:00", 2, &rows(totals), &lost, false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
         let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text.lines().nth(1),
+            Some("lost since attach: 27 allocations not tracked (allocation map full, raise --max-allocs), 3 mmap'd blocks not followed for a partial munmap"),
+            "{text}"
+        );
         assert!(text.contains("30 bytes in 1 allocation from stack  (+30 B since last, 15 B/s, oldest 2.0s)\n        [stack not recorded"), "{text}");
         assert!(text.contains("20 bytes in 1 allocation"));
         assert!(!text.contains("10 bytes"), "{text}");
@@ -404,7 +469,7 @@ mod tests {
         let mut out = Vec::new();
         let mut comm = |tgid: u32| format!("app{tgid}");
         let mut frames = |_: &StackTotal| vec!["f+0x1 [m]".to_string()];
-        write_system(&mut out, "01:02:03", 1, 1, &procs, false, &mut comm, &mut frames).unwrap();
+        write_system(&mut out, "01:02:03", 1, 1, &procs, &Lost::default(), false, &mut comm, &mut frames).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[01:02:03] Top 1 stacks with outstanding allocations, by process:\n\

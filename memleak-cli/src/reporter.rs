@@ -137,9 +137,11 @@ impl Reporter {
         let mut rows = self.trends.update(totals, now, &trend::allocs(&combined));
         sort::sort(&mut rows, self.sort);
         self.reports += 1;
-        for warning in self.lost.due(&self.recorded.lost(), now) {
+        let counts = self.recorded.lost();
+        for warning in self.lost.due(&counts, now) {
             eprintln!("{warning}");
         }
+        let lost = report::Lost::from_counts(&counts);
 
         // Refresh the mappings of the processes shown (dlopen, exec).
         let shown: Vec<u32> = match self.scope {
@@ -158,7 +160,7 @@ impl Reporter {
         match (self.format, &self.scope) {
             (Format::Text, Scope::Process(..)) => {
                 let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
-                report::write(&mut out, &report::clock_now(), self.top, &rows, self.show_allocs, &mut frames)?;
+                report::write(&mut out, &report::clock_now(), self.top, &rows, &lost, self.show_allocs, &mut frames)?;
             }
             (Format::Text, Scope::System { top_procs }) => {
                 let procs = report::by_process(rows.clone());
@@ -170,6 +172,7 @@ impl Reporter {
                     self.top,
                     *top_procs,
                     &procs,
+                    &lost,
                     self.show_allocs,
                     &mut comm,
                     &mut frames,
@@ -185,6 +188,7 @@ impl Reporter {
                     top: self.top,
                     show_allocs: self.show_allocs,
                     comms: &comms,
+                    lost,
                 };
                 let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, t);
                 json::write(&mut out, &json::interval(&ctx, &rows, &mut frames))?;
