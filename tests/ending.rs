@@ -363,3 +363,23 @@ fn a_report_says_what_was_lost_since_attach() {
     assert!(json["lost"]["allocations_untracked"].as_u64().unwrap() > 0, "{json}");
     assert_eq!(json["lost"]["mappings_unfollowed"], 0, "{json}");
 }
+
+#[test]
+fn a_zombie_pid_is_said_to_have_exited() {
+    // A child of this test that exited and is not reaped yet.
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    while alive(pid) {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(5));
+    }
+    let out = run_memleak(&args(&["-p", &pid.to_string(), "1", "1"]), Duration::from_secs(20));
+    let _ = child.wait();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("memleak: process {pid} (true) has exited: a zombie its parent has not reaped yet, with nothing left to trace")
+    );
+}

@@ -44,6 +44,12 @@ impl Target {
                 format!("PID {pid} ({}) is a kernel thread: it has no user-space allocator to trace", stat.comm),
             ));
         }
+        if stat.state == 'Z' {
+            return Err(user_error(
+                Kind::NoProcess,
+                format!("process {pid} ({}) has exited: a zombie its parent has not reaped yet, with nothing left to trace", stat.comm),
+            ));
+        }
         Ok(Self { pid, comm: stat.comm, dir: Some(dir) })
     }
 
@@ -116,6 +122,8 @@ pub fn comm(pid: u32) -> String {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stat {
     pub comm: String,
+    /// `R`, `S`, ..., `Z` for a zombie.
+    pub state: char,
     pub flags: u64,
     pub start_time: u64,
 }
@@ -132,6 +140,7 @@ impl Stat {
         let field = |n: usize| rest.get(n - 3)?.parse::<u64>().ok();
         Some(Self {
             comm,
+            state: rest.first()?.chars().next()?,
             flags: field(9)?,
             start_time: field(22)?,
         })
@@ -261,7 +270,7 @@ garbage line
         let stat = Stat::parse(line).unwrap();
         assert_eq!(stat.comm, "a (b) c");
         assert_eq!(stat.flags, 4194560);
-        assert_eq!(stat.start_time, 987654);
+        assert_eq!((stat.start_time, stat.state), (987654, 'S'));
         assert!(!stat.is_kernel_thread());
         let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
         assert!(Stat::parse(kthread).unwrap().is_kernel_thread());
