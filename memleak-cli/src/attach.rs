@@ -215,6 +215,7 @@ fn attach_plans(
             let object = &plan.attached.object;
             for &(_, function, at) in plan.probes.iter().filter(|(p, ..)| *p == name) {
                 program.attach(at, &plan.attached.host_path, scope).map_err(|e| cannot(function, object, &e))?;
+                links.count_probes(1);
             }
         }
         anyhow::Ok(())

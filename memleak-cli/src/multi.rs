@@ -65,6 +65,9 @@ struct LinkCreateAttr {
     cnt: u32,
     multi_flags: u32,
     pid: u32,
+    /// Explicit: the kernel refuses (EINVAL) an attr whose bytes past the
+    /// last field are not zero, and padding may hold anything.
+    _pad: u32,
 }
 
 /// `union bpf_attr`'s `info` member.
@@ -236,13 +239,21 @@ pub struct Links {
     links: std::sync::Mutex<Vec<OwnedFd>>,
     /// Other links (the kernel's tracepoints), detached with these.
     others: std::sync::Mutex<Vec<Box<dyn Send>>>,
+    /// Probes in, through links or not (for the message at exit).
+    probes: std::sync::atomic::AtomicUsize,
 }
 
 impl Links {
     /// For `ebpf` (just loaded from `object`), if the kernel has the links.
     pub fn new(object: &[u8], ebpf: &Ebpf) -> anyhow::Result<Self> {
         let relocated = if supported() { Some(Programs::relocate(object, ebpf)?) } else { None };
-        Ok(Self { relocated, programs: Default::default(), links: Default::default(), others: Default::default() })
+        Ok(Self {
+            relocated,
+            programs: Default::default(),
+            links: Default::default(),
+            others: Default::default(),
+            probes: Default::default(),
+        })
     }
 
     /// Whether probes go in through uprobe_multi links.
@@ -274,17 +285,24 @@ impl Links {
         let prog = self.with_program(name, |fd| fd.try_clone_to_owned())?;
         let link = attach(prog.as_fd(), path, offsets, pid, ret)?;
         self.links.lock().expect("links").push(link);
+        self.count_probes(offsets.len());
         Ok(())
+    }
+
+    /// Counts probes attached (here, or by aya).
+    pub fn count_probes(&self, n: usize) {
+        self.probes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Probes attached.
+    pub fn probes(&self) -> usize {
+        self.probes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keeps another link (one that detaches when dropped) to detach with these.
     pub fn keep(&self, link: impl Send + 'static) {
         self.others.lock().expect("links").push(Box::new(link));
-    }
-
-    /// How many links are in.
-    pub fn count(&self) -> usize {
-        self.links.lock().expect("links").len() + self.others.lock().expect("links").len()
+        self.count_probes(1);
     }
 
     /// The kernel ids of the programs loaded here, by name (for -v).

@@ -93,7 +93,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
         eprintln!("memleak: process {pid} ({}) exited", target.comm);
     }
     reporter.report()?;
-    detach(args, ebpf, links);
+    detach(args, ebpf, links, &mut signals).await;
     reporter.finish()
 }
 
@@ -122,7 +122,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     if let Some(signal) = signals.caught().await {
         eprintln!("memleak: interrupted before {} started", argv[0]);
         drop(held);
-        detach(args, ebpf, links);
+        detach(args, ebpf, links, &mut signals).await;
         return Ok(128 + signal as u8);
     }
     let started = (monotonic_ns(), SystemTime::now());
@@ -144,7 +144,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
         // After the last report: memleak ends, and its command with it.
         held.end(command::GRACE);
     }
-    detach(args, ebpf, links);
+    detach(args, ebpf, links, &mut signals).await;
     reporter.finish()?;
     Ok(code.map_or(0, |c| c as u8))
 }
@@ -202,7 +202,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     .await?;
     reporter.report()?;
     drop(probes);
-    detach(args, ebpf, links);
+    detach(args, ebpf, links, &mut signals).await;
     reporter.finish()
 }
 
@@ -276,14 +276,33 @@ fn watch(pid: u32) -> anyhow::Result<AsyncFd<PidFd>> {
 
 /// Detaches every probe: the links all at once (see `Links::detach`), then
 /// what aya attached (perf-event uprobes on kernels without uprobe_multi,
-/// unregistered one at a time, ~0.2 s each, under one lock). With -v, says
-/// first what each program cost, if the kernel counted it.
-fn detach(args: &Args, ebpf: Ebpf, links: Links) {
+/// unregistered one at a time, ~0.2 s each, under one lock), on a thread
+/// of its own. Past 0.2 s, says so, and a second Ctrl-C (or SIGTERM) stops
+/// waiting: memleak ends as soon as the kernel is done with the probes it
+/// is removing, and removes the others as it exits. With -v, says first
+/// what each program cost, if the kernel counted it.
+async fn detach(args: &Args, ebpf: Ebpf, links: Links, signals: &mut Signals) {
     if args.verbose {
         loader::program_costs(&ebpf, &links).iter().for_each(|line| eprintln!("{line}"));
     }
-    links.detach();
-    drop(ebpf);
+    let probes = links.probes();
+    let detaching = std::thread::spawn(move || {
+        links.detach();
+        drop(ebpf);
+    });
+    let start = std::time::Instant::now();
+    let mut told = false;
+    while !detaching.is_finished() {
+        if !told && start.elapsed() >= Duration::from_millis(200) {
+            eprintln!("memleak: detaching {probes} probes...");
+            told = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            _ = signals.int.recv(), if told => return,
+            _ = signals.term.recv(), if told => return,
+        }
+    }
 }
 
 /// The libc this process runs on: what a command started from here loads.
