@@ -310,12 +310,25 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
         );
         results.push(r);
     }
-    let attach = attach_times(memleak, hold, ATTACHES)?;
+    let (attach, exits) = attach_times(memleak, hold, ATTACHES)?;
     let _ = writeln!(
         out,
         "\nAttach (all hooks, one idle process; from starting memleak to its \"Attaching\" line), {ATTACHES} runs: median {:.1} ms, fastest {:.1} ms.",
         median(&attach) * 1e3,
         attach.iter().copied().fold(f64::INFINITY, f64::min) * 1e3
+    );
+    let _ = writeln!(
+        out,
+        "Exit after SIGINT (from the signal to memleak's exit: its last report, then detaching), one process, {ATTACHES} runs: median {:.1} ms, slowest {:.1} ms.",
+        median(&exits) * 1e3,
+        exits.iter().copied().fold(0.0, f64::max) * 1e3
+    );
+    let system_exits = system_exit_times(memleak, SYSTEM_EXITS)?;
+    let _ = writeln!(
+        out,
+        "Exit after SIGINT, system-wide (every allocator file, the kernel's tracepoints), {SYSTEM_EXITS} runs: median {:.1} ms, slowest {:.1} ms.",
+        median(&system_exits) * 1e3,
+        system_exits.iter().copied().fold(0.0, f64::max) * 1e3
     );
     let (full, combined) = (&results[0], &results[1]);
     let _ = writeln!(out, "\n| target | measured | limit | |\n| --- | ---: | ---: | --- |");
@@ -323,25 +336,40 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
     missed += check(out, "report, --combined-only", combined.median_s, 0.01, " s");
     missed += check(out, "tracer peak RSS", full.peak_rss_kib.max(combined.peak_rss_kib) as f64 / 1024.0, 40.0, " MiB");
     missed += check(out, "attach, all hooks, one process", median(&attach) * 1e3, 60.0, " ms");
+    missed += check(out, "exit after SIGINT, one process", median(&exits) * 1e3, 200.0, " ms");
+    missed += check(out, "exit after SIGINT, system-wide", median(&system_exits) * 1e3, 500.0, " ms");
     Ok(missed)
 }
 
 const ATTACHES: usize = 7;
+const SYSTEM_EXITS: usize = 3;
 
 /// Attaches to an idle hold fixture `runs` times; returns each time to
-/// "Attaching". A pause between runs lets the kernel finish the previous
-/// detach (uprobes unregister one by one).
-fn attach_times(memleak: &Path, hold: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
+/// "Attaching", and from SIGINT to exit. A pause between runs lets the
+/// kernel finish the previous detach.
+fn attach_times(memleak: &Path, hold: &Path, runs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let app = Running::spawn(&hold.to_path_buf(), &[], true)?;
     wait_until_reading(app.pid())?;
-    let mut times = Vec::new();
+    let (mut times, mut exits) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         thread::sleep(Duration::from_millis(500));
         let tracer = Tracer::attach(memleak, app.pid(), &[], &["3600"])?;
         times.push(tracer.attach_s);
-        tracer.finish(Duration::from_secs(60))?;
+        exits.push(tracer.interrupt(Duration::from_secs(60))?);
     }
-    Ok(times)
+    Ok((times, exits))
+}
+
+/// Starts system-wide memleak `runs` times; returns the time from SIGINT
+/// (after its first report) to its exit.
+fn system_exit_times(memleak: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
+    let mut exits = Vec::new();
+    for _ in 0..runs {
+        thread::sleep(Duration::from_millis(500));
+        let tracer = Tracer::start(Command::new(memleak).args(["1"]), "[")?;
+        exits.push(tracer.interrupt(Duration::from_secs(60))?);
+    }
+    Ok(exits)
 }
 
 struct HoldResult {
@@ -405,11 +433,14 @@ struct Tracer {
 
 impl Tracer {
     fn attach(memleak: &Path, pid: u32, args: &[&str], positional: &[&str]) -> anyhow::Result<Self> {
+        Self::start(Command::new(memleak).args(["-p", &pid.to_string()]).args(args).args(positional), "Attaching")
+    }
+
+    /// Starts memleak as `command` says, up to its first stdout line that
+    /// starts with `ready`.
+    fn start(command: &mut Command, ready: &str) -> anyhow::Result<Self> {
         let started = Instant::now();
-        let mut child = Command::new(memleak)
-            .args(["-p", &pid.to_string()])
-            .args(args)
-            .args(positional)
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -424,13 +455,30 @@ impl Tracer {
                 let err: Vec<String> = stderr.try_iter().collect();
                 bail!("memleak exited before attaching: {}", err.join("\n"));
             }
-            if line.starts_with("Attaching") {
+            if line.starts_with(ready) {
                 break;
             }
         }
         let attach_s = started.elapsed().as_secs_f64();
         let stdout = thread::spawn(move || drain(stdout));
         Ok(Self { child, attach_s, stderr, stdout })
+    }
+
+    /// Sends SIGINT at once; returns the time memleak took to exit.
+    fn interrupt(mut self, limit: Duration) -> anyhow::Result<f64> {
+        let start = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        while self.child.try_wait()?.is_none() {
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                bail!("memleak did not exit within {limit:?} of SIGINT");
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let took = start.elapsed().as_secs_f64();
+        let _ = self.stdout.join();
+        Ok(took)
     }
 
     /// Stops memleak (SIGINT unless it is ending by itself) and waits;
