@@ -311,9 +311,62 @@ impl Links {
         programs.iter().filter_map(|(name, fd)| Some((name.clone(), program_id(fd.as_fd()).ok()?))).collect()
     }
 
+    /// Detaches in a child process holding a copy of every fd, which it
+    /// closes once memleak has closed its own: the last close of a probe's
+    /// fd waits while the kernel removes it, at exit too, so memleak itself
+    /// could not end sooner. memleak waits for the child unless told not to
+    /// (a second Ctrl-C); the kernel finishes either way. `rest` (aya's
+    /// `Ebpf`) is closed the same way. `None`: detached here (no fork).
+    pub fn detach_in_child<T>(self, rest: T) -> Option<Detaching> {
+        let mut fds = [0; 2];
+        // SAFETY: a valid two-int array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            self.detach();
+            drop(rest);
+            return None;
+        }
+        let [wait, go] = fds;
+        // SAFETY: the child closes fds and exits; its threads (one per
+        // link) need malloc, which glibc makes safe to call after a fork.
+        match unsafe { libc::fork() } {
+            -1 => {
+                for fd in fds {
+                    // SAFETY: our pipe's ends.
+                    unsafe { libc::close(fd) };
+                }
+                self.detach();
+                drop(rest);
+                None
+            }
+            0 => unsafe {
+                // Not the terminal's second Ctrl-C, nor memleak's pipes kept open.
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                for fd in [0, 1, 2, go] {
+                    libc::close(fd);
+                }
+                // EOF once memleak closed its copies: these are the last.
+                let mut byte = 0u8;
+                libc::read(wait, (&raw mut byte).cast(), 1);
+                self.detach();
+                drop(rest);
+                libc::_exit(0)
+            },
+            pid => {
+                drop(self);
+                drop(rest);
+                for fd in fds {
+                    // SAFETY: our pipe's ends; closing `go` lets the child on.
+                    unsafe { libc::close(fd) };
+                }
+                Some(Detaching { pid: pid as u32 })
+            }
+        }
+    }
+
     /// Closes every link, all at once: each close waits for an RCU grace
     /// period, which concurrent closes share.
-    pub fn detach(self) {
+    fn detach(self) {
         let links = self.links.into_inner().expect("links");
         let others = self.others.into_inner().expect("links");
         std::thread::scope(|scope| {
@@ -324,5 +377,20 @@ impl Links {
                 scope.spawn(move || drop(link));
             }
         });
+    }
+}
+
+/// The child process detaching the probes.
+pub struct Detaching {
+    pub pid: u32,
+}
+
+impl Detaching {
+    /// Reaps the child if it is done; else it is reaped as an orphan once
+    /// memleak has exited.
+    pub fn reap(self) {
+        let mut status = 0;
+        // SAFETY: our own child; WNOHANG never blocks.
+        unsafe { libc::waitpid(self.pid as i32, &mut status, libc::WNOHANG) };
     }
 }

@@ -274,35 +274,32 @@ fn watch(pid: u32) -> anyhow::Result<AsyncFd<PidFd>> {
     unsafe { AsyncFd::register(PidFd::open(pid)?) }.context("watching the target")
 }
 
-/// Detaches every probe: the links all at once (see `Links::detach`), then
-/// what aya attached (perf-event uprobes on kernels without uprobe_multi,
-/// unregistered one at a time, ~0.2 s each, under one lock), on a thread
-/// of its own. Past 0.2 s, says so, and a second Ctrl-C (or SIGTERM) stops
-/// waiting: memleak ends as soon as the kernel is done with the probes it
-/// is removing, and removes the others as it exits. With -v, says first
+/// Detaches every probe, in a child process (see `Links::detach_in_child`):
+/// the links all at once, then what aya attached (perf-event uprobes on
+/// kernels without uprobe_multi, removed one at a time, ~0.2 s each, under
+/// one lock). Past 0.2 s, says so, and a second Ctrl-C (or SIGTERM) ends
+/// memleak at once, leaving the rest to that child. With -v, says first
 /// what each program cost, if the kernel counted it.
 async fn detach(args: &Args, ebpf: Ebpf, links: Links, signals: &mut Signals) {
     if args.verbose {
         loader::program_costs(&ebpf, &links).iter().for_each(|line| eprintln!("{line}"));
     }
     let probes = links.probes();
-    let detaching = std::thread::spawn(move || {
-        links.detach();
-        drop(ebpf);
-    });
-    let start = std::time::Instant::now();
-    let mut told = false;
-    while !detaching.is_finished() {
-        if !told && start.elapsed() >= Duration::from_millis(200) {
-            eprintln!("memleak: detaching {probes} probes...");
-            told = true;
-        }
+    let Some(child) = links.detach_in_child(ebpf) else { return };
+    if let Ok(done) = watch(child.pid) {
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(5)) => {}
-            _ = signals.int.recv(), if told => return,
-            _ = signals.term.recv(), if told => return,
+            _ = done.readable() => {}
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                eprintln!("memleak: detaching {probes} probes...");
+                tokio::select! {
+                    _ = done.readable() => {}
+                    _ = signals.int.recv() => {}
+                    _ = signals.term.recv() => {}
+                }
+            }
         }
     }
+    child.reap();
 }
 
 /// The libc this process runs on: what a command started from here loads.
