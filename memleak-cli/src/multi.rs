@@ -98,10 +98,9 @@ pub struct Programs {
 }
 
 impl Programs {
-    /// Relocates the object's programs as aya did (its maps' fds in the
-    /// map loads, calls resolved); `None` if a map's fd cannot be had.
-    pub fn relocate(object: &[u8], ebpf: &Ebpf) -> anyhow::Result<Self> {
-        let mut obj = aya_obj::Object::parse(object)?;
+    /// Relocates the object's programs (`obj`, parsed from the bytes aya
+    /// loaded) as aya did: its maps' fds in the map loads, calls resolved.
+    pub fn relocate(mut obj: aya_obj::Object, ebpf: &Ebpf) -> anyhow::Result<Self> {
         let maps = std::mem::take(&mut obj.maps);
         let fds: Vec<(&str, i32, &aya_obj::Map)> = ebpf
             .maps()
@@ -244,9 +243,10 @@ pub struct Links {
 }
 
 impl Links {
-    /// For `ebpf` (just loaded from `object`), if the kernel has the links.
-    pub fn new(object: &[u8], ebpf: &Ebpf) -> anyhow::Result<Self> {
-        let relocated = if supported() { Some(Programs::relocate(object, ebpf)?) } else { None };
+    /// For `ebpf`, just loaded from the object `parsed` was parsed from
+    /// (`None`: the kernel has no uprobe_multi links).
+    pub fn new(parsed: Option<aya_obj::Object>, ebpf: &Ebpf) -> anyhow::Result<Self> {
+        let relocated = parsed.map(|obj| Programs::relocate(obj, ebpf)).transpose()?;
         Ok(Self {
             relocated,
             programs: Default::default(),
