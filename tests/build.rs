@@ -22,6 +22,10 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("leak-static-stripped", Compiler::C, "allocators.c", &["-static", "-s"]),
     ("leak-cpp", Compiler::Cxx, "leak.cpp", &[]),
     ("leak-rust", Compiler::Rust, "leak.rs", &[]),
+    // Optimized: gcc splits functions into hot and .cold parts.
+    ("frames-split", Compiler::C, "frames.c", &["-O2"]),
+    // Without frame pointers: %rbp holds data a walk takes for a frame.
+    ("frames-nofp", Compiler::C, "frames.c", &["-O2", "-fomit-frame-pointer", "-DNO_FRAME_POINTER"]),
 ];
 
 fn main() {

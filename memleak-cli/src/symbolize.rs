@@ -243,16 +243,56 @@ impl Symbolizer {
         }
         for (module, wanted) in by_module {
             let offsets: Vec<u64> = wanted.iter().map(|(_, off)| *off).collect();
-            let src = Source::Elf(Elf::new(self.modules[module].fd_path()));
+            let path = self.modules[module].fd_path();
             let name = &self.modules[module].name;
-            let frames: Vec<Option<Frame>> = match self.blaze.symbolize(&src, Input::FileOffset(&offsets)) {
-                Ok(results) => results.into_iter().zip(&wanted).map(|(s, (addr, _))| to_frame(*addr, name, s)).collect(),
-                Err(_) => vec![None; wanted.len()],
-            };
+            let mut split = Vec::new();
+            let mut frames: Vec<Option<Frame>> =
+                match self.blaze.symbolize(&Source::Elf(Elf::new(&path)), Input::FileOffset(&offsets)) {
+                    Ok(results) => results
+                        .into_iter()
+                        .zip(&wanted)
+                        .enumerate()
+                        .map(|(i, (s, (addr, _)))| {
+                            // No size: a function of several ranges (below).
+                            if matches!(&s, Symbolized::Sym(sym) if sym.size.is_none()) {
+                                split.push(i);
+                            }
+                            to_frame(*addr, name, s)
+                        })
+                        .collect(),
+                    Err(_) => vec![None; wanted.len()],
+                };
+            self.split_offsets(path, &offsets, &split, &mut frames);
             for ((addr, _), frame) in wanted.iter().zip(frames) {
                 let frame = frame.unwrap_or_else(|| self.unresolved(pid, *addr));
                 self.cache.insert((pid, *addr), frame);
             }
+        }
+    }
+
+    /// Offsets in functions whose code is split (gcc's hot part and `.cold`
+    /// part): DWARF gives such a function `DW_AT_ranges` and no start, and
+    /// blazesym then reports its offset from address 0, the file address
+    /// (`make_node+0x127d` for gdb's `make_node+0xd`). The ELF symbol
+    /// table has one symbol per part, so the offset is taken from the part
+    /// that holds the address, named as the symbol table names it when
+    /// that is the function's own part (`make_node.cold`), as gdb does.
+    /// `split`: the indices in `offsets` and `frames` of such functions.
+    fn split_offsets(&mut self, path: PathBuf, offsets: &[u64], split: &[usize], frames: &mut [Option<Frame>]) {
+        if split.is_empty() {
+            return;
+        }
+        let lookups: Vec<u64> = split.iter().map(|&i| offsets[i]).collect();
+        let mut src = Elf::new(path);
+        src.debug_syms = false;
+        let Ok(results) = self.blaze.symbolize(&Source::Elf(src), Input::FileOffset(&lookups)) else { return };
+        for (&i, result) in split.iter().zip(results) {
+            let (Some(frame), Symbolized::Sym(part)) = (&mut frames[i], result) else { continue };
+            let Some((name, offset)) = &mut frame.symbol else { continue };
+            if part.name.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with('.')) {
+                *name = part.name.to_string();
+            }
+            *offset = part.offset as u64 + 1;
         }
     }
 

@@ -3,7 +3,8 @@
 //! - the nightly toolchain with rust-src (for `-Z build-std=core`);
 //! - bpf-linker, linked against the LLVM inside the Rust toolchain (same
 //!   LLVM major as rustc, no system LLVM needed);
-//! - the allocator libraries the test fixtures link against (Debian packages).
+//! - the allocator libraries the test fixtures link against, and gdb (Debian
+//!   packages).
 
 use std::{fs, os::unix::fs::symlink, path::PathBuf, process::Command};
 
@@ -18,8 +19,9 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// jemalloc, tcmalloc and mimalloc, for tests/fixtures/allocators.c.
-const PACKAGES: &[&str] = &["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev"];
+/// jemalloc, tcmalloc and mimalloc, for tests/fixtures/allocators.c; gdb,
+/// whose offsets tests/frames.rs compares memleak's with.
+const PACKAGES: &[&str] = &["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "gdb"];
 
 fn fixture_libraries() -> anyhow::Result<()> {
     let installed = |p: &&str| {
@@ -36,7 +38,7 @@ fn fixture_libraries() -> anyhow::Result<()> {
     output("apt-get", &["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq"];
     args.extend(&missing);
-    output("apt-get", &args).context("installing the fixtures' allocator libraries (needs root and apt)")?;
+    output("apt-get", &args).context("installing the fixtures' libraries and gdb (needs root and apt)")?;
     Ok(())
 }
 
