@@ -6,7 +6,7 @@ use clap::Parser;
 
 use crate::{
     error::{Kind, user_error},
-    sort::SortKey,
+    report::sort::SortKey,
 };
 
 /// `--format`: how reports are printed on stdout.

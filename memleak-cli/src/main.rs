@@ -1,34 +1,16 @@
 //! memleak: trace outstanding memory allocations with eBPF.
 
-mod attach;
-mod batch;
 mod cli;
-mod collect;
-mod command;
-mod elf;
 mod error;
-mod exports;
+mod export;
 mod fasthash;
-mod flamegraph;
-mod folded;
-mod hooks;
-mod json;
-mod kernel;
-mod loader;
-mod mapped;
-mod multi;
+mod maps;
 mod output;
-mod placement;
-mod pprof;
-mod proc;
+mod probe;
 mod report;
-mod reporter;
-mod sort;
 mod symbolize;
-mod table;
-mod totals;
+mod target;
 mod trace;
-mod trend;
 
 use std::process::ExitCode;
 

@@ -21,8 +21,8 @@ use blazesym::symbolize::{
 };
 
 use crate::{
-    pprof::MappingInfo,
-    proc::{self, Mapping},
+    export::pprof::MappingInfo,
+    target::proc::{self, Mapping},
 };
 
 /// One symbolized return address.

@@ -15,17 +15,17 @@ use tokio::{
 };
 
 use crate::{
-    attach::{self, Attached, SystemProbes},
+    probe::attach::{self, Attached, SystemProbes},
     cli::{Args, Format, Mode},
-    collect::Recorded,
-    command::{self, Held},
-    exports::Exports,
-    kernel,
-    loader::{self, Config},
-    multi::Links,
+    maps::collect::Recorded,
+    target::command::{self, Held},
+    export::Exports,
+    probe::kernel,
+    probe::loader::{self, Config},
+    probe::multi::Links,
     output,
-    proc::{PidFd, Target},
-    reporter::{Reporter, Scope, monotonic_ns},
+    target::proc::{PidFd, Target},
+    report::{Reporter, Scope, monotonic_ns},
 };
 
 /// Traces as `args` say; returns the exit code (the command's with -c).
@@ -128,7 +128,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let started = (monotonic_ns(), SystemTime::now());
     held.release()?;
     command::wait_for_exec(pid, &argv[0]);
-    let scope = Scope::Process(pid, crate::proc::module_name(&argv[0]).to_string());
+    let scope = Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string());
     let mut reporter = Reporter::new(args, recorded, scope, exports, started);
     say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")))?;
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
@@ -305,7 +305,7 @@ async fn detach(args: &Args, ebpf: Ebpf, links: Links, signals: &mut Signals) {
 /// The libc this process runs on: what a command started from here loads.
 fn own_libc() -> anyhow::Result<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
-    crate::proc::parse_maps(&maps)
+    crate::target::proc::parse_maps(&maps)
         .into_iter()
         .find(|m| m.is_file() && attach::is_libc(m.module_name()))
         .map(|m| PathBuf::from(m.path))

@@ -8,7 +8,7 @@ use std::{collections::HashMap, io::Write as _};
 use flate2::{Compression, write::GzEncoder};
 use prost::Message as _;
 
-use crate::{exports::StackProfile, symbolize::Frame};
+use crate::{export::StackProfile, symbolize::Frame};
 
 /// The messages of profile.proto, with its field numbers.
 pub mod proto {

@@ -195,9 +195,9 @@ mod tests {
     /// probe sits on an emulated instruction reached with rdi untouched.
     #[test]
     fn real_libc_placements_are_safe() {
-        let libc = crate::elf::tests::own_libc();
+        let libc = crate::target::elf::tests::own_libc();
         let names = ["malloc", "free", "calloc", "realloc", "munmap", "mmap"];
-        let functions = crate::elf::functions(&libc, &names).unwrap();
+        let functions = crate::target::elf::functions(&libc, &names).unwrap();
         for name in names {
             let Some(f) = functions.get(name) else { continue };
             let p = entry_probe(&f.code, name == "free");
@@ -225,8 +225,8 @@ mod tests {
     /// free's probe goes to free+9.
     #[test]
     fn glibc_2_36_free_is_moved_to_plus_9() {
-        let libc = crate::elf::tests::own_libc();
-        let f = &crate::elf::functions(&libc, &["free"]).unwrap()["free"];
+        let libc = crate::target::elf::tests::own_libc();
+        let f = &crate::target::elf::functions(&libc, &["free"]).unwrap()["free"];
         if !f.code.starts_with(&FREE_2_36[..4]) {
             eprintln!("not glibc 2.36's free: skipped");
             return;

@@ -11,9 +11,9 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    report::{Lost, StackTotal},
+    report::aggregate::{Lost, StackTotal},
     symbolize::Frame,
-    trend::{Row, Trend},
+    report::trend::{Row, Trend},
 };
 
 #[derive(Debug, Serialize)]
@@ -236,7 +236,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        report::Block,
+        report::aggregate::Block,
         symbolize::SourceLine,
     };
 

@@ -15,8 +15,8 @@ use memleak_common::{BUCKET_SLOTS, FIELD_COUNT, MAX_SHARDS, globals, maps};
 use crate::{
     cli::Args,
     error::{Kind, user_error},
-    hooks::Shape,
-    multi::{self, Links},
+    probe::hooks::Shape,
+    probe::multi::{self, Links},
 };
 
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));

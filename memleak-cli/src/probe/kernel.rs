@@ -11,7 +11,7 @@ use memleak_common::{FIELD_COUNT, Field};
 
 use crate::{
     error::{Kind, user_error},
-    multi::Links,
+    probe::multi::Links,
 };
 
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -156,7 +156,7 @@ mod tests {
 
     fn aya_obj_programs() -> Vec<String> {
         use object::{Object as _, ObjectSymbol as _};
-        let bytes = crate::loader::PROGRAMS;
+        let bytes = crate::probe::loader::PROGRAMS;
         let file = object::File::parse(bytes).unwrap();
         file.symbols().filter_map(|s| s.name().ok().map(String::from)).collect()
     }

@@ -9,9 +9,9 @@ use aya::{
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
 };
 use crate::{
-    batch::{self, BatchReader},
-    table,
-    totals::{self, CombinedAlloc},
+    maps::batch::{self, BatchReader},
+    maps::table,
+    maps::totals::{self, CombinedAlloc},
 };
 use memleak_common::{
     AllocInfo, AllocKey, Bucket, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,

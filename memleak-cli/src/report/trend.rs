@@ -6,7 +6,7 @@
 
 use memleak_common::CombinedKey;
 
-use crate::{fasthash::FastMap, report::StackTotal, totals::CombinedAlloc};
+use crate::{fasthash::FastMap, report::aggregate::StackTotal, maps::totals::CombinedAlloc};
 
 /// (process, stack).
 type Key = (u32, u64);

@@ -2,7 +2,7 @@
 
 use std::cmp::Ordering;
 
-use crate::trend::Row;
+use crate::report::trend::Row;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum SortKey {
@@ -49,7 +49,7 @@ pub fn sort(rows: &mut [Row], key: SortKey) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{report::StackTotal, trend::Trend};
+    use crate::{report::aggregate::StackTotal, report::trend::Trend};
 
     fn row(stack_id: u64, bytes: u64, count: u64, change: i64, age: Option<u64>) -> Row {
         Row {

@@ -21,13 +21,13 @@ use aya::{
 
 use crate::{
     cli::Floor,
-    elf,
+    target::elf,
     error::{Kind, user_error},
-    hooks::{C_API, CXX_API, Shape},
-    loader,
-    multi::Links,
-    placement::{self, Placement},
-    proc::{self, Mapping, Target, mapped_file, module_name},
+    probe::hooks::{C_API, CXX_API, Shape},
+    probe::loader,
+    probe::multi::Links,
+    probe::placement::{self, Placement},
+    target::proc::{self, Mapping, Target, mapped_file, module_name},
 };
 
 /// What was hooked in one object, for the start-up message and `-v`.
@@ -401,7 +401,7 @@ fn is_cxx_runtime(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proc::parse_maps;
+    use crate::target::proc::parse_maps;
 
     const MAPS: &str = "\
 5600-5700 r-xp 00001000 00:2a 12 /app

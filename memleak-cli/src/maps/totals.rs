@@ -11,7 +11,7 @@ use std::{
 
 use memleak_common::{CombinedKey, Totals, totals_key};
 
-use crate::mapped::{Layout, atomic};
+use crate::maps::mapped::{Layout, atomic};
 
 /// Windows of 1.25 MiB; ranges on whole pages (512 entries are 5 pages).
 const LAYOUT: Layout<Totals> = Layout::new(512 * 64, 512);

@@ -12,7 +12,7 @@ use std::{
 
 use memleak_common::{AllocInfo, AllocKey, BUCKET_SLOTS, Bucket};
 
-use crate::mapped::{Layout, atomic};
+use crate::maps::mapped::{Layout, atomic};
 
 /// Windows of 768 KiB; ranges on whole pages (32 buckets are 3 pages).
 pub const LAYOUT: Layout<Bucket> = Layout::new(32 * 64, 32);

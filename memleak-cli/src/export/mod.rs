@@ -2,6 +2,10 @@
 //! last report's every stack, in the formats other tools read. The files
 //! are created at start, so a bad path fails before tracing, not after.
 
+pub mod flamegraph;
+pub mod folded;
+pub mod pprof;
+
 use std::{
     fs::File,
     io::Write as _,
@@ -13,10 +17,9 @@ use anyhow::Context as _;
 use crate::{
     cli::Args,
     error::{Kind, user_error},
-    flamegraph, folded,
-    pprof::{self, MappingInfo},
     symbolize::Frame,
 };
+use pprof::MappingInfo;
 
 /// One stack's outstanding memory, symbolized.
 #[derive(Debug, Clone, PartialEq, Eq)]

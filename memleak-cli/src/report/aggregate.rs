@@ -10,7 +10,7 @@ use memleak_common::{
     AllocInfo, AllocKey, CombinedKey, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, Stat, is_kernel,
 };
 
-use crate::{fasthash::FastMap, totals::CombinedAlloc, trend::Row};
+use crate::{fasthash::FastMap, maps::totals::CombinedAlloc, report::trend::Row};
 
 /// One outstanding allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,7 +352,7 @@ mod tests {
     use memleak_common::NO_SLOT;
 
     use super::*;
-    use crate::trend::Tracker;
+    use crate::report::trend::Tracker;
 
     /// Rows of a first report, 2 s after attach.
     fn rows(totals: Vec<StackTotal>) -> Vec<Row> {

@@ -2,6 +2,11 @@
 //! trend, symbolize what is printed, write it (text or JSON), warn about
 //! anything the kernel side lost; and at exit, the files asked for.
 
+pub mod aggregate;
+pub mod json;
+pub mod sort;
+pub mod trend;
+
 use std::{
     collections::{HashMap, HashSet},
     time::{SystemTime, UNIX_EPOCH},
@@ -9,16 +14,19 @@ use std::{
 
 use memleak_common::{NO_STACK, is_kernel};
 
+use self::{
+    aggregate::StackTotal,
+    sort::SortKey,
+    trend::{Row, Tracker},
+};
 use crate::{
     cli::{Args, Format},
-    collect::{self, Recorded},
-    exports::{Exports, StackProfile},
+    export::{Exports, StackProfile, pprof},
     fasthash::FastMap,
-    json, output, pprof, proc,
-    report::{self, StackTotal},
-    sort::{self, SortKey},
+    maps::collect::{self, Recorded},
+    output,
     symbolize::{Frame, Symbolizer},
-    trend::{self, Row, Tracker},
+    target::proc,
 };
 
 /// What a report covers.
@@ -95,7 +103,7 @@ impl Reporter {
             // As many stacks as last time, most likely: no table regrown by doubling.
             let (min_age_ns, show_allocs, stacks) = (self.min_age_ns, self.show_allocs, self.last.len());
             let mut parts = self.recorded.allocations_into(
-                || (report::Aggregator::new(now, min_age_ns, show_allocs, stacks), 0),
+                || (aggregate::Aggregator::new(now, min_age_ns, show_allocs, stacks), 0),
                 |(aggregator, n), key, info| {
                     *n += 1;
                     aggregator.add(key, info)
@@ -114,7 +122,7 @@ impl Reporter {
         read += entries.len();
         let combined = collect::add_parts(&entries);
         let mut totals = match aggregated {
-            None => report::from_combined(combined.iter().copied()),
+            None => aggregate::from_combined(combined.iter().copied()),
             Some(all) => {
                 let stacks: FastMap<u64, u64> =
                     entries.iter().map(|&(slot, key, _)| (u64::from(slot), key.stack_id)).collect();
@@ -141,7 +149,7 @@ impl Reporter {
         for warning in self.lost.due(&counts, now) {
             eprintln!("{warning}");
         }
-        let lost = report::Lost::from_counts(&counts);
+        let lost = aggregate::Lost::from_counts(&counts);
 
         // Refresh the mappings of the processes shown (dlopen, exec).
         let shown: Vec<u32> = match self.scope {
@@ -160,15 +168,15 @@ impl Reporter {
         match (self.format, &self.scope) {
             (Format::Text, Scope::Process(..)) => {
                 let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
-                report::write(&mut out, &report::clock_now(), self.top, &rows, &lost, self.show_allocs, &mut frames)?;
+                aggregate::write(&mut out, &aggregate::clock_now(), self.top, &rows, &lost, self.show_allocs, &mut frames)?;
             }
             (Format::Text, Scope::System { top_procs }) => {
-                let procs = report::by_process(rows.clone());
+                let procs = aggregate::by_process(rows.clone());
                 let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
                 let mut comm = |tgid: u32| comms.get(&tgid).cloned().unwrap_or_else(|| proc::comm(tgid));
-                report::write_system(
+                aggregate::write_system(
                     &mut out,
-                    &report::clock_now(),
+                    &aggregate::clock_now(),
                     self.top,
                     *top_procs,
                     &procs,
@@ -211,7 +219,7 @@ impl Reporter {
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .map(|tgid| {
-                    let name = if is_kernel(tgid) { report::process_name(tgid, &mut proc::comm) } else { proc::comm(tgid) };
+                    let name = if is_kernel(tgid) { aggregate::process_name(tgid, &mut proc::comm) } else { proc::comm(tgid) };
                     (tgid, name)
                 })
                 .collect(),

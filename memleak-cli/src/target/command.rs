@@ -178,7 +178,7 @@ fn reap(pid: u32, flags: i32) -> Option<Option<i32>> {
 /// mapped: the moment to read its mappings for symbolization.
 pub fn wait_for_exec(pid: u32, argv0: &str) {
     let me = std::fs::read_link("/proc/self/exe").ok();
-    let name = crate::proc::module_name(argv0).to_string();
+    let name = crate::target::proc::module_name(argv0).to_string();
     for _ in 0..2000 {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();

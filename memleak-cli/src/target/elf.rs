@@ -99,7 +99,7 @@ pub(crate) mod tests {
         let libc = own_libc();
         let offset = function_offsets(&libc, &["malloc"]).unwrap()["malloc"];
         let addr = libc::malloc as *const () as u64;
-        let maps = crate::proc::parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let maps = crate::target::proc::parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
         let m = maps.iter().find(|m| m.contains(addr)).unwrap();
         assert_eq!(addr - m.start + m.offset, offset);
     }
