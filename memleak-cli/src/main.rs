@@ -1,6 +1,7 @@
 //! memleak: trace outstanding memory allocations with eBPF.
 
 mod cli;
+mod clock;
 mod error;
 mod export;
 mod fasthash;

@@ -20,10 +20,27 @@ use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
 };
 
-use crate::{
-    export::pprof::MappingInfo,
-    target::proc::{self, Mapping},
-};
+use crate::target::proc::{self, Mapping};
+
+/// One stack's outstanding memory, symbolized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackProfile {
+    pub tgid: u32,
+    pub bytes: u64,
+    pub count: u64,
+    /// Innermost first; empty when the kernel could not record the stack.
+    pub frames: Vec<Frame>,
+}
+
+/// The mapping of the file an address is in, as the process maps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingInfo {
+    pub start: u64,
+    pub limit: u64,
+    pub file_offset: u64,
+    pub path: String,
+    pub build_id: Option<Vec<u8>>,
+}
 
 /// One symbolized return address.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,7 +25,8 @@ use crate::{
     probe::multi::Links,
     output,
     target::proc::{PidFd, Target},
-    report::{Reporter, Scope, monotonic_ns},
+    clock::monotonic_ns,
+    report::{Reporter, Scope},
 };
 
 /// Traces as `args` say; returns the exit code (the command's with -c).

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{export::StackProfile, symbolize::Frame};
+use crate::symbolize::{Frame, StackProfile};
 
 /// The folded lines of `stacks`, sorted; stacks that fold to the same
 /// names (the same functions, called from other offsets) are summed.

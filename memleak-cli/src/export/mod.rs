@@ -17,19 +17,8 @@ use anyhow::Context as _;
 use crate::{
     cli::Args,
     error::{Kind, user_error},
-    symbolize::Frame,
+    symbolize::{MappingInfo, StackProfile},
 };
-use pprof::MappingInfo;
-
-/// One stack's outstanding memory, symbolized.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StackProfile {
-    pub tgid: u32,
-    pub bytes: u64,
-    pub count: u64,
-    /// Innermost first; empty when the kernel could not record the stack.
-    pub frames: Vec<Frame>,
-}
 
 /// A file the user asked for, open for writing: a temporary file beside
 /// it, renamed over it once written, so that a run that fails (or is
@@ -153,6 +142,7 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
+    use crate::symbolize::Frame;
 
     fn args(extra: &[&str]) -> Args {
         Args::try_parse_from(["memleak", "-p", "1"].iter().chain(extra)).unwrap()

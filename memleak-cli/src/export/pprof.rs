@@ -8,7 +8,7 @@ use std::{collections::HashMap, io::Write as _};
 use flate2::{Compression, write::GzEncoder};
 use prost::Message as _;
 
-use crate::{export::StackProfile, symbolize::Frame};
+use crate::symbolize::{Frame, MappingInfo, StackProfile};
 
 /// The messages of profile.proto, with its field numbers.
 pub mod proto {
@@ -137,16 +137,6 @@ pub mod proto {
         #[prost(int64, tag = "5")]
         pub start_line: i64,
     }
-}
-
-/// The mapping of the file an address is in, as the process maps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MappingInfo {
-    pub start: u64,
-    pub limit: u64,
-    pub file_offset: u64,
-    pub path: String,
-    pub build_id: Option<Vec<u8>>,
 }
 
 /// About the whole profile.

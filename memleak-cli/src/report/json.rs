@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    report::aggregate::{Lost, StackTotal},
+    report::{aggregate::StackTotal, lost::Lost},
     symbolize::Frame,
     report::trend::{Row, Trend},
 };

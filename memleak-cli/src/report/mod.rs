@@ -4,7 +4,9 @@
 
 pub mod aggregate;
 pub mod json;
+pub mod lost;
 pub mod sort;
+pub mod text;
 pub mod trend;
 
 use std::{
@@ -21,11 +23,12 @@ use self::{
 };
 use crate::{
     cli::{Args, Format},
-    export::{Exports, StackProfile, pprof},
+    clock::{self, monotonic_ns},
+    export::{Exports, pprof},
     fasthash::FastMap,
     maps::collect::{self, Recorded},
     output,
-    symbolize::{Frame, Symbolizer},
+    symbolize::{Frame, StackProfile, Symbolizer},
     target::proc,
 };
 
@@ -41,7 +44,7 @@ pub struct Reporter {
     scope: Scope,
     recorded: Recorded,
     symbolizer: Symbolizer,
-    lost: collect::LostWarnings,
+    lost: lost::LostWarnings,
     top: usize,
     min_age_ns: u64,
     show_allocs: bool,
@@ -74,7 +77,7 @@ impl Reporter {
         let min_age_ns = args.older.saturating_mul(1_000_000);
         Self {
             scope,
-            lost: collect::LostWarnings::new(),
+            lost: lost::LostWarnings::new(),
             recorded,
             symbolizer,
             top: args.top,
@@ -149,7 +152,7 @@ impl Reporter {
         for warning in self.lost.due(&counts, now) {
             eprintln!("{warning}");
         }
-        let lost = aggregate::Lost::from_counts(&counts);
+        let lost = lost::Lost::from_counts(&counts);
 
         // Refresh the mappings of the processes shown (dlopen, exec).
         let shown: Vec<u32> = match self.scope {
@@ -168,15 +171,15 @@ impl Reporter {
         match (self.format, &self.scope) {
             (Format::Text, Scope::Process(..)) => {
                 let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
-                aggregate::write(&mut out, &aggregate::clock_now(), self.top, &rows, &lost, self.show_allocs, &mut frames)?;
+                text::write(&mut out, &clock::clock_now(), self.top, &rows, &lost, self.show_allocs, &mut frames)?;
             }
             (Format::Text, Scope::System { top_procs }) => {
-                let procs = aggregate::by_process(rows.clone());
+                let procs = text::by_process(rows.clone());
                 let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
                 let mut comm = |tgid: u32| comms.get(&tgid).cloned().unwrap_or_else(|| proc::comm(tgid));
-                aggregate::write_system(
+                text::write_system(
                     &mut out,
-                    &aggregate::clock_now(),
+                    &clock::clock_now(),
                     self.top,
                     *top_procs,
                     &procs,
@@ -219,7 +222,7 @@ impl Reporter {
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .map(|tgid| {
-                    let name = if is_kernel(tgid) { aggregate::process_name(tgid, &mut proc::comm) } else { proc::comm(tgid) };
+                    let name = if is_kernel(tgid) { text::process_name(tgid, &mut proc::comm) } else { proc::comm(tgid) };
                     (tgid, name)
                 })
                 .collect(),
@@ -272,12 +275,4 @@ fn frames_of(recorded: &Recorded, symbolizer: &mut Symbolizer, total: &StackTota
 
 fn frame_lines(recorded: &Recorded, symbolizer: &mut Symbolizer, total: &StackTotal) -> Vec<String> {
     frames_of(recorded, symbolizer, total).iter().flat_map(|f| f.lines()).collect()
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -1,0 +1,205 @@
+//! The text report: what bcc users know. Pure: it gets a report's rows and
+//! a way to turn a stack into frame lines.
+
+use std::{collections::HashMap, io::Write};
+
+use memleak_common::{KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel};
+
+use super::{aggregate::StackTotal, lost::Lost, trend::Row};
+
+/// Outstanding memory of one process (or kernel allocator), its stacks
+/// in the report's order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessTotal {
+    pub tgid: u32,
+    pub bytes: u64,
+    pub count: u64,
+    pub rows: Vec<Row>,
+}
+
+/// Groups a report's rows by process, keeping their order within each:
+/// user processes biggest first, then the kernel's allocators.
+pub fn by_process(rows: Vec<Row>) -> Vec<ProcessTotal> {
+    let mut procs: Vec<ProcessTotal> = Vec::new();
+    let mut index: HashMap<u32, usize> = HashMap::new();
+    for row in rows {
+        let tgid = row.total.tgid;
+        let i = *index.entry(tgid).or_insert_with(|| {
+            procs.push(ProcessTotal { tgid, bytes: 0, count: 0, rows: Vec::new() });
+            procs.len() - 1
+        });
+        procs[i].bytes += row.total.bytes;
+        procs[i].count += row.total.count;
+        procs[i].rows.push(row);
+    }
+    procs.sort_by(|a, b| (is_kernel(a.tgid), b.bytes, a.tgid).cmp(&(is_kernel(b.tgid), a.bytes, b.tgid)));
+    procs
+}
+
+/// Writes one interval's report for one process: the header (and what was
+/// lost, if anything), then up to `top` stacks, each with its blocks (if
+/// `show_allocs`), bcc's line with the trend after it, and its frames from
+/// `frames`.
+pub fn write(
+    out: &mut impl Write,
+    clock: &str,
+    top: usize,
+    rows: &[Row],
+    lost: &Lost,
+    show_allocs: bool,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
+    writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations:")?;
+    write_lost(out, lost)?;
+    write_stacks(out, top, rows, show_allocs, frames)
+}
+
+fn write_lost(out: &mut impl Write, lost: &Lost) -> std::io::Result<()> {
+    match lost.line() {
+        Some(line) => writeln!(out, "{line}"),
+        None => Ok(()),
+    }
+}
+
+/// Writes a system-wide report: each process (at most `top_procs`, biggest
+/// first) with its top stacks, then the kernel's allocators.
+#[allow(clippy::too_many_arguments)]
+pub fn write_system(
+    out: &mut impl Write,
+    clock: &str,
+    top: usize,
+    top_procs: usize,
+    procs: &[ProcessTotal],
+    lost: &Lost,
+    show_allocs: bool,
+    comm: &mut dyn FnMut(u32) -> String,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
+    writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations, by process:")?;
+    write_lost(out, lost)?;
+    let user = procs.iter().filter(|p| !is_kernel(p.tgid)).take(top_procs);
+    for p in user.chain(procs.iter().filter(|p| is_kernel(p.tgid))) {
+        writeln!(out, "{}: {} bytes in {} {}", process_name(p.tgid, comm), p.bytes, p.count, plural(p.count))?;
+        write_stacks(out, top, &p.rows, show_allocs, frames)?;
+    }
+    Ok(())
+}
+
+/// "PID COMM", or the kernel allocator's name.
+pub fn process_name(tgid: u32, comm: &mut dyn FnMut(u32) -> String) -> String {
+    match tgid {
+        KERNEL_SLAB => "kernel slab".to_string(),
+        KERNEL_PAGES => "kernel pages".to_string(),
+        KERNEL_PERCPU => "kernel percpu".to_string(),
+        tgid => format!("{tgid} {}", comm(tgid)),
+    }
+}
+
+fn plural(count: u64) -> &'static str {
+    if count == 1 { "allocation" } else { "allocations" }
+}
+
+fn write_stacks(
+    out: &mut impl Write,
+    top: usize,
+    rows: &[Row],
+    show_allocs: bool,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
+    for Row { total, trend } in rows.iter().take(top) {
+        if show_allocs {
+            for b in &total.blocks {
+                writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
+            }
+        }
+        writeln!(
+            out,
+            "    {} bytes in {} {} from stack  {}",
+            total.bytes,
+            total.count,
+            plural(total.count),
+            trend.summary()
+        )?;
+        if total.stack_id == NO_STACK {
+            writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
+            continue;
+        }
+        for line in frames(total) {
+            writeln!(out, "        {line}")?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{aggregate::{by_stack, tests::alloc}, trend::Tracker};
+
+    /// Rows of a first report, 2 s after attach.
+    fn rows(totals: Vec<StackTotal>) -> Vec<Row> {
+        Tracker::new(0, 0).update(totals, 2_000_000_000, &Default::default())
+    }
+
+    #[test]
+    fn writes_bcc_format() {
+        let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0, true);
+        let mut out = Vec::new();
+        let mut frames = |_: &StackTotal| vec!["fibonacci+0x1f [app]".to_string(), "child+0x4f [app]".to_string()];
+        write(&mut out, "03:00:41", 10, &rows(totals), &Lost::default(), true, &mut frames).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[03:00:41] Top 10 stacks with outstanding allocations:\n\
+             \x20   addr = 7f8f70861210 size = 8192\n\
+             \x20   addr = 7f8f70863220 size = 8192\n\
+             \x20   16384 bytes in 2 allocations from stack  (+16384 B since last, 8192 B/s, oldest 2.0s)\n\
+             \x20       fibonacci+0x1f [app]\n\
+             \x20       child+0x4f [app]\n"
+        );
+    }
+
+    #[test]
+    fn top_limits_stacks_and_lost_stacks_say_why() {
+        let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0, false);
+        let mut out = Vec::new();
+        let lost = Lost::from_counts(&[27, 0, 0, 0, 3]);
+        write(&mut out, "00:00:00", 2, &rows(totals), &lost, false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text.lines().nth(1),
+            Some("lost since attach: 27 allocations not tracked (allocation map full, raise --max-allocs), 3 mmap'd blocks not followed for a partial munmap"),
+            "{text}"
+        );
+        assert!(text.contains("30 bytes in 1 allocation from stack  (+30 B since last, 15 B/s, oldest 2.0s)\n        [stack not recorded"), "{text}");
+        assert!(text.contains("20 bytes in 1 allocation"));
+        assert!(!text.contains("10 bytes"), "{text}");
+    }
+
+    #[test]
+    fn system_report_groups_by_process_then_kernel() {
+        let mut allocs = vec![alloc(0x10, 100, 0, 1), alloc(0x20, 50, 0, 2)];
+        let mut other = alloc(0x10, 500, 0, 1);
+        other.0.tgid = 9;
+        allocs.push(other);
+        let mut slab = alloc(0xffff0000, 64, 0, 3);
+        slab.0.tgid = KERNEL_SLAB;
+        allocs.push(slab);
+        let procs = by_process(rows(by_stack(allocs, 1, 0, false)));
+        assert_eq!(procs.iter().map(|p| (p.tgid, p.bytes)).collect::<Vec<_>>(), [(9, 500), (7, 150), (KERNEL_SLAB, 64)]);
+        let mut out = Vec::new();
+        let mut comm = |tgid: u32| format!("app{tgid}");
+        let mut frames = |_: &StackTotal| vec!["f+0x1 [m]".to_string()];
+        write_system(&mut out, "01:02:03", 1, 1, &procs, &Lost::default(), false, &mut comm, &mut frames).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[01:02:03] Top 1 stacks with outstanding allocations, by process:\n\
+             9 app9: 500 bytes in 1 allocation\n\
+             \x20   500 bytes in 1 allocation from stack  (+500 B since last, 250 B/s, oldest 2.0s)\n\
+             \x20       f+0x1 [m]\n\
+             kernel slab: 64 bytes in 1 allocation\n\
+             \x20   64 bytes in 1 allocation from stack  (+64 B since last, 32 B/s, oldest 2.0s)\n\
+             \x20       f+0x1 [m]\n"
+        );
+    }
+
+}
