@@ -1,5 +1,5 @@
 //! Builds the kernel programs (memleak-ebpf: nightly, bpfel-unknown-none,
-//! bpf-linker) into OUT_DIR, where `src/loader.rs` embeds them.
+//! bpf-linker) into OUT_DIR, where `src/probe/loader.rs` embeds them.
 //! `cargo xtask setup` installs what this needs.
 
 use anyhow::Context as _;

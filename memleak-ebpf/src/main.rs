@@ -33,7 +33,7 @@ use crate::{
 
 // One program per shape of allocator call, named after the libc function
 // of that shape; jemalloc, tcmalloc, mimalloc and C++ operator new/delete
-// variants with the same arguments reuse them (see memleak-cli/src/hooks.rs).
+// variants with the same arguments reuse them (see memleak-cli/src/probe/hooks.rs).
 
 /// malloc(size), and every call that takes the size first.
 #[uprobe]
