@@ -6,7 +6,7 @@ use clap::Parser;
 
 use crate::{
     error::{Kind, user_error},
-    report::sort::SortKey,
+    report::{peek, sort::SortKey},
 };
 
 /// `--format`: how reports are printed on stdout.
@@ -118,6 +118,11 @@ pub struct Args {
     /// Order of the stacks in a report (and which are the top N).
     #[arg(long, value_enum, value_name = "KEY", default_value_t = SortKey::Size)]
     pub sort: SortKey,
+
+    /// Show the first N bytes (1 to 4096) of each reported stack's oldest
+    /// outstanding blocks (up to 3), read from the process at each report.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=peek::MAX_BYTES as i64))]
+    pub peek: Option<u32>,
 
     /// Print frames without file:line (and without inlined functions).
     #[arg(long)]
@@ -231,6 +236,9 @@ impl Args {
                 return Err(user_error(Kind::Usage, format!("{flag} applies to system-wide tracing (no -p, no -c)")));
             }
         }
+        if self.combined_only && self.peek.is_some() {
+            return Err(user_error(Kind::Usage, "--peek reads outstanding blocks, which --combined-only does not keep"));
+        }
         if self.floor.is_some() && self.pid.is_none() {
             return Err(user_error(Kind::Usage, "--floor needs -p"));
         }
@@ -326,6 +334,13 @@ mod tests {
             assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}: {err}");
         }
         parse(&["--percpu", "--top-procs", "3", "10"]).unwrap().validate().unwrap();
+        // --peek: 1 to 4096 bytes, of blocks --combined-only does not read.
+        assert_eq!(parse(&["-p", "1", "--peek", "4096"]).unwrap().peek, Some(4096));
+        for n in ["0", "4097", "-1"] {
+            assert_eq!(parse(&["-p", "1", "--peek", n]).unwrap_err().exit_code(), 2);
+        }
+        let err = parse(&["-p", "1", "--peek", "8", "--combined-only"]).unwrap().validate().unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8);
         // The bench's empty programs go on one process only.
         parse(&["-p", "7", "--floor", "naive"]).unwrap().validate().unwrap();
         let err = parse(&["--floor", "placed"]).unwrap().validate().unwrap_err();

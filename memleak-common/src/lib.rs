@@ -32,6 +32,14 @@ pub struct AllocInfo {
 /// Slots per bucket of `ALLOC_TABLE`.
 pub const BUCKET_SLOTS: usize = 8;
 
+/// The hash whose top bits (`hash >> TABLE_SHIFT`) are the bucket of
+/// (tgid, addr) in `ALLOC_TABLE`: multiplicative, so the top bits depend
+/// on every bit of the key. The kernel puts a block there; user space
+/// looks one up there (a report re-checking a block it read).
+pub const fn bucket_hash(tgid: u32, addr: u64) -> u64 {
+    (addr ^ ((tgid as u64) << 44)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// A bucket of `ALLOC_TABLE`, the outstanding blocks by (process,
 /// address): each block in one of the slots of the bucket its key hashes
 /// to. A slot is free while `addrs[i]` is 0, claimed by a compare-and-swap

@@ -11,7 +11,7 @@ use core::{
     ptr::{read_volatile, write_volatile},
 };
 
-use memleak_common::{AllocInfo, BUCKET_SLOTS, Bucket};
+use memleak_common::{AllocInfo, BUCKET_SLOTS, Bucket, bucket_hash};
 
 use crate::{config, maps::ALLOC_TABLE};
 
@@ -22,8 +22,7 @@ pub fn bucket(tgid: u32, addr: u64) -> Option<&'static mut Bucket> {
     if shift == 0 {
         return None;
     }
-    // Multiplicative hashing: the top bits depend on every bit of the key.
-    let hash = (addr ^ (u64::from(tgid) << 44)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let hash = bucket_hash(tgid, addr);
     // SAFETY: an array map's value, alive as long as the map.
     ALLOC_TABLE.get_ptr_mut((hash >> (shift & 63)) as u32).map(|b| unsafe { &mut *b })
 }

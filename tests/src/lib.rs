@@ -99,6 +99,9 @@ pub struct Stack {
     pub trend: String,
     /// The trend says `growing`.
     pub growing: bool,
+    /// `--peek` lines under the frames, after `peek `:
+    /// `0x55d0c3a2b2a0 (120 B): "channelid=4099..."`.
+    pub peeks: Vec<String>,
 }
 
 impl Stack {
@@ -156,7 +159,12 @@ pub fn parse_reports(text: &str) -> Vec<Report> {
                 process: process.clone(),
                 growing: trend.split(", ").any(|part| part == "growing"),
                 trend,
+                peeks: vec![],
             });
+        } else if line.starts_with("        peek 0x")
+            && let Some(stack) = report.stacks.last_mut()
+        {
+            stack.peeks.push(trimmed["peek ".len()..].to_string());
         } else if line.starts_with("        ")
             && let Some(stack) = report.stacks.last_mut()
         {

@@ -54,8 +54,9 @@ pub fn trace_scenario_env(
         .spawn()
         .expect("start memleak");
     let (attached_tx, attached_rx) = mpsc::channel();
-    let stdout = read_lines(tracer.stdout.take().unwrap(), Some(("Attaching", attached_tx)));
-    let stderr = read_lines(tracer.stderr.take().unwrap(), None);
+    let stdout = read_lines(tracer.stdout.take().unwrap(), Some(("Attaching", attached_tx.clone())));
+    // With --format json, stdout holds JSON only: the line is on stderr.
+    let stderr = read_lines(tracer.stderr.take().unwrap(), Some(("memleak: Attaching", attached_tx)));
 
     let finish = |tracer: &mut Child| {
         let _ = tracer.kill();

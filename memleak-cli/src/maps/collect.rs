@@ -14,8 +14,8 @@ use crate::{
     maps::totals::{self, CombinedAlloc},
 };
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,
-    Stack, Totals, maps,
+    AllocInfo, AllocKey, BUCKET_SLOTS, Bucket, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,
+    Stack, Totals, bucket_hash, maps,
 };
 
 /// Maps of at least this many buckets are read on every CPU at once.
@@ -147,6 +147,25 @@ impl Recorded {
             eprintln!("warning: reading the per-stack totals: {e}");
             Vec::new()
         })
+    }
+
+    /// What the kernel holds for the block of `tgid` at `addr` now, if it
+    /// is still outstanding: a report that read a block's memory checks
+    /// after the read that it was not freed meanwhile. A bucket read
+    /// through the system call may be torn by a CPU changing it: the block
+    /// is then not found, never found wrongly (a slot's info is written
+    /// before its owner, and the caller compares the info).
+    pub fn outstanding(&self, tgid: u32, addr: u64) -> Option<AllocInfo> {
+        if self.table_buckets > 0 {
+            let index = (bucket_hash(tgid, addr) >> (64 - self.table_buckets.ilog2())) as u32;
+            if let Ok(bucket) = self.table.get(&index, 0)
+                && let Some(i) = (0..BUCKET_SLOTS)
+                    .find(|&i| bucket.addrs[i] == addr && bucket.owners[i] == u64::from(tgid))
+            {
+                return Some(bucket.infos[i]);
+            }
+        }
+        self.allocs.get(&AllocKey { addr, tgid, _pad: 0 }, 0).ok()
     }
 
     /// Return addresses of a stack, innermost first (empty if it is gone).

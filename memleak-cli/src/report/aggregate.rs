@@ -5,6 +5,7 @@ use std::collections::hash_map::Entry;
 
 use memleak_common::{AllocInfo, AllocKey, CombinedKey, NO_STACK};
 
+use super::peek::Peek;
 use crate::{fasthash::FastMap, maps::totals::CombinedAlloc};
 
 /// One outstanding allocation.
@@ -12,10 +13,13 @@ use crate::{fasthash::FastMap, maps::totals::CombinedAlloc};
 pub struct Block {
     pub addr: u64,
     pub size: u64,
+    /// When it was allocated (CLOCK_MONOTONIC ns): with its size, what
+    /// tells it from a block allocated at its address later.
+    pub born_ns: u64,
 }
 
 /// Outstanding memory of one call stack of one process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StackTotal {
     pub tgid: u32,
     pub stack_id: u64,
@@ -29,6 +33,11 @@ pub struct StackTotal {
     /// When its oldest block was allocated (CLOCK_MONOTONIC ns; None in
     /// --combined-only mode).
     pub oldest_ns: Option<u64>,
+    /// Its oldest blocks old enough to count, oldest first, as many as
+    /// the aggregator was asked for (`--peek`).
+    pub oldest: Vec<Block>,
+    /// What `oldest` held at report time, those still outstanding.
+    pub peeks: Vec<Peek>,
 }
 
 /// Groups allocations at least `min_age_ns` old by (process, stack), one
@@ -40,24 +49,25 @@ pub struct Aggregator {
     now_ns: u64,
     min_age_ns: u64,
     keep_blocks: bool,
+    /// How many of each stack's oldest blocks to keep.
+    oldest: usize,
     totals: FastMap<(u32, u64), StackTotal>,
 }
 
 impl Aggregator {
-    /// `stacks`: how many stacks to make room for at once.
-    pub fn new(now_ns: u64, min_age_ns: u64, keep_blocks: bool, stacks: usize) -> Self {
-        Self { now_ns, min_age_ns, keep_blocks, totals: FastMap::with_capacity_and_hasher(stacks, Default::default()) }
+    /// `keep_blocks`: every block of each stack; `oldest`: that many of
+    /// its oldest. `stacks`: how many stacks to make room for at once.
+    pub fn new(now_ns: u64, min_age_ns: u64, keep_blocks: bool, oldest: usize, stacks: usize) -> Self {
+        let totals = FastMap::with_capacity_and_hasher(stacks, Default::default());
+        Self { now_ns, min_age_ns, keep_blocks, oldest, totals }
     }
 
     pub fn add(&mut self, key: AllocKey, info: AllocInfo) {
         let total = self.totals.entry((key.tgid, info.slot)).or_insert_with(|| StackTotal {
             tgid: key.tgid,
             stack_id: NO_STACK,
-            bytes: 0,
-            count: 0,
-            live: 0,
-            blocks: Vec::new(),
             oldest_ns: Some(info.timestamp_ns),
+            ..Default::default()
         });
         total.live += 1;
         total.oldest_ns = total.oldest_ns.map(|t| t.min(info.timestamp_ns));
@@ -66,8 +76,12 @@ impl Aggregator {
         }
         total.bytes += info.size;
         total.count += 1;
+        let block = Block { addr: key.addr, size: info.size, born_ns: info.timestamp_ns };
         if self.keep_blocks {
-            total.blocks.push(Block { addr: key.addr, size: info.size });
+            total.blocks.push(block);
+        }
+        if self.oldest > 0 {
+            keep_oldest(&mut total.oldest, block, self.oldest);
         }
     }
 
@@ -78,7 +92,7 @@ impl Aggregator {
                 Entry::Vacant(slot) => {
                     slot.insert(theirs);
                 }
-                Entry::Occupied(mut slot) => absorb(slot.get_mut(), theirs),
+                Entry::Occupied(mut slot) => absorb(slot.get_mut(), theirs, self.oldest),
             }
         }
     }
@@ -95,20 +109,35 @@ impl Aggregator {
                 Entry::Vacant(e) => {
                     e.insert(total);
                 }
-                Entry::Occupied(mut e) => absorb(e.get_mut(), total),
+                Entry::Occupied(mut e) => absorb(e.get_mut(), total, self.oldest),
             }
         }
         // Only now: a part with young blocks only still counts in `live`.
         let mut totals: Vec<StackTotal> = by_stack.into_values().filter(|t| t.count > 0).collect();
         for t in &mut totals {
             t.blocks.sort_unstable_by_key(|b| b.addr);
+            t.oldest.sort_unstable_by_key(|b| (b.born_ns, b.addr));
         }
         totals
     }
 }
 
-/// Adds `theirs` into `ours`: the same stack, read in another part.
-fn absorb(ours: &mut StackTotal, theirs: StackTotal) {
+/// Keeps in `oldest` (at most `n`, in no order) the oldest blocks seen.
+fn keep_oldest(oldest: &mut Vec<Block>, block: Block, n: usize) {
+    if oldest.len() < n {
+        oldest.push(block);
+        return;
+    }
+    if let Some(youngest) = oldest.iter_mut().max_by_key(|b| (b.born_ns, b.addr))
+        && (block.born_ns, block.addr) < (youngest.born_ns, youngest.addr)
+    {
+        *youngest = block;
+    }
+}
+
+/// Adds `theirs` into `ours`: the same stack, read in another part;
+/// keeps the `oldest` oldest blocks of both.
+fn absorb(ours: &mut StackTotal, theirs: StackTotal, oldest: usize) {
     ours.bytes += theirs.bytes;
     ours.count += theirs.count;
     ours.live += theirs.live;
@@ -117,6 +146,9 @@ fn absorb(ours: &mut StackTotal, theirs: StackTotal) {
         (a, b) => a.or(b),
     };
     ours.blocks.extend(theirs.blocks);
+    for block in theirs.oldest {
+        keep_oldest(&mut ours.oldest, block, oldest);
+    }
 }
 
 /// [`Aggregator`] over a collection of allocations whose totals entry is
@@ -128,7 +160,7 @@ pub fn by_stack(
     min_age_ns: u64,
     keep_blocks: bool,
 ) -> Vec<StackTotal> {
-    let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks, 0);
+    let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks, 0, 0);
     allocs.into_iter().for_each(|(key, info)| aggregator.add(key, info));
     let mut totals = aggregator.finish(Some);
     sort(&mut totals);
@@ -146,8 +178,7 @@ pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAll
             bytes: c.total_size,
             count: c.count,
             live: c.count,
-            blocks: Vec::new(),
-            oldest_ns: None,
+            ..Default::default()
         })
         .collect()
 }
@@ -182,7 +213,7 @@ pub mod tests {
         let totals = by_stack(allocs, 1000, 100, true);
         assert_eq!(totals.len(), 2);
         assert_eq!((totals[0].stack_id, totals[0].bytes, totals[0].count), (1, 16384, 2));
-        assert_eq!(totals[0].blocks, [Block { addr: 0x10, size: 8192 }, Block { addr: 0x30, size: 8192 }]);
+        assert_eq!(totals[0].blocks, [Block { addr: 0x10, size: 8192, born_ns: 200 }, Block { addr: 0x30, size: 8192, born_ns: 100 }]);
         assert_eq!((totals[1].stack_id, totals[1].bytes, totals[1].count), (2, 100, 1));
         assert_eq!((totals[0].oldest_ns, totals[1].oldest_ns), (Some(100), Some(100)));
         // Every block of a stack counts for its frees, young or not.
@@ -201,7 +232,7 @@ pub mod tests {
     fn entries_of_one_stack_are_one_stack_and_unknown_ones_have_none() {
         // Entries 4 and 5 are stack 40's parts on two CPUs; 6 is gone, and
         // 7 was never (the totals were full: NO_SLOT).
-        let mut aggregator = Aggregator::new(10, 5, true, 0);
+        let mut aggregator = Aggregator::new(10, 5, true, 0, 0);
         for (addr, slot) in [(0x10, 4), (0x20, 5), (0x30, 6), (0x40, NO_SLOT)] {
             let (key, info) = alloc(addr, 8, 1, slot);
             aggregator.add(key, info);
@@ -213,7 +244,7 @@ pub mod tests {
         let mut totals = aggregator.finish(|slot| [3, 4, 5].contains(&slot).then_some(40));
         totals.sort_by_key(|t| t.stack_id);
         assert_eq!(totals.iter().map(|t| (t.stack_id, t.count, t.live)).collect::<Vec<_>>(), [(NO_STACK, 2, 2), (40, 2, 3)]);
-        assert_eq!(totals[1].blocks, [Block { addr: 0x10, size: 8 }, Block { addr: 0x20, size: 8 }]);
+        assert_eq!(totals[1].blocks, [Block { addr: 0x10, size: 8, born_ns: 1 }, Block { addr: 0x20, size: 8, born_ns: 1 }]);
     }
 
     #[test]
@@ -249,7 +280,7 @@ mod properties {
             let now = 2000;
             let totals = by_stack(unique.clone(), now, min_age, true);
             // Read in two parts (as on two CPUs) and merged: the same totals.
-            let mut halves = [Aggregator::new(now, min_age, true, 0), Aggregator::new(now, min_age, true, 4)];
+            let mut halves = [Aggregator::new(now, min_age, true, 3, 0), Aggregator::new(now, min_age, true, 3, 4)];
             for (i, (key, info)) in unique.iter().enumerate() {
                 halves[i % 2].add(*key, *info);
             }
@@ -257,6 +288,13 @@ mod properties {
             merged.merge(second);
             let mut merged = merged.finish(Some);
             sort(&mut merged);
+            // Each stack's three oldest blocks, whichever part read them.
+            for t in &mut merged {
+                let mut all = t.blocks.clone();
+                all.sort_unstable_by_key(|b| (b.born_ns, b.addr));
+                all.truncate(3);
+                prop_assert_eq!(std::mem::take(&mut t.oldest), all);
+            }
             prop_assert_eq!(merged, totals.clone());
             let lean = by_stack(unique.clone(), now, min_age, false);
             prop_assert!(lean.iter().all(|t| t.blocks.is_empty()));

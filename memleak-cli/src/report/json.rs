@@ -11,7 +11,11 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    report::{aggregate::StackTotal, lost::Lost},
+    report::{
+        aggregate::StackTotal,
+        lost::Lost,
+        peek::{self, Peek},
+    },
     symbolize::Frame,
     report::trend::{Row, Trend},
 };
@@ -58,6 +62,9 @@ pub struct Stack {
     /// The blocks, with `-a` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocks: Option<Vec<BlockJson>>,
+    /// The first bytes of its oldest blocks, with `--peek` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peek: Option<Vec<PeekJson>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +97,18 @@ pub struct BlockJson {
     pub size: u64,
 }
 
+#[derive(Debug, Serialize)]
+pub struct PeekJson {
+    /// The block's address, hex.
+    pub addr: String,
+    /// The block's size (`bytes` holds its first N bytes).
+    pub size: u64,
+    /// Base64.
+    pub bytes: String,
+    /// The bytes escaped as the text report shows them.
+    pub text: String,
+}
+
 /// What a report is about, besides its rows.
 pub struct Context<'a> {
     pub now: SystemTime,
@@ -99,6 +118,8 @@ pub struct Context<'a> {
     pub min_age_ms: Option<u64>,
     pub top: usize,
     pub show_allocs: bool,
+    /// `--peek`: stacks carry a `peek` list.
+    pub peek: bool,
     pub comms: &'a HashMap<u32, String>,
     pub lost: Lost,
 }
@@ -142,6 +163,7 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
             blocks: ctx.show_allocs.then(|| {
                 total.blocks.iter().map(|b| BlockJson { addr: format!("{:#x}", b.addr), size: b.size }).collect()
             }),
+            peek: ctx.peek.then(|| total.peeks.iter().map(peek_json).collect()),
         });
     }
     Interval {
@@ -159,6 +181,10 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
 pub fn write(out: &mut impl Write, interval: &Interval) -> std::io::Result<()> {
     serde_json::to_writer(&mut *out, interval)?;
     writeln!(out)
+}
+
+fn peek_json(p: &Peek) -> PeekJson {
+    PeekJson { addr: format!("{:#x}", p.addr), size: p.size, bytes: peek::base64(&p.bytes), text: peek::escape(&p.bytes) }
 }
 
 fn trend_json(t: &Trend) -> TrendJson {
@@ -248,8 +274,10 @@ mod tests {
                 bytes,
                 count: bytes / 8192,
                 live: bytes / 8192,
-                blocks: vec![Block { addr: 0x7f00, size: 8192 }],
+                blocks: vec![Block { addr: 0x7f00, size: 8192, born_ns: 0 }],
                 oldest_ns: Some(0),
+                peeks: vec![Peek { addr: 0x7f00, size: 8192, bytes: b"id=4099\0\xff".to_vec() }],
+                ..Default::default()
             },
             trend: Trend {
                 change_bytes: 16384,
@@ -277,6 +305,10 @@ mod tests {
     }
 
     fn encode(rows: &[Row], top: usize, show_allocs: bool) -> serde_json::Value {
+        encode_peek(rows, top, show_allocs, false)
+    }
+
+    fn encode_peek(rows: &[Row], top: usize, show_allocs: bool, peek: bool) -> serde_json::Value {
         let comms = HashMap::from([(42, "app".to_string())]);
         let ctx = Context {
             now: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
@@ -286,6 +318,7 @@ mod tests {
             min_age_ms: Some(500),
             top,
             show_allocs,
+            peek,
             comms: &comms,
             lost: Lost { allocations_untracked: 27, ..Lost::default() },
         };
@@ -319,6 +352,7 @@ mod tests {
         );
         assert_eq!(s["stack_recorded"], true);
         assert!(s.get("blocks").is_none(), "blocks only with -a");
+        assert!(s.get("peek").is_none(), "peek only with --peek");
         assert_eq!(
             s["frames"],
             serde_json::json!([
@@ -346,6 +380,15 @@ mod tests {
         let s = &ps[0]["stacks"][0];
         assert_eq!((s["stack_recorded"].as_bool(), s["frames"].as_array().unwrap().len()), (Some(false), 0));
         assert_eq!(s["trend"]["allocs"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn peek_gives_bytes_in_base64_and_as_escaped_text() {
+        let v = encode_peek(&[row(42, 1, 8192)], 10, false, true);
+        assert_eq!(
+            v["processes"][0]["stacks"][0]["peek"],
+            serde_json::json!([{"addr": "0x7f00", "size": 8192, "bytes": "aWQ9NDA5OQD/", "text": "id=4099\\0\\xff"}])
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod json;
 pub mod lost;
+pub mod peek;
 pub mod sort;
 pub mod text;
 pub mod trend;
@@ -17,7 +18,7 @@ use std::{
 use memleak_common::{NO_STACK, is_kernel};
 
 use self::{
-    aggregate::StackTotal,
+    aggregate::{Block, StackTotal},
     sort::SortKey,
     trend::{Row, Tracker},
 };
@@ -29,7 +30,7 @@ use crate::{
     maps::collect::{self, Recorded},
     output,
     symbolize::{Frame, StackProfile, Symbolizer},
-    target::proc,
+    target::{memory, proc},
 };
 
 /// What a report covers.
@@ -48,6 +49,8 @@ pub struct Reporter {
     top: usize,
     min_age_ns: u64,
     show_allocs: bool,
+    /// `--peek N`: bytes read of each shown stack's oldest blocks.
+    peek: Option<u32>,
     combined_only: bool,
     sort: SortKey,
     format: Format,
@@ -83,6 +86,7 @@ impl Reporter {
             top: args.top,
             min_age_ns,
             show_allocs: args.show_allocs,
+            peek: args.peek,
             combined_only: args.combined_only,
             sort: args.sort,
             format: args.format,
@@ -105,8 +109,9 @@ impl Reporter {
             // JSON lists blocks with -a too.
             // As many stacks as last time, most likely: no table regrown by doubling.
             let (min_age_ns, show_allocs, stacks) = (self.min_age_ns, self.show_allocs, self.last.len());
+            let oldest = if self.peek.is_some() { peek::BLOCKS } else { 0 };
             let mut parts = self.recorded.allocations_into(
-                || (aggregate::Aggregator::new(now, min_age_ns, show_allocs, stacks), 0),
+                || (aggregate::Aggregator::new(now, min_age_ns, show_allocs, oldest, stacks), 0),
                 |(aggregator, n), key, info| {
                     *n += 1;
                     aggregator.add(key, info)
@@ -147,6 +152,9 @@ impl Reporter {
         }
         let mut rows = self.trends.update(totals, now, &trend::allocs(&combined));
         sort::sort(&mut rows, self.sort);
+        if let Some(n) = self.peek {
+            peek_shown(&self.recorded, &mut rows, self.top, n);
+        }
         self.reports += 1;
         let counts = self.recorded.lost();
         for warning in self.lost.due(&counts, now) {
@@ -198,6 +206,7 @@ impl Reporter {
                     min_age_ms: (!self.combined_only).then_some(self.min_age_ns / 1_000_000),
                     top: self.top,
                     show_allocs: self.show_allocs,
+                    peek: self.peek.is_some(),
                     comms: &comms,
                     lost,
                 };
@@ -261,6 +270,32 @@ impl Reporter {
             period: self.sample_rate as i64,
         };
         self.exports.write(&stacks, &title, &mut |pid, addr| symbolizer.mapping(pid, addr), meta)
+    }
+}
+
+/// Reads the first `n` bytes of the oldest blocks of each stack a report
+/// shows (its process's first `top`; the kernel's blocks are not read).
+fn peek_shown(recorded: &Recorded, rows: &mut [Row], top: usize, n: u32) {
+    let mut shown: HashMap<u32, usize> = HashMap::new();
+    for Row { total, .. } in rows {
+        let rank = shown.entry(total.tgid).or_default();
+        *rank += 1;
+        if *rank <= top && !is_kernel(total.tgid) {
+            total.peeks = peek::peek(&Traced(recorded), total.tgid, &total.oldest, n);
+        }
+    }
+}
+
+/// The traced processes' memory, and the kernel's record of their blocks.
+struct Traced<'a>(&'a Recorded);
+
+impl peek::Memory for Traced<'_> {
+    fn read(&self, tgid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+        memory::read(tgid, addr, len).ok()
+    }
+
+    fn live(&self, tgid: u32, block: &Block) -> bool {
+        self.0.outstanding(tgid, block.addr).is_some_and(|i| (i.timestamp_ns, i.size) == (block.born_ns, block.size))
     }
 }
 

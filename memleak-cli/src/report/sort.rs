@@ -53,7 +53,7 @@ mod tests {
 
     fn row(stack_id: u64, bytes: u64, count: u64, change: i64, age: Option<u64>) -> Row {
         Row {
-            total: StackTotal { tgid: 1, stack_id, bytes, count, live: count, blocks: vec![], oldest_ns: None },
+            total: StackTotal { tgid: 1, stack_id, bytes, count, live: count, ..Default::default() },
             trend: Trend {
                 change_bytes: change,
                 rate_bytes_per_s: None,

@@ -5,7 +5,7 @@ use std::{collections::HashMap, io::Write};
 
 use memleak_common::{KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel};
 
-use super::{aggregate::StackTotal, lost::Lost, trend::Row};
+use super::{aggregate::StackTotal, lost::Lost, peek, trend::Row};
 
 /// Outstanding memory of one process (or kernel allocator), its stacks
 /// in the report's order.
@@ -122,10 +122,13 @@ fn write_stacks(
         )?;
         if total.stack_id == NO_STACK {
             writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
-            continue;
+        } else {
+            for line in frames(total) {
+                writeln!(out, "        {line}")?;
+            }
         }
-        for line in frames(total) {
-            writeln!(out, "        {line}")?;
+        for p in &total.peeks {
+            writeln!(out, "        peek {:#x} ({} B): \"{}\"", p.addr, p.size, peek::escape(&p.bytes))?;
         }
     }
     Ok(())
@@ -134,11 +137,34 @@ fn write_stacks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{aggregate::{by_stack, tests::alloc}, trend::Tracker};
+    use crate::report::{
+        aggregate::{Aggregator, Block, by_stack, tests::alloc},
+        peek::Peek,
+        trend::Tracker,
+    };
 
     /// Rows of a first report, 2 s after attach.
     fn rows(totals: Vec<StackTotal>) -> Vec<Row> {
         Tracker::new(0, 0).update(totals, 2_000_000_000, &Default::default())
+    }
+
+    #[test]
+    fn keeps_the_oldest_blocks_of_old_enough_ones_and_shows_their_bytes_escaped() {
+        let mut aggregator = Aggregator::new(1000, 100, false, 2, 0);
+        for (addr, ts) in [(0x10, 500), (0x20, 100), (0x30, 300), (0x40, 950), (0x50, 100)] {
+            let (key, info) = alloc(addr, 16, ts, 4);
+            aggregator.add(key, info);
+        }
+        let mut totals = aggregator.finish(Some);
+        // 0x40 is too young to count; of the others, the two oldest.
+        let born = |addr, born_ns| Block { addr, size: 16, born_ns };
+        assert_eq!(totals[0].oldest, [born(0x20, 100), born(0x50, 100)]);
+        assert!(totals[0].blocks.is_empty());
+        totals[0].peeks = vec![Peek { addr: 0x20, size: 16, bytes: b"id=4099\0\n\x1b".to_vec() }];
+        let mut out = Vec::new();
+        write(&mut out, "00:00:00", 10, &rows(totals), &Lost::default(), false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("        f+0x1 [m]\n        peek 0x20 (16 B): \"id=4099\\0\\n\\x1b\"\n"), "{text}");
     }
 
     #[test]

@@ -147,7 +147,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn total(stack_id: u64, bytes: u64, oldest_ns: Option<u64>) -> StackTotal {
-        StackTotal { tgid: 7, stack_id, bytes, count: bytes / 8192, live: bytes / 8192 + 2, blocks: vec![], oldest_ns }
+        StackTotal { tgid: 7, stack_id, bytes, count: bytes / 8192, live: bytes / 8192 + 2, oldest_ns, ..Default::default() }
     }
 
     fn growing_at_each_report(series: &[&[(u64, u64)]]) -> Vec<Vec<(u64, bool)>> {

@@ -3,4 +3,5 @@
 
 pub mod command;
 pub mod elf;
+pub mod memory;
 pub mod proc;
