@@ -115,11 +115,12 @@ fn holds_live(line: &str) -> bool {
 
 #[test]
 fn a_block_freed_while_it_is_peeked_is_never_shown() {
-    // Four threads each freeing its block 0 to 2 ms after allocating it,
+    // Three threads each freeing its block 0 to 2 ms after allocating it,
     // and allocating the next 0 to 2 ms later: the oldest blocks a report
     // finds are about to be freed, often before it reads their bytes (a
     // report that did not look again after the read showed a freed block
-    // in each of 3 runs out of 3).
+    // in each of 3 runs out of 3). A fourth holds each block up to 200 ms:
+    // a live block to show.
     let traced = trace_scenario(&fixture("requests"), &["churn", "4", "2", "6"], &["-o", "0", "--peek", "120", "1"],
                                 Duration::from_secs(60));
     assert!(traced.status.success(), "{:?}\n{}", traced.status, traced.stderr);
