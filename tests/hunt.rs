@@ -136,3 +136,114 @@ fn a_block_freed_while_it_is_peeked_is_never_shown() {
     // Not vacuous: blocks that stayed outstanding were shown.
     assert!(shown > 0, "{}", traced.stdout);
 }
+
+/// A fresh path for one test's dump directory (not created).
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("memleak-hunt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// The bytes of request `seq` on `channel` as they are in memory: body,
+/// channel and seq (little-endian ints).
+fn request(channel: u32, seq: u32) -> Vec<u8> {
+    let mut r = body(channel, seq);
+    r.extend_from_slice(&channel.to_le_bytes());
+    r.extend_from_slice(&seq.to_le_bytes());
+    r
+}
+
+/// The index's entry for the requests' stack.
+fn requests_in_index(index: &serde_json::Value) -> &serde_json::Value {
+    let stacks = index["stacks"].as_array().unwrap();
+    stacks.iter().find(|s| s["frames"][0]["symbol"] == "parse_request").unwrap_or_else(|| panic!("{index:#}"))
+}
+
+fn read_index(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn dump_files_hold_exactly_the_leaked_requests_and_the_index_says_where() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = scratch("dump");
+    let stdout = trace_requests(&["-a", "--dump", dir.to_str().unwrap()]);
+    let stack = request_stack(&stdout);
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    let index = read_index(&dir);
+    assert_eq!(index["report"], 1);
+    let entry = requests_in_index(&index);
+    let file = dir.join(entry["file"].as_str().unwrap());
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    // The seed's question, asked as the seed asked it: grep on the dump.
+    let grep = Command::new("sh")
+        .arg("-c")
+        .arg(format!("grep -a -o -P 'channelid=\\d*' {} | sort | uniq -c", file.display()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&grep.stdout).trim(), "10 channelid=4099");
+    // Byte for byte: the ten leaked requests, oldest first (seq 2, 5, ... 29).
+    let expected: Vec<u8> = (0..10).flat_map(|i| request(4099, 2 + 3 * i)).collect();
+    assert_eq!(std::fs::read(&file).unwrap(), expected);
+    // The index: each block, where -a saw it, at its offset.
+    assert_eq!((entry["blocks_written"].as_u64(), entry["blocks_over_budget"].as_u64()), (Some(10), Some(0)));
+    assert_eq!((entry["count"].as_u64(), entry["bytes"].as_u64()), (Some(10), Some(10 * REQUEST_SIZE)));
+    let blocks = entry["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 10);
+    for (i, b) in blocks.iter().enumerate() {
+        assert_eq!((b["size"].as_u64(), b["offset"].as_u64()), (Some(REQUEST_SIZE), Some(i as u64 * REQUEST_SIZE)));
+        let addr = u64::from_str_radix(b["addr"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+        assert!(stack.blocks.contains(&(addr, REQUEST_SIZE)), "{b} is not a block of {stack:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn dump_budget_bounds_what_is_written_and_says_what_is_left_out() {
+    let dir = scratch("budget");
+    trace_requests(&["--dump", dir.to_str().unwrap(), "--dump-budget", "500"]);
+    let index = read_index(&dir);
+    let entry = requests_in_index(&index);
+    // 500 bytes hold four requests of 120: the four oldest.
+    assert_eq!((entry["blocks_written"].as_u64(), entry["blocks_over_budget"].as_u64()), (Some(4), Some(6)));
+    let expected: Vec<u8> = [2, 5, 8, 11].into_iter().flat_map(|seq| request(4099, seq)).collect();
+    assert_eq!(std::fs::read(dir.join(entry["file"].as_str().unwrap())).unwrap(), expected);
+    assert_eq!(index["budget_bytes"], 500);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_dump_targets_are_refused_before_tracing() {
+    let app = memleak_tests::Running::spawn(fixture("fibonacci"), &["200"]);
+    let base = scratch("bad");
+    std::fs::create_dir_all(base.join("full")).unwrap();
+    std::fs::write(base.join("full/mine"), "keep").unwrap();
+    std::fs::write(base.join("file"), "keep").unwrap();
+    std::os::unix::fs::symlink(base.join("full"), base.join("link")).unwrap();
+    let pid = app.pid().to_string();
+    let cases: [(&str, &[&str], &str); 5] = [
+        ("file", &[], "exists and is not a directory"),
+        ("link", &[], "is a symbolic link, not a directory"),
+        ("full", &[], "the directory is not empty (--force writes into it)"),
+        ("no/such", &[], "cannot create it: No such file or directory"),
+        // No file system has an exabyte free.
+        ("room", &["--dump-budget", "1000000000000000000"], "less than --dump-budget 1000000000000000000"),
+    ];
+    for (name, extra, says) in cases {
+        let path = base.join(name);
+        let mut args: Vec<String> = ["-p", &pid, "--dump", path.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("1".into());
+        let out = run_memleak(&args, Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{name}: one line: {stderr}");
+        assert!(stderr.starts_with(&format!("memleak: --dump {}: ", path.display())) && stderr.contains(says), "{name}: {stderr}");
+        assert!(out.stdout.is_empty(), "{name}: traced anyway: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    assert_eq!(std::fs::read(base.join("full/mine")).unwrap(), b"keep");
+    assert_eq!(std::fs::read(base.join("file")).unwrap(), b"keep");
+    // A directory made for a dump that is refused is not left behind.
+    assert!(!base.join("room").exists());
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -124,6 +124,20 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=peek::MAX_BYTES as i64))]
     pub peek: Option<u32>,
 
+    /// At each report, write the outstanding blocks of each reported stack
+    /// to DIR/REPORT-RANK.bin, with DIR/index.json (DIR is created 0700;
+    /// it keeps the latest report's files).
+    #[arg(long, value_name = "DIR")]
+    pub dump: Option<PathBuf>,
+
+    /// Most bytes of blocks --dump writes per report.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dump_budget: u64,
+
+    /// Let --dump write into a directory that is not empty.
+    #[arg(long)]
+    pub force: bool,
+
     /// Print frames without file:line (and without inlined functions).
     #[arg(long)]
     pub no_source: bool,
@@ -236,8 +250,14 @@ impl Args {
                 return Err(user_error(Kind::Usage, format!("{flag} applies to system-wide tracing (no -p, no -c)")));
             }
         }
-        if self.combined_only && self.peek.is_some() {
-            return Err(user_error(Kind::Usage, "--peek reads outstanding blocks, which --combined-only does not keep"));
+        if self.combined_only && let Some(flag) = [("--peek", self.peek.is_some()), ("--dump", self.dump.is_some())]
+            .iter()
+            .find_map(|(flag, on)| on.then_some(flag))
+        {
+            return Err(user_error(Kind::Usage, format!("{flag} reads outstanding blocks, which --combined-only does not keep")));
+        }
+        if self.dump.is_none() && self.force {
+            return Err(user_error(Kind::Usage, "--force applies to --dump"));
         }
         if self.floor.is_some() && self.pid.is_none() {
             return Err(user_error(Kind::Usage, "--floor needs -p"));
@@ -339,8 +359,14 @@ mod tests {
         for n in ["0", "4097", "-1"] {
             assert_eq!(parse(&["-p", "1", "--peek", n]).unwrap_err().exit_code(), 2);
         }
-        let err = parse(&["-p", "1", "--peek", "8", "--combined-only"]).unwrap().validate().unwrap_err();
-        assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8);
+        for args in [&["-p", "1", "--peek", "8", "--combined-only"][..], &["-p", "1", "--dump", "d", "--combined-only"],
+                     &["-p", "1", "--force"]] {
+            let err = parse(args).unwrap().validate().unwrap_err();
+            assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}");
+        }
+        let dump = parse(&["-p", "1", "--dump", "d", "--force"]).unwrap();
+        assert_eq!((dump.dump_budget, dump.force), (64 << 20, true));
+        assert_eq!(parse(&["-p", "1", "--dump", "d", "--dump-budget", "0"]).unwrap_err().exit_code(), 2);
         // The bench's empty programs go on one process only.
         parse(&["-p", "7", "--floor", "naive"]).unwrap().validate().unwrap();
         let err = parse(&["--floor", "placed"]).unwrap().validate().unwrap_err();

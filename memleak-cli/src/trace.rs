@@ -26,7 +26,7 @@ use crate::{
     output,
     target::proc::{PidFd, Target},
     clock::monotonic_ns,
-    report::{Reporter, Scope},
+    report::{Reporter, Scope, dump},
 };
 
 /// Traces as `args` say; returns the exit code (the command's with -c).
@@ -71,6 +71,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     // looked at, not a newcomer that took the PID in between.
     target.check_same()?;
     let exports = Exports::create(args)?;
+    let dump = dump::create(args)?;
     // The probes are worked out while the programs load: both take time.
     let config = Config::from_args(args);
     let (ebpf, planned) = std::thread::scope(|scope| {
@@ -87,7 +88,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
         verbose(args, &attached);
     }
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
-    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, started);
+    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, dump, started);
     say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm))?;
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     if end == End::TargetExited {
@@ -104,6 +105,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let pid = held.pid;
     let exited = watch(pid)?;
     let exports = Exports::create(args)?;
+    let dump = dump::create(args)?;
     let config = Config::from_args(args);
     let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
@@ -130,7 +132,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     held.release()?;
     command::wait_for_exec(pid, &argv[0]);
     let scope = Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string());
-    let mut reporter = Reporter::new(args, recorded, scope, exports, started);
+    let mut reporter = Reporter::new(args, recorded, scope, exports, dump, started);
     say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")))?;
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
     let code = if end == End::TargetExited {
@@ -159,6 +161,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         config.skip_caller = kernel::bpf_refill_range();
     }
     let exports = Exports::create(args)?;
+    let dump = dump::create(args)?;
     let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     let started = (monotonic_ns(), SystemTime::now());
@@ -184,7 +187,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         what.push("kernel allocators".to_string());
     }
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
-    let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, started);
+    let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, dump, started);
     say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")))?;
     let rescan = user && args.obj.is_none();
     let verbose_on = args.verbose;

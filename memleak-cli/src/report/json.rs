@@ -199,7 +199,7 @@ fn trend_json(t: &Trend) -> TrendJson {
     }
 }
 
-fn frame_json(f: &Frame) -> Vec<FrameJson> {
+pub fn frame_json(f: &Frame) -> Vec<FrameJson> {
     let addr = format!("{:#x}", f.addr);
     let mut out: Vec<FrameJson> = f
         .inlined

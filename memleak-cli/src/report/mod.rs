@@ -3,6 +3,7 @@
 //! anything the kernel side lost; and at exit, the files asked for.
 
 pub mod aggregate;
+pub mod dump;
 pub mod json;
 pub mod lost;
 pub mod peek;
@@ -19,6 +20,7 @@ use memleak_common::{NO_STACK, is_kernel};
 
 use self::{
     aggregate::{Block, StackTotal},
+    dump::Dump,
     sort::SortKey,
     trend::{Row, Tracker},
 };
@@ -51,6 +53,8 @@ pub struct Reporter {
     show_allocs: bool,
     /// `--peek N`: bytes read of each shown stack's oldest blocks.
     peek: Option<u32>,
+    /// `--dump DIR`: each shown stack's blocks written there.
+    dump: Option<Dump>,
     combined_only: bool,
     sort: SortKey,
     format: Format,
@@ -69,7 +73,14 @@ pub struct Reporter {
 
 impl Reporter {
     /// `started`: CLOCK_MONOTONIC and wall-clock time of attach.
-    pub fn new(args: &Args, recorded: Recorded, scope: Scope, exports: Exports, started: (u64, SystemTime)) -> Self {
+    pub fn new(
+        args: &Args,
+        recorded: Recorded,
+        scope: Scope,
+        exports: Exports,
+        dump: Option<Dump>,
+        started: (u64, SystemTime),
+    ) -> Self {
         let mut symbolizer = Symbolizer::new(!args.no_source);
         if let Scope::Process(pid, _) = scope {
             // Open the target's files now: its frames must still resolve if
@@ -87,6 +98,7 @@ impl Reporter {
             min_age_ns,
             show_allocs: args.show_allocs,
             peek: args.peek,
+            dump,
             combined_only: args.combined_only,
             sort: args.sort,
             format: args.format,
@@ -108,10 +120,12 @@ impl Reporter {
         let aggregated = (!self.combined_only).then(|| {
             // JSON lists blocks with -a too.
             // As many stacks as last time, most likely: no table regrown by doubling.
-            let (min_age_ns, show_allocs, stacks) = (self.min_age_ns, self.show_allocs, self.last.len());
+            // --dump writes every block of the stacks shown.
+            let keep_blocks = self.show_allocs || self.dump.is_some();
+            let (min_age_ns, stacks) = (self.min_age_ns, self.last.len());
             let oldest = if self.peek.is_some() { peek::BLOCKS } else { 0 };
             let mut parts = self.recorded.allocations_into(
-                || (aggregate::Aggregator::new(now, min_age_ns, show_allocs, oldest, stacks), 0),
+                || (aggregate::Aggregator::new(now, min_age_ns, keep_blocks, oldest, stacks), 0),
                 |(aggregator, n), key, info| {
                     *n += 1;
                     aggregator.add(key, info)
@@ -152,8 +166,12 @@ impl Reporter {
         }
         let mut rows = self.trends.update(totals, now, &trend::allocs(&combined));
         sort::sort(&mut rows, self.sort);
+        let shown_rows = shown(&rows, self.top);
         if let Some(n) = self.peek {
-            peek_shown(&self.recorded, &mut rows, self.top, n);
+            for &i in &shown_rows {
+                let total = &mut rows[i].total;
+                total.peeks = peek::peek(&Traced(&self.recorded), total.tgid, &total.oldest, n);
+            }
         }
         self.reports += 1;
         let counts = self.recorded.lost();
@@ -175,6 +193,32 @@ impl Reporter {
         }
         let comms = self.comms(&rows);
         let Self { recorded, symbolizer, .. } = self;
+        if let Some(dump) = &mut self.dump {
+            let stacks: Vec<dump::Stack> = shown_rows
+                .iter()
+                .map(|&i| {
+                    let total = &rows[i].total;
+                    let mut blocks = total.blocks.clone();
+                    blocks.sort_unstable_by_key(|b| (b.born_ns, b.addr));
+                    dump::Stack {
+                        tgid: total.tgid,
+                        comm: comms.get(&total.tgid).cloned(),
+                        bytes: total.bytes,
+                        count: total.count,
+                        frames: frames_of(recorded, symbolizer, total).iter().flat_map(json::frame_json).collect(),
+                        blocks,
+                    }
+                })
+                .collect();
+            let shown = dump.path().display().to_string();
+            match dump.write(self.reports, &stacks, &Traced(recorded)) {
+                Ok(c) => eprintln!(
+                    "memleak: report {} dumped to {shown}: {} blocks ({} bytes), {} over the budget, {} freed since read",
+                    self.reports, c.blocks_written, c.bytes_written, c.blocks_over_budget, c.blocks_gone
+                ),
+                Err(e) => eprintln!("warning: --dump {shown}: report {} not dumped: {e}", self.reports),
+            }
+        }
         let mut out = Vec::new();
         match (self.format, &self.scope) {
             (Format::Text, Scope::Process(..)) => {
@@ -273,17 +317,18 @@ impl Reporter {
     }
 }
 
-/// Reads the first `n` bytes of the oldest blocks of each stack a report
-/// shows (its process's first `top`; the kernel's blocks are not read).
-fn peek_shown(recorded: &Recorded, rows: &mut [Row], top: usize, n: u32) {
-    let mut shown: HashMap<u32, usize> = HashMap::new();
-    for Row { total, .. } in rows {
-        let rank = shown.entry(total.tgid).or_default();
-        *rank += 1;
-        if *rank <= top && !is_kernel(total.tgid) {
-            total.peeks = peek::peek(&Traced(recorded), total.tgid, &total.oldest, n);
-        }
-    }
+/// The rows of user processes a report shows (each process's first
+/// `top`), whose blocks `--peek` and `--dump` read: the kernel's cannot be.
+fn shown(rows: &[Row], top: usize) -> Vec<usize> {
+    let mut ranks: HashMap<u32, usize> = HashMap::new();
+    (0..rows.len())
+        .filter(|&i| {
+            let tgid = rows[i].total.tgid;
+            let rank = ranks.entry(tgid).or_default();
+            *rank += 1;
+            *rank <= top && !is_kernel(tgid)
+        })
+        .collect()
 }
 
 /// The traced processes' memory, and the kernel's record of their blocks.
