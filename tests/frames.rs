@@ -1,8 +1,8 @@
 //! Frames a reader can trust, against real fixtures with real probes (run
 //! as root): offsets in functions gcc splits into hot and `.cold` parts
-//! are gdb's.
+//! are gdb's; a walk that ran off the frame chain ends with a marker.
 
-use std::{collections::BTreeMap, process::Command, thread, time::Duration};
+use std::{collections::BTreeMap, io::Read as _, process::Command, thread, time::Duration};
 
 use memleak_tests::{Running, fixture, parse_reports, run_memleak};
 
@@ -107,4 +107,62 @@ fn offsets_in_split_functions_are_gdbs() {
         let wanted = format!("{name}+{offset:#x} [frames-split]");
         assert!(printed.iter().any(|f| f.starts_with(&wanted)), "no {wanted}:\n{text_stdout}");
     }
+}
+
+#[test]
+fn a_walk_off_the_frame_chain_ends_with_a_marker_not_garbage() {
+    // push() allocates with the previous node in %rbp: the walk reads the
+    // node as a frame record, a different heap address at every call.
+    let app = Running::spawn(fixture("frames-nofp"), &["20"]);
+    thread::sleep(Duration::from_millis(200));
+    let pid = app.pid().to_string();
+    let dir = std::env::temp_dir().join(format!("memleak-frames-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (folded, pprof) = (dir.join("out.folded"), dir.join("out.pb.gz"));
+    let out = run_memleak(
+        &args(&["-p", &pid, "--folded", folded.to_str().unwrap(), "--pprof", pprof.to_str().unwrap(), "1", "2"]),
+        Duration::from_secs(30),
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+
+    let reports = parse_reports(&stdout);
+    assert_eq!(reports.len(), 2, "{stdout}");
+    for report in &reports {
+        for frame in report.stacks.iter().flat_map(|s| &s.frames) {
+            for garbage in ["[[heap]]", "[[stack]]", "[unmapped]", "[anon]"] {
+                assert!(!frame.contains(garbage), "garbage frame {frame}:\n{stdout}");
+            }
+        }
+        // Every allocation of push's one call site, in one stack that says
+        // where it ends: 50 a second, those older than 500 ms.
+        let push: Vec<_> = report.stacks.iter().filter(|s| s.starts_with(&["push"])).collect();
+        assert_eq!(push.len(), 1, "{stdout}");
+        assert!(push[0].count >= 10, "{stdout}");
+        assert_eq!(push[0].frames.len(), 2, "{stdout}");
+        assert_eq!(push[0].frames[1], "[stack ends: next address in heap, not code]", "{stdout}");
+    }
+
+    // The exit files end the stack the same way.
+    let folded = std::fs::read_to_string(&folded).unwrap();
+    let push: Vec<&str> = folded.lines().filter(|l| l.contains("push")).collect();
+    assert_eq!(push.len(), 1, "{folded}");
+    assert!(push[0].starts_with("[stack ends: next address in heap, not code];push "), "{folded}");
+    let mut profile = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&pprof).unwrap()).read_to_end(&mut profile).unwrap();
+    let marker = b"[stack ends: next address in heap, not code]";
+    assert!(profile.windows(marker.len()).any(|w| w == marker), "no marker function in the pprof profile");
+
+    // JSON says it in the stack's "end".
+    let out = run_memleak(&args(&["-p", &pid, "--format", "json", "1", "1"]), Duration::from_secs(30));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let stacks = report["processes"][0]["stacks"].as_array().unwrap();
+    let push: Vec<_> = stacks.iter().filter(|s| s["frames"][0]["symbol"] == "push").collect();
+    assert_eq!(push.len(), 1, "{stdout}");
+    assert_eq!(push[0]["end"], "next address in heap, not code", "{stdout}");
+    assert_eq!(push[0]["frames"].as_array().unwrap().len(), 1, "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

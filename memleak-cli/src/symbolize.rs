@@ -11,7 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     fs::File,
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::fs::FileExt as _},
     path::PathBuf,
 };
 
@@ -20,7 +20,10 @@ use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
 };
 
-use crate::target::proc::{self, Mapping};
+use crate::{
+    stack_end::{self, CALL_WINDOW, End},
+    target::proc::{self, Mapping},
+};
 
 /// One stack's outstanding memory, symbolized.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +56,9 @@ pub struct Frame {
     pub source: Option<SourceLine>,
     /// Functions inlined at this address, innermost first.
     pub inlined: Vec<(String, Option<SourceLine>)>,
+    /// Set on the one marker frame that closes a stack whose next return
+    /// address could not be one: why (see stack_end), and no address.
+    pub end: Option<String>,
 }
 
 /// A source location.
@@ -72,9 +78,24 @@ impl fmt::Display for SourceLine {
 }
 
 impl Frame {
+    /// The marker closing a stack cut at an address that cannot be a
+    /// return address.
+    pub fn end(why: &End) -> Self {
+        Frame { addr: 0, symbol: None, module: None, source: None, inlined: vec![], end: Some(why.to_string()) }
+    }
+
+    /// The marker's name, in every format: `[stack ends: next address
+    /// unmapped]`; None for a real frame.
+    pub fn end_name(&self) -> Option<String> {
+        self.end.as_ref().map(|why| format!("[stack ends: {why}]"))
+    }
+
     /// The printed lines of this frame: inlined callees first (a stack is
     /// printed innermost first), then the function itself.
     pub fn lines(&self) -> Vec<String> {
+        if let Some(name) = self.end_name() {
+            return vec![name];
+        }
         let with_source = |text: String, source: &Option<SourceLine>| match source {
             Some(s) => format!("{text} {s}"),
             None => text,
@@ -120,6 +141,11 @@ pub struct Symbolizer {
     /// GNU build ids of `modules`, read when first asked for.
     build_ids: HashMap<usize, Option<Vec<u8>>>,
     warned: HashSet<String>,
+    /// Whether each (pid, address) can be a return address (see
+    /// stack_end); an unmapped one is not kept: a later mapping may hold it.
+    verdicts: HashMap<(u32, u64), Result<(), End>>,
+    /// Processes whose mappings were read since the last `next_report`.
+    fresh: HashSet<u32>,
 }
 
 impl Symbolizer {
@@ -137,6 +163,8 @@ impl Symbolizer {
             opened: HashMap::new(),
             build_ids: HashMap::new(),
             warned: HashSet::new(),
+            verdicts: HashMap::new(),
+            fresh: HashSet::new(),
         }
     }
 
@@ -144,6 +172,7 @@ impl Symbolizer {
     /// while the process lives (at attach, each interval): what it opened
     /// still symbolizes after the process exits.
     pub fn refresh(&mut self, pid: u32) {
+        self.fresh.insert(pid);
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
         let maps = proc::parse_maps(&text);
         if maps.is_empty() {
@@ -178,6 +207,46 @@ impl Symbolizer {
         Some(self.modules.len() - 1)
     }
 
+    /// A new report: mappings read before may be stale.
+    pub fn next_report(&mut self) {
+        self.fresh.clear();
+    }
+
+    /// How many of `addrs` (a user stack of `pid`, innermost first) can be
+    /// return addresses, and why the stack ends there if not all of them
+    /// (see stack_end). An address in no mapping known has the process's
+    /// mappings read again first, once a report: it may be in a library
+    /// loaded since.
+    pub fn stack_end(&mut self, pid: u32, addrs: &[u64]) -> (usize, Option<End>) {
+        if !self.views.contains_key(&pid) {
+            self.refresh(pid);
+        }
+        if !self.views.contains_key(&pid) {
+            return (addrs.len(), None); // its mappings were never read: nothing to judge by
+        }
+        stack_end::kept(addrs, |addr| {
+            if let Some(verdict) = self.verdicts.get(&(pid, addr)) {
+                return verdict.clone();
+            }
+            let mut verdict = self.judge(pid, addr);
+            if verdict == Err(End::Unmapped) && !self.fresh.contains(&pid) {
+                self.refresh(pid);
+                verdict = self.judge(pid, addr);
+            }
+            if verdict != Err(End::Unmapped) {
+                self.verdicts.insert((pid, addr), verdict.clone());
+            }
+            verdict
+        })
+    }
+
+    fn judge(&self, pid: u32, ret: u64) -> Result<(), End> {
+        let found = self.views.get(&pid).and_then(|v| v.iter().find(|(m, _)| m.contains(ret.wrapping_sub(1))));
+        let Some((m, module)) = found else { return Err(End::Unmapped) };
+        let file = module.map(|i| &self.modules[i].file);
+        stack_end::check(ret, Some(m), |m, ret, buf| code_before(pid, m, file, ret, buf))
+    }
+
     /// Frames of a kernel stack (return addresses, innermost first), from
     /// /proc/kallsyms.
     pub fn kernel_frames(&mut self, addrs: &[u64]) -> Vec<Frame> {
@@ -197,6 +266,7 @@ impl Symbolizer {
                     module: Some("kernel".into()),
                     source: None,
                     inlined: vec![],
+                    end: None,
                 });
                 self.cache.insert((KERNEL, addr), frame);
             }
@@ -327,8 +397,22 @@ impl Symbolizer {
         {
             eprintln!("warning: no symbols for some frames in {} of process {pid} (stripped?)", m.path);
         }
-        Frame { addr, symbol: None, module: Some(module), source: None, inlined: vec![] }
+        Frame { addr, symbol: None, module: Some(module), source: None, inlined: vec![], end: None }
     }
+}
+
+/// The bytes just before `ret` in mapping `m`, at the end of `buf`; how
+/// many (0 if unreadable). From the mapped file when there is one (it
+/// still reads after the process exits), else from the process's memory
+/// (JIT code, the vDSO).
+fn code_before(pid: u32, m: &Mapping, file: Option<&File>, ret: u64, buf: &mut [u8; CALL_WINDOW]) -> usize {
+    let n = (ret - m.start).min(CALL_WINDOW as u64);
+    let dst = &mut buf[CALL_WINDOW - n as usize..];
+    let read = match file {
+        Some(f) => f.read_exact_at(dst, m.offset + (ret - m.start) - n),
+        None => File::open(format!("/proc/{pid}/mem")).and_then(|f| f.read_exact_at(dst, ret - n)),
+    };
+    if read.is_ok() { n as usize } else { 0 }
 }
 
 fn to_frame(addr: u64, module: &str, symbolized: Symbolized<'_>) -> Option<Frame> {
@@ -344,6 +428,7 @@ fn to_frame(addr: u64, module: &str, symbolized: Symbolized<'_>) -> Option<Frame
         module: Some(module.to_string()),
         source: source(sym.code_info.as_deref()),
         inlined: sym.inlined.iter().rev().map(|f| (f.name.to_string(), source(f.code_info.as_ref()))).collect(),
+        end: None,
     })
 }
 
@@ -369,6 +454,7 @@ mod tests {
             module: Some(module.to_string()),
             source: source.map(|(f, l)| SourceLine { file: f.to_string(), line: Some(l) }),
             inlined: vec![],
+            end: None,
         }
     }
 
@@ -423,6 +509,23 @@ mod tests {
         assert!(m.start < addr && addr <= m.limit, "{m:?}");
         assert!(m.path.contains("memleak"), "{m:?}");
         assert_eq!(later.mapping(pid, 0x10), None);
+    }
+
+    #[test]
+    fn data_and_code_not_after_a_call_end_a_stack() {
+        let pid = std::process::id();
+        let mut s = Symbolizer::new(false);
+        let heap = Box::new([0u64; 64]);
+        let data = &*heap as *const _ as u64 + 8;
+        let code = probe_target as *const () as u64 + 1; // its first instruction is no call
+        assert_eq!(s.stack_end(pid, &[]), (0, None));
+        let (kept, end) = s.stack_end(pid, &[code, data]);
+        assert_eq!(kept, 0, "{end:?}");
+        assert!(matches!(end, Some(End::NoCall(ref m)) if m.starts_with("memleak")), "{end:?}");
+        assert!(matches!(s.stack_end(pid, &[data]).1, Some(End::NotCode(_))));
+        assert_eq!(s.stack_end(pid, &[0x10]), (0, Some(End::Unmapped)));
+        // A process whose mappings were never read: nothing to judge by.
+        assert_eq!(s.stack_end(u32::MAX - 1, &[0x10]), (1, None));
     }
 
     #[test]

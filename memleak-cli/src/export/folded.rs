@@ -17,16 +17,18 @@ pub fn lines(stacks: &[StackProfile]) -> Vec<String> {
 
 /// Frame names, outermost first; inlined functions are frames of their own.
 /// A frame without a symbol is `[module]`; a stack the kernel could not
-/// record is `[stack not recorded]`.
+/// record is `[stack not recorded]`, one cut where it really ends starts
+/// with `[stack ends: why]`.
 pub fn names(frames: &[Frame]) -> Vec<String> {
     if frames.is_empty() {
         return vec!["[stack not recorded]".into()];
     }
     let mut names: Vec<String> = Vec::new();
     for frame in frames.iter().rev() {
-        let own = match &frame.symbol {
-            Some((name, _)) => name.clone(),
-            None => format!("[{}]", frame.module.as_deref().unwrap_or("unknown")),
+        let own = match (&frame.symbol, frame.end_name()) {
+            (_, Some(end)) => end,
+            (Some((name, _)), _) => name.clone(),
+            (None, _) => format!("[{}]", frame.module.as_deref().unwrap_or("unknown")),
         };
         names.push(own);
         // Inlined callees are innermost first: the outermost comes next.
@@ -47,6 +49,7 @@ mod tests {
             module: Some("libc.so.6".into()),
             source: None,
             inlined: vec![],
+            end: None,
         }
     }
 

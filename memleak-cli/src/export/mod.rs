@@ -165,6 +165,7 @@ mod tests {
             module: Some("app".into()),
             source: None,
             inlined: vec![],
+            end: None,
         };
         let stacks = [StackProfile { tgid: 1, bytes: 16384, count: 2, frames: vec![frame(1, "leaf"), frame(2, "root")] }];
         let meta = pprof::Meta { time_nanos: 0, duration_nanos: 1, period: 1 };

@@ -167,7 +167,7 @@ pub fn build(
         .filter(|s| s.bytes > 0 || s.count > 0)
         .map(|s| proto::Sample {
             location_id: if s.frames.is_empty() {
-                vec![b.unknown_stack()]
+                vec![b.marker("[stack not recorded]")]
             } else {
                 s.frames.iter().map(|f| b.location(s.tgid, f, mapping)).collect()
             },
@@ -210,7 +210,8 @@ struct Builder {
     location_ids: HashMap<(u32, u64), u64>,
     mappings: Vec<proto::Mapping>,
     mapping_ids: HashMap<(u32, u64), u64>,
-    unknown_stack: Option<u64>,
+    /// Locations that are no code: a name only.
+    markers: HashMap<String, u64>,
 }
 
 impl Builder {
@@ -262,6 +263,9 @@ impl Builder {
 
     /// One location per (process, return address).
     fn location(&mut self, tgid: u32, frame: &Frame, mapping: &mut dyn FnMut(u32, u64) -> Option<MappingInfo>) -> u64 {
+        if let Some(end) = frame.end_name() {
+            return self.marker(&end);
+        }
         if let Some(&id) = self.location_ids.get(&(tgid, frame.addr)) {
             return id;
         }
@@ -284,19 +288,20 @@ impl Builder {
         id
     }
 
-    /// The location of stacks the kernel could not record.
-    fn unknown_stack(&mut self) -> u64 {
-        if let Some(id) = self.unknown_stack {
+    /// A location that is no code, only a name: `[stack not recorded]` (the
+    /// kernel could not record the stack), `[stack ends: why]`.
+    fn marker(&mut self, name: &str) -> u64 {
+        if let Some(&id) = self.markers.get(name) {
             return id;
         }
-        let function_id = self.function("[stack not recorded]", None);
+        let function_id = self.function(name, None);
         let id = self.locations.len() as u64 + 1;
         self.locations.push(proto::Location {
             id,
             line: vec![proto::Line { function_id, line: 0, column: 0 }],
             ..Default::default()
         });
-        self.unknown_stack = Some(id);
+        self.markers.insert(name.to_string(), id);
         id
     }
 }
@@ -319,6 +324,7 @@ mod tests {
             module: Some("app".into()),
             source: Some(SourceLine { file: "src/app.c".into(), line: Some(line) }),
             inlined: vec![],
+            end: None,
         }
     }
 

@@ -85,6 +85,15 @@ impl Aggregator {
         }
     }
 
+    /// Outstanding bytes (of blocks old enough) by process.
+    pub fn process_bytes(&self) -> FastMap<u32, u64> {
+        let mut bytes: FastMap<u32, u64> = FastMap::default();
+        for ((tgid, _), total) in &self.totals {
+            *bytes.entry(*tgid).or_default() += total.bytes;
+        }
+        bytes
+    }
+
     /// Adds what `other` aggregated (another part of the same map).
     pub fn merge(&mut self, other: Aggregator) {
         for (key, theirs) in other.totals {
@@ -149,6 +158,23 @@ fn absorb(ours: &mut StackTotal, theirs: StackTotal, oldest: usize) {
     for block in theirs.oldest {
         keep_oldest(&mut ours.oldest, block, oldest);
     }
+}
+
+/// `totals` (--combined-only's, no blocks) with the stacks that `same`
+/// maps to one summed into it: stacks that differ only past where they
+/// really end (see stack_end).
+pub fn merge_stacks(totals: Vec<StackTotal>, mut same: impl FnMut(u32, u64) -> u64) -> Vec<StackTotal> {
+    let mut by_stack: FastMap<(u32, u64), StackTotal> = FastMap::default();
+    for mut total in totals {
+        total.stack_id = same(total.tgid, total.stack_id);
+        match by_stack.entry((total.tgid, total.stack_id)) {
+            Entry::Vacant(e) => {
+                e.insert(total);
+            }
+            Entry::Occupied(mut e) => absorb(e.get_mut(), total, 0),
+        }
+    }
+    by_stack.into_values().collect()
 }
 
 /// [`Aggregator`] over a collection of allocations whose totals entry is
@@ -259,6 +285,17 @@ pub mod tests {
         assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [3, 1]);
     }
 
+    #[test]
+    fn stacks_that_stand_for_one_are_summed() {
+        let k = |tgid, s| CombinedKey { tgid, shard: 0, stack_id: s };
+        let c = |n| CombinedAlloc { total_size: 10 * n, count: n, allocs: n };
+        let totals = from_combined([(k(1, 1), c(1)), (k(1, 2), c(2)), (k(1, 3), c(4)), (k(2, 2), c(8))]);
+        // Process 1's stack 2 is stack 1 cut short: summed into it.
+        let mut totals = merge_stacks(totals, |tgid, s| if (tgid, s) == (1, 2) { 1 } else { s });
+        sort(&mut totals);
+        let got: Vec<_> = totals.iter().map(|t| (t.tgid, t.stack_id, t.bytes, t.count, t.live)).collect();
+        assert_eq!(got, [(2, 2, 80, 8, 8), (1, 3, 40, 4, 4), (1, 1, 30, 3, 3)]);
+    }
 }
 
 #[cfg(test)]

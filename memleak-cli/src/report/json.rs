@@ -59,6 +59,10 @@ pub struct Stack {
     /// Innermost first; functions inlined at an address come before the
     /// function they were inlined into, with `inlined: true`.
     pub frames: Vec<FrameJson>,
+    /// Why the stack ends after `frames` when the walk went on past its
+    /// real end (`next address in heap, not code`; see stack_end), else
+    /// null.
+    pub end: Option<String>,
     /// The blocks, with `-a` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocks: Option<Vec<BlockJson>>,
@@ -154,12 +158,14 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
             continue;
         }
         let recorded = total.stack_id != memleak_common::NO_STACK;
+        let frames = if recorded { frames(total) } else { vec![] };
         process.stacks.push(Stack {
             bytes: total.bytes,
             count: total.count,
             trend: trend_json(trend),
             stack_recorded: recorded,
-            frames: if recorded { frames(total).iter().flat_map(frame_json).collect() } else { vec![] },
+            end: frames.iter().find_map(|f| f.end.clone()),
+            frames: frames.iter().filter(|f| f.end.is_none()).flat_map(frame_json).collect(),
             blocks: ctx.show_allocs.then(|| {
                 total.blocks.iter().map(|b| BlockJson { addr: format!("{:#x}", b.addr), size: b.size }).collect()
             }),
@@ -299,8 +305,9 @@ mod tests {
                 module: Some("app".into()),
                 source: Some(SourceLine { file: "fixtures/fibonacci.c".into(), line: Some(20) }),
                 inlined: vec![("helper".into(), None)],
+                end: None,
             },
-            Frame { addr: 0x9, symbol: None, module: Some("libc.so.6".into()), source: None, inlined: vec![] },
+            Frame { addr: 0x9, symbol: None, module: Some("libc.so.6".into()), source: None, inlined: vec![], end: None },
         ]
     }
 

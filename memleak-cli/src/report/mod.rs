@@ -31,6 +31,7 @@ use crate::{
     fasthash::FastMap,
     maps::collect::{self, Recorded},
     output,
+    stack_end::End,
     symbolize::{Frame, StackProfile, Symbolizer},
     target::{memory, proc},
 };
@@ -69,6 +70,45 @@ pub struct Reporter {
     last: Vec<Row>,
     last_ns: u64,
     exports: Exports,
+    ends: Ends,
+}
+
+/// Where each user stack really ends (stack_end), and which stack stands
+/// for all those that keep the same frames: the first one seen, so a
+/// stack's trend carries on from report to report.
+#[derive(Default)]
+struct Ends {
+    /// (process, stack) -> frames kept, why it ends there, its stand-in.
+    stacks: FastMap<(u32, u64), (usize, Option<End>, u64)>,
+    /// (process, frames kept, cut) -> the stand-in.
+    kept: HashMap<(u32, Vec<u64>, bool), u64>,
+}
+
+impl Ends {
+    fn of(&mut self, recorded: &Recorded, symbolizer: &mut Symbolizer, tgid: u32, stack_id: u64) -> &(usize, Option<End>, u64) {
+        let Self { stacks, kept } = self;
+        stacks.entry((tgid, stack_id)).or_insert_with(|| {
+            if is_kernel(tgid) || stack_id == NO_STACK {
+                return (usize::MAX, None, stack_id);
+            }
+            let mut addrs = recorded.stack(stack_id);
+            let (n, end) = symbolizer.stack_end(tgid, &addrs);
+            addrs.truncate(n);
+            let same = *kept.entry((tgid, addrs, end.is_some())).or_insert(stack_id);
+            (n, end, same)
+        })
+    }
+
+    /// The stack that stands for `stack_id`'s.
+    fn same(&mut self, recorded: &Recorded, symbolizer: &mut Symbolizer, tgid: u32, stack_id: u64) -> u64 {
+        self.of(recorded, symbolizer, tgid, stack_id).2
+    }
+
+    /// Forgets the stacks of processes that exited.
+    fn forget(&mut self, dead: &HashSet<u32>) {
+        self.stacks.retain(|(tgid, _), _| !dead.contains(tgid));
+        self.kept.retain(|(tgid, ..), _| !dead.contains(tgid));
+    }
 }
 
 impl Reporter {
@@ -110,12 +150,14 @@ impl Reporter {
             last: Vec::new(),
             last_ns: start_ns,
             exports,
+            ends: Ends::default(),
         }
     }
 
     /// Prints one report; returns how many map entries it read (for -v).
     pub fn report(&mut self) -> anyhow::Result<usize> {
         let now = monotonic_ns();
+        self.symbolizer.next_report();
         let mut read = 0;
         let aggregated = (!self.combined_only).then(|| {
             // JSON lists blocks with -a too.
@@ -143,14 +185,45 @@ impl Reporter {
         let entries = self.recorded.totals();
         read += entries.len();
         let combined = collect::add_parts(&entries);
+        // Stacks that differ only past where they really end are one: the
+        // blocks of all are summed under one before a stack with young
+        // blocks only is left out (its blocks still count in `live`).
+        // System-wide, only in the processes the text report shows: judging
+        // every stack of every process reads the mappings and code of all
+        // of them. A process's total does not depend on how its stacks
+        // merge, so which are shown is known now.
+        let judged: Option<HashSet<u32>> = match self.scope {
+            Scope::Process(..) => None,
+            Scope::System { top_procs } => {
+                let bytes = match &aggregated {
+                    Some(all) => all.process_bytes(),
+                    None => combined.iter().fold(FastMap::default(), |mut by, (k, c)| {
+                        *by.entry(k.tgid).or_default() += c.total_size;
+                        by
+                    }),
+                };
+                let mut procs: Vec<(u32, u64)> = bytes.into_iter().filter(|(tgid, _)| !is_kernel(*tgid)).collect();
+                procs.sort_unstable_by_key(|&(tgid, bytes)| (std::cmp::Reverse(bytes), tgid));
+                Some(procs.into_iter().take(top_procs).map(|(tgid, _)| tgid).collect())
+            }
+        };
+        let Self { recorded, symbolizer, ends, .. } = self;
+        let mut same = |tgid, id| match &judged {
+            Some(procs) if !procs.contains(&tgid) => id,
+            _ => ends.same(recorded, symbolizer, tgid, id),
+        };
         let mut totals = match aggregated {
-            None => aggregate::from_combined(combined.iter().copied()),
+            None => aggregate::merge_stacks(aggregate::from_combined(combined.iter().copied()), &mut same),
             Some(all) => {
                 let stacks: FastMap<u64, u64> =
-                    entries.iter().map(|&(slot, key, _)| (u64::from(slot), key.stack_id)).collect();
+                    entries.iter().map(|&(slot, key, _)| (u64::from(slot), same(key.tgid, key.stack_id))).collect();
                 all.finish(|slot| stacks.get(&slot).copied())
             }
         };
+        let mut allocs: FastMap<(u32, u64), u64> = FastMap::default();
+        for ((tgid, id), n) in trend::allocs(&combined) {
+            *allocs.entry((tgid, same(tgid, id))).or_default() += n;
+        }
         if let Scope::System { .. } = self.scope {
             // A process that exited without freeing is not leaking any
             // more: drop what it left, in the kernel maps too.
@@ -161,10 +234,11 @@ impl Reporter {
                 .collect();
             if !dead.is_empty() {
                 self.recorded.forget_processes(&dead);
+                self.ends.forget(&dead);
                 totals.retain(|t| !dead.contains(&t.tgid));
             }
         }
-        let mut rows = self.trends.update(totals, now, &trend::allocs(&combined));
+        let mut rows = self.trends.update(totals, now, &allocs);
         sort::sort(&mut rows, self.sort);
         let shown_rows = shown(&rows, self.top);
         if let Some(n) = self.peek {
@@ -192,7 +266,7 @@ impl Reporter {
             self.symbolizer.refresh(pid);
         }
         let comms = self.comms(&rows);
-        let Self { recorded, symbolizer, .. } = self;
+        let Self { recorded, symbolizer, ends, .. } = self;
         if let Some(dump) = &mut self.dump {
             let stacks: Vec<dump::Stack> = shown_rows
                 .iter()
@@ -205,7 +279,7 @@ impl Reporter {
                         comm: comms.get(&total.tgid).cloned(),
                         bytes: total.bytes,
                         count: total.count,
-                        frames: frames_of(recorded, symbolizer, total).iter().flat_map(json::frame_json).collect(),
+                        frames: frames_of(recorded, symbolizer, ends, total).iter().flat_map(json::frame_json).collect(),
                         blocks,
                     }
                 })
@@ -222,12 +296,12 @@ impl Reporter {
         let mut out = Vec::new();
         match (self.format, &self.scope) {
             (Format::Text, Scope::Process(..)) => {
-                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
+                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, ends, t);
                 text::write(&mut out, &clock::clock_now(), self.top, &rows, &lost, self.show_allocs, &mut frames)?;
             }
             (Format::Text, Scope::System { top_procs }) => {
                 let procs = text::by_process(rows.clone());
-                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, t);
+                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, ends, t);
                 let mut comm = |tgid: u32| comms.get(&tgid).cloned().unwrap_or_else(|| proc::comm(tgid));
                 text::write_system(
                     &mut out,
@@ -254,7 +328,7 @@ impl Reporter {
                     comms: &comms,
                     lost,
                 };
-                let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, t);
+                let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, ends, t);
                 json::write(&mut out, &json::interval(&ctx, &rows, &mut frames))?;
             }
         }
@@ -291,7 +365,7 @@ impl Reporter {
         if self.exports.is_empty() {
             return Ok(());
         }
-        let Self { recorded, symbolizer, .. } = self;
+        let Self { recorded, symbolizer, ends, .. } = self;
         let stacks: Vec<StackProfile> = self
             .last
             .iter()
@@ -299,7 +373,7 @@ impl Reporter {
                 tgid: total.tgid,
                 bytes: total.bytes,
                 count: total.count,
-                frames: frames_of(recorded, symbolizer, total),
+                frames: frames_of(recorded, symbolizer, ends, total),
             })
             .collect();
         let elapsed_ns = self.last_ns.saturating_sub(self.start_ns);
@@ -344,15 +418,24 @@ impl peek::Memory for Traced<'_> {
     }
 }
 
-/// The frames of a stack: user frames of its process, or kernel frames.
-fn frames_of(recorded: &Recorded, symbolizer: &mut Symbolizer, total: &StackTotal) -> Vec<Frame> {
+/// The frames of a stack: kernel frames, or user frames of its process up
+/// to where the stack really ends, then a marker saying why if it ends
+/// before the walk did.
+fn frames_of(recorded: &Recorded, symbolizer: &mut Symbolizer, ends: &mut Ends, total: &StackTotal) -> Vec<Frame> {
     if total.stack_id == NO_STACK {
         return vec![];
     }
-    let addrs = recorded.stack(total.stack_id);
-    if is_kernel(total.tgid) { symbolizer.kernel_frames(&addrs) } else { symbolizer.frames(total.tgid, &addrs) }
+    let mut addrs = recorded.stack(total.stack_id);
+    if is_kernel(total.tgid) {
+        return symbolizer.kernel_frames(&addrs);
+    }
+    let (n, end, _) = ends.of(recorded, symbolizer, total.tgid, total.stack_id).clone();
+    addrs.truncate(n);
+    let mut frames = symbolizer.frames(total.tgid, &addrs);
+    frames.extend(end.as_ref().map(Frame::end));
+    frames
 }
 
-fn frame_lines(recorded: &Recorded, symbolizer: &mut Symbolizer, total: &StackTotal) -> Vec<String> {
-    frames_of(recorded, symbolizer, total).iter().flat_map(|f| f.lines()).collect()
+fn frame_lines(recorded: &Recorded, symbolizer: &mut Symbolizer, ends: &mut Ends, total: &StackTotal) -> Vec<String> {
+    frames_of(recorded, symbolizer, ends, total).iter().flat_map(|f| f.lines()).collect()
 }
