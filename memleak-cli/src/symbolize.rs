@@ -1,7 +1,7 @@
 //! Turns user stack addresses into frames: `fibonacci+0x1f [app] fibonacci.c:14`.
 //!
-//! Each file a process maps is opened once through /proc/PID/map_files and
-//! kept open, and addresses are symbolized as file offsets in it. So frames
+//! Each file a process maps is opened once (see `file`) and kept open, and
+//! addresses are symbolized as file offsets in it. So frames
 //! resolve for binaries inside containers (whose paths mean nothing on the
 //! host), for files deleted or replaced since the process started, and
 //! after the process has exited. Frames are cached across intervals, and
@@ -11,7 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     fs::File,
-    os::{fd::AsRawFd as _, unix::fs::FileExt as _},
+    os::unix::fs::FileExt as _,
     path::PathBuf,
 };
 
@@ -22,7 +22,10 @@ use blazesym::symbolize::{
 
 use crate::{
     stack_end::{self, CALL_WINDOW, End},
-    target::proc::{self, Mapping},
+    target::{
+        file::TargetFile,
+        proc::{self, Mapping},
+    },
 };
 
 /// One stack's outstanding memory, symbolized.
@@ -117,14 +120,14 @@ impl Frame {
 
 /// A mapped file, held open so it stays readable whatever happens to its path.
 struct Module {
-    file: File,
+    file: TargetFile,
     /// The name printed in frames: `app`, `libc.so.6`.
     name: String,
 }
 
 impl Module {
     fn fd_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        self.file.path()
     }
 }
 
@@ -193,7 +196,7 @@ impl Symbolizer {
         if let Some(&i) = self.opened.get(&key) {
             return Some(i);
         }
-        let file = match File::open(proc::mapped_file(pid, m)) {
+        let file = match TargetFile::mapped(pid, m) {
             Ok(file) => file,
             Err(e) => {
                 if self.warned.insert(m.path.clone()) {
@@ -405,7 +408,7 @@ impl Symbolizer {
 /// many (0 if unreadable). From the mapped file when there is one (it
 /// still reads after the process exits), else from the process's memory
 /// (JIT code, the vDSO).
-fn code_before(pid: u32, m: &Mapping, file: Option<&File>, ret: u64, buf: &mut [u8; CALL_WINDOW]) -> usize {
+fn code_before(pid: u32, m: &Mapping, file: Option<&TargetFile>, ret: u64, buf: &mut [u8; CALL_WINDOW]) -> usize {
     let n = (ret - m.start).min(CALL_WINDOW as u64);
     let dst = &mut buf[CALL_WINDOW - n as usize..];
     let read = match file {

@@ -322,7 +322,7 @@ fn verbose(args: &Args, attached: &Attached) {
         eprintln!("memleak: probing {}: {}", attached.object, names.join(" "));
         return;
     }
-    eprintln!("memleak: probes on {} (via {}):", attached.object, attached.host_path.display());
+    eprintln!("memleak: probes on {} ({}):", attached.object, attached.file);
     for (function, offset, placement) in &attached.functions {
         eprintln!(
             "memleak:   {function} at file offset {offset:#x}, entry probe at +{:#x}: {}",

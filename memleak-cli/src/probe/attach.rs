@@ -1,5 +1,5 @@
 //! Puts the probes on the allocator the target really uses: the file it
-//! maps, reached through /proc/PID so that a process in another mount
+//! maps, opened as `file` says, so that a process in another mount
 //! namespace (a container) gets probes on its own libc, not the host's.
 //!
 //! Which file serves malloc: an allocator library the process maps
@@ -8,11 +8,7 @@
 //! operator new/delete are probed where they are defined (libstdc++, or the
 //! allocator library), so stacks of `new` start in the caller.
 
-use std::{
-    collections::HashSet,
-    num::NonZeroU32,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashSet, num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf,
@@ -27,7 +23,8 @@ use crate::{
     probe::loader,
     probe::multi::Links,
     probe::placement::{self, Placement},
-    target::proc::{self, Mapping, Target, mapped_file, module_name},
+    target::file::TargetFile,
+    target::proc::{self, Mapping, Target, module_name},
 };
 
 /// What was hooked in one object, for the start-up message and `-v`.
@@ -35,8 +32,8 @@ use crate::{
 pub struct Attached {
     /// The object as the target sees it (e.g. /lib/x86_64-linux-gnu/libc.so.6).
     pub object: String,
-    /// The file the probes are on, valid on the host.
-    pub host_path: PathBuf,
+    /// The file the probes are on, by its device and inode on the host.
+    pub file: String,
     /// Each function hooked: its file offset, and where its entry probe went.
     pub functions: Vec<(&'static str, u64, Placement)>,
 }
@@ -46,22 +43,27 @@ pub struct Attached {
 /// `floor` (bench only) swaps every program for an empty one.
 pub fn plan_target(target: &Target, obj: Option<&Path>, floor: Option<Floor>) -> anyhow::Result<TargetPlan> {
     let maps = target.maps()?;
-    let host_path = |object: &str| match maps.iter().find(|m| m.path == object) {
-        Some(mapping) => mapped_file(target.pid, mapping),
-        None => PathBuf::from(object),
+    // An object the process maps is opened from its mapping; only -O's
+    // path that it does not map is a host path (the user's choice).
+    let open = |object: &str| {
+        match maps.iter().find(|m| m.is_file() && m.path == object) {
+            Some(mapping) => TargetFile::mapped(target.pid, mapping),
+            None => TargetFile::host(Path::new(object)),
+        }
+        .map_err(|e| user_error(Kind::Attach, format!("cannot open the allocator object {object}: {e}")))
     };
     let gone = |e| exited(target.pid, e);
     let mut plans = vec![];
     if let Some(obj) = obj {
         let object = named_object(&maps, obj, target.pid)?;
-        plans.push(plan(&host_path(&object), &object, true, floor).map_err(gone)?);
+        plans.push(open(&object).and_then(|file| plan(file, &object, true, floor)).map_err(gone)?);
     } else {
         let serving = serving_object(target.pid, &maps)?;
-        plans.push(plan(&host_path(&serving), &serving, true, floor).map_err(gone)?);
+        plans.push(open(&serving).and_then(|file| plan(file, &serving, true, floor)).map_err(gone)?);
         if !plans[0].attached.functions.iter().any(|(f, ..)| *f == "_Znwm")
             && let Some(cxx) = maps.iter().find(|m| m.is_file() && is_cxx_runtime(m.module_name()))
         {
-            plans.push(plan(&host_path(&cxx.path), &cxx.path, false, floor).map_err(gone)?);
+            plans.push(open(&cxx.path).and_then(|file| plan(file, &cxx.path, false, floor)).map_err(gone)?);
         }
     }
     Ok(TargetPlan { pid: target.pid, plans, floor })
@@ -91,45 +93,48 @@ fn exited(pid: u32, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// Attaches every hook to the object at `path` (valid on the host) for
-/// process `pid`, mapped or not yet (-c: the command has not exec'd).
+/// Attaches every hook to the object at `path` (a host path: -O's, or
+/// memleak's own libc) for process `pid`, mapped or not yet (-c: the
+/// command has not exec'd).
 pub fn attach_file(ebpf: &mut Ebpf, links: &Links, path: &Path, pid: NonZeroU32) -> anyhow::Result<Attached> {
-    if !path.exists() {
-        return Err(user_error(Kind::Attach, format!("-O {}: no such file", path.display())));
-    }
-    probe_object(ebpf, links, path, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, None)
+    let file = TargetFile::host(path)
+        .map_err(|e| user_error(Kind::Attach, format!("-O {}: cannot open it: {e}", path.display())))?;
+    probe_object(ebpf, links, file, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, None)
 }
 
-/// Attaches the hooks the object defines, at `host_path` (a path valid on
-/// the host), for the processes in `scope`. The object serving malloc must
-/// define malloc and free.
+/// Attaches the hooks the object open as `file` defines, for the
+/// processes in `scope`. The object serving malloc must define malloc and
+/// free.
 fn probe_object(
     ebpf: &mut Ebpf,
     links: &Links,
-    host_path: &Path,
+    file: TargetFile,
     object: &str,
     scope: UProbeScope,
     serves_malloc: bool,
     floor: Option<Floor>,
 ) -> anyhow::Result<Attached> {
-    let plan = plan(host_path, object, serves_malloc, floor)?;
+    let plan = plan(file, object, serves_malloc, floor)?;
     attach_plans(ebpf, links, std::slice::from_ref(&plan), scope, floor)?;
     Ok(plan.attached)
 }
 
 /// One object's probes, worked out before any program is loaded.
 struct Plan {
+    /// The object, held open until its probes are in: they go on this
+    /// descriptor's file, whatever its name leads to by then.
+    file: TargetFile,
     attached: Attached,
     /// (program, function, file offset) of each probe.
     probes: Vec<(&'static str, &'static str, u64)>,
 }
 
 /// The probes for the hooks the object defines.
-fn plan(host_path: &Path, object: &str, serves_malloc: bool, floor: Option<Floor>) -> anyhow::Result<Plan> {
+fn plan(file: TargetFile, object: &str, serves_malloc: bool, floor: Option<Floor>) -> anyhow::Result<Plan> {
     let hooks: Vec<(&'static str, Shape)> =
         if serves_malloc { C_API.iter().chain(CXX_API).copied().collect() } else { CXX_API.to_vec() };
     let names: Vec<&str> = hooks.iter().map(|(f, _)| *f).collect();
-    let functions = elf::functions(host_path, &names).map_err(|e| {
+    let functions = elf::functions(&file, &names).map_err(|e| {
         user_error(Kind::Attach, format!("cannot read the allocator object {object}: {e:#}"))
     })?;
     if serves_malloc && let Some(missing) = ["malloc", "free"].iter().find(|f| !functions.contains_key(**f)) {
@@ -138,8 +143,8 @@ fn plan(host_path: &Path, object: &str, serves_malloc: bool, floor: Option<Floor
             format!("{object} does not define {missing}: pass the allocator library with -O"),
         ));
     }
-    let attached = Attached { object: object.to_string(), host_path: host_path.to_path_buf(), functions: vec![] };
-    let mut plan = Plan { attached, probes: vec![] };
+    let attached = Attached { object: object.to_string(), file: file.describe(), functions: vec![] };
+    let mut plan = Plan { file, attached, probes: vec![] };
     // Aliases (memalign = aligned_alloc in glibc, malloc = tc_malloc) share
     // an offset: probing one twice would count every call twice.
     let mut seen: HashSet<u64> = HashSet::new();
@@ -195,7 +200,7 @@ fn attach_plans(
                     continue;
                 }
                 links
-                    .attach(name, &plan.attached.host_path, &offsets, pid, is_return(name))
+                    .attach(name, &plan.file.path(), &offsets, pid, is_return(name))
                     .map_err(|e| cannot(&functions.join(", "), &plan.attached.object, &e))?;
             }
             anyhow::Ok(())
@@ -214,7 +219,7 @@ fn attach_plans(
         for plan in plans {
             let object = &plan.attached.object;
             for &(_, function, at) in plan.probes.iter().filter(|(p, ..)| *p == name) {
-                program.attach(at, &plan.attached.host_path, scope).map_err(|e| cannot(function, object, &e))?;
+                program.attach(at, plan.file.path(), scope).map_err(|e| cannot(function, object, &e))?;
                 links.count_probes(1);
             }
         }
@@ -278,8 +283,9 @@ fn serving_object(pid: u32, maps: &[Mapping]) -> anyhow::Result<String> {
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
     let exe_mapping = exe.as_ref().and_then(|exe| files.iter().find(|m| &m.path == exe));
-    if let Some(exe) = exe_mapping {
-        let defines = elf::function_offsets(&mapped_file(pid, exe), &["malloc", "free"]).unwrap_or_default();
+    let exe_file = exe_mapping.and_then(|exe| TargetFile::mapped(pid, exe).ok());
+    if let Some((exe, file)) = exe_mapping.zip(exe_file.as_ref()) {
+        let defines = elf::function_offsets(file, &["malloc", "free"]).unwrap_or_default();
         if defines.len() == 2 {
             return Ok(exe.path.clone());
         }
@@ -288,7 +294,7 @@ fn serving_object(pid: u32, maps: &[Mapping]) -> anyhow::Result<String> {
         return Ok(libc.path.clone());
     }
     let why = match exe_mapping {
-        Some(exe) if elf::is_stripped(&mapped_file(pid, exe)).unwrap_or(false) => {
+        Some(exe) if exe_file.as_ref().is_some_and(|file| elf::is_stripped(file).unwrap_or(false)) => {
             format!("process {pid} is statically linked and stripped: {} has no malloc symbol to probe (rebuild it with symbols, or pass the allocator with -O)", exe.path)
         }
         _ => format!("process {pid} maps no libc or known allocator: pass the object that holds malloc with -O"),
@@ -315,7 +321,8 @@ impl SystemProbes {
             ));
         }
         let object = obj.to_string_lossy().into_owned();
-        self.objects.push(probe_object(ebpf, links, obj, &object, UProbeScope::AllProcesses, true, None)?);
+        let file = TargetFile::host(obj).map_err(|e| user_error(Kind::Attach, format!("-O {object}: {e}")))?;
+        self.objects.push(probe_object(ebpf, links, file, &object, UProbeScope::AllProcesses, true, None)?);
         Ok(())
     }
 
@@ -323,7 +330,6 @@ impl SystemProbes {
     /// how many were added. Called at start and each interval, so new
     /// containers and programs are caught.
     pub fn scan(&mut self, ebpf: &mut Ebpf, links: &Links) -> anyhow::Result<usize> {
-        use std::os::unix::fs::MetadataExt as _;
         let me = std::process::id();
         let mut added = 0;
         for pid in proc::pids() {
@@ -339,13 +345,13 @@ impl SystemProbes {
                 if !serves_malloc && !is_cxx_runtime(name) {
                     continue;
                 }
-                let host_path = mapped_file(pid, mapping);
-                let Ok(meta) = std::fs::metadata(&host_path) else { continue };
-                if !self.files.insert((meta.dev(), meta.ino())) {
+                let Ok(file) = TargetFile::mapped(pid, mapping) else { continue };
+                let id = file.id();
+                if !self.files.insert(id) {
                     continue;
                 }
                 let label = format!("{} (of pid {pid})", mapping.path);
-                match probe_object(ebpf, links, &host_path, &label, UProbeScope::AllProcesses, serves_malloc, None) {
+                match probe_object(ebpf, links, file, &label, UProbeScope::AllProcesses, serves_malloc, None) {
                     Ok(attached) => {
                         self.objects.push(attached);
                         added += 1;
@@ -353,7 +359,7 @@ impl SystemProbes {
                     // The process may be gone by now; its file is retried if
                     // another process maps it.
                     Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {
-                        self.files.remove(&(meta.dev(), meta.ino()));
+                        self.files.remove(&id);
                     }
                     Err(e) => eprintln!("warning: {e:#}"),
                 }

@@ -2,10 +2,12 @@
 //! kernel's uprobes take), with their machine code (to place probes past
 //! prologues the kernel would single-step), reading the file once for all.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::collections::HashMap;
 
 use anyhow::Context as _;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+
+use super::file::TargetFile;
 
 /// Larger functions keep only their first bytes: enough to decode a
 /// prologue and the branches near it.
@@ -21,12 +23,11 @@ pub struct Function {
     pub code: Vec<u8>,
 }
 
-/// The named functions defined in `path` (dynamic symbols first, then the
+/// The named functions defined in `file` (dynamic symbols first, then the
 /// full symbol table); names not defined are absent.
-pub fn functions(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<String, Function>> {
-    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF file", path.display()))?;
+pub fn functions(file: &TargetFile, names: &[&str]) -> anyhow::Result<HashMap<String, Function>> {
+    let data = file.read().context("reading it")?;
+    let file = object::File::parse(&*data).context("not an ELF file")?;
     // Virtual address -> file offset, through the loadable segments.
     let segments: Vec<(u64, u64, u64)> = file
         .segments()
@@ -61,14 +62,14 @@ pub fn functions(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<String, 
     Ok(found)
 }
 
-/// File offsets of the named functions defined in `path`.
-pub fn function_offsets(path: &Path, names: &[&str]) -> anyhow::Result<HashMap<String, u64>> {
-    Ok(functions(path, names)?.into_iter().map(|(k, f)| (k, f.offset)).collect())
+/// File offsets of the named functions defined in `file`.
+pub fn function_offsets(file: &TargetFile, names: &[&str]) -> anyhow::Result<HashMap<String, u64>> {
+    Ok(functions(file, names)?.into_iter().map(|(k, f)| (k, f.offset)).collect())
 }
 
-/// Whether `path` lacks a full symbol table (.symtab): a stripped binary.
-pub fn is_stripped(path: &Path) -> anyhow::Result<bool> {
-    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+/// Whether `file` lacks a full symbol table (.symtab): a stripped binary.
+pub fn is_stripped(file: &TargetFile) -> anyhow::Result<bool> {
+    let data = file.read()?;
     let file = object::File::parse(&*data)?;
     Ok(file.symbols().next().is_none())
 }
@@ -78,10 +79,10 @@ pub(crate) mod tests {
     use super::*;
 
     /// The libc this test binary runs on.
-    pub(crate) fn own_libc() -> std::path::PathBuf {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let line = maps.lines().find(|l| l.contains("/libc.so") || l.contains("/libc-")).unwrap();
-        line.split_whitespace().last().unwrap().into()
+    pub(crate) fn own_libc() -> TargetFile {
+        let maps = crate::target::proc::parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let libc = maps.iter().find(|m| m.path.contains("/libc.so") || m.path.contains("/libc-")).unwrap();
+        TargetFile::mapped(std::process::id(), libc).unwrap()
     }
 
     #[test]
@@ -116,7 +117,8 @@ pub(crate) mod tests {
 
     #[test]
     fn non_elf_is_an_error() {
-        let err = function_offsets(Path::new("/proc/self/status"), &["malloc"]).unwrap_err();
+        let status = TargetFile::host(std::path::Path::new("/proc/self/status")).unwrap();
+        let err = function_offsets(&status, &["malloc"]).unwrap_err();
         assert!(format!("{err:#}").contains("not an ELF"), "{err:#}");
     }
 }

@@ -5,7 +5,6 @@ use std::{
     fs,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
@@ -94,18 +93,6 @@ fn read_at(dir: &fs::File, name: &std::ffi::CStr) -> io::Result<String> {
     Ok(text)
 }
 
-/// A host path to the file behind `mapping` of process `pid`: through
-/// /proc/PID/root when that still leads to the mapped inode, else through
-/// /proc/PID/map_files (the file was deleted or replaced since).
-pub fn mapped_file(pid: u32, mapping: &Mapping) -> PathBuf {
-    use std::os::unix::fs::MetadataExt as _;
-    let rooted = Path::new(&format!("/proc/{pid}/root")).join(mapping.path.trim_start_matches('/'));
-    match fs::metadata(&rooted) {
-        Ok(meta) if meta.ino() == mapping.inode => rooted,
-        _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end)),
-    }
-}
-
 /// The PIDs of all processes now.
 pub fn pids() -> Vec<u32> {
     fs::read_dir("/proc")
@@ -174,6 +161,12 @@ impl Mapping {
 
     pub fn contains(&self, addr: u64) -> bool {
         self.start <= addr && addr < self.end
+    }
+
+    /// The device's (major, minor) numbers.
+    pub fn device(&self) -> Option<(u32, u32)> {
+        let (major, minor) = self.dev.split_once(':')?;
+        Some((u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?))
     }
 
     /// The name printed in frames: `[app]`, `[libc.so.6]`.
@@ -257,6 +250,7 @@ garbage line
         assert_eq!((maps[1].start, maps[1].end, maps[1].offset), (0x7f1e2a000000, 0x7f1e2a028000, 0x28000));
         assert_eq!(maps[1].module_name(), "libc.so.6");
         assert_eq!((maps[1].dev.as_str(), maps[1].inode), ("fd:01", 1835));
+        assert_eq!((maps[1].device(), maps[0].device()), (Some((0xfd, 1)), Some((0, 0x2a))));
         assert!(maps[1].is_file() && !maps[2].is_file() && !maps[3].is_file());
         assert_eq!(maps[3].path, "[stack]");
         assert_eq!(maps[4].path, "/srv/my app (deleted)");
@@ -275,20 +269,6 @@ garbage line
         let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
         assert!(Stat::parse(kthread).unwrap().is_kernel_thread());
         assert_eq!(Stat::parse("nonsense"), None);
-    }
-
-    #[test]
-    fn mapped_files_go_through_proc_root_or_map_files() {
-        let pid = std::process::id();
-        let maps = Target::open(pid).unwrap().maps().unwrap();
-        let libc = maps.iter().find(|m| m.path.contains("/libc.so")).unwrap();
-        assert_eq!(mapped_file(pid, libc), Path::new(&format!("/proc/{pid}/root{}", libc.path)));
-        let mut gone = libc.clone();
-        gone.path = "/no/longer/there (deleted)".into();
-        assert_eq!(
-            mapped_file(pid, &gone),
-            PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", libc.start, libc.end))
-        );
     }
 
     #[test]
