@@ -72,7 +72,16 @@ fn host_libc() -> PathBuf {
 
 /// The container's libc: its path in the container, device and inode.
 fn container_libc(container: &Container) -> (String, String, u64) {
-    let maps = container.maps();
+    // The container's init may not have mapped its libc yet: under load
+    // the first read of its maps came before ld.so had (CI, once).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let maps = loop {
+        let maps = container.maps();
+        if maps.lines().any(|l| l.ends_with("/libc.so.6")) || std::time::Instant::now() > deadline {
+            break maps;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let line = maps.lines().find(|l| l.ends_with("/libc.so.6")).expect("the container maps a libc");
     let fields: Vec<&str> = line.split_whitespace().collect();
     (fields[5].to_string(), fields[3].to_string(), fields[4].parse().unwrap())
