@@ -27,6 +27,7 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     // Without frame pointers: %rbp holds data a walk takes for a frame.
     ("frames-nofp", Compiler::C, "frames.c", &["-O2", "-fomit-frame-pointer", "-DNO_FRAME_POINTER"]),
     ("requests", Compiler::C, "requests.c", &[]),
+    ("threads", Compiler::C, "threads.c", &[]),
 ];
 
 fn main() {

@@ -124,6 +124,11 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=peek::MAX_BYTES as i64))]
     pub peek: Option<u32>,
 
+    /// Group the report by thread name (the threads that allocated the
+    /// outstanding blocks) instead of by stack.
+    #[arg(long)]
+    pub by_thread: bool,
+
     /// At each report, write the outstanding blocks of each reported stack
     /// to DIR/REPORT-RANK.bin, with DIR/index.json (DIR is created 0700;
     /// it keeps the latest report's files).
@@ -250,7 +255,7 @@ impl Args {
                 return Err(user_error(Kind::Usage, format!("{flag} applies to system-wide tracing (no -p, no -c)")));
             }
         }
-        if self.combined_only && let Some(flag) = [("--peek", self.peek.is_some()), ("--dump", self.dump.is_some())]
+        if self.combined_only && let Some(flag) = [("--peek", self.peek.is_some()), ("--dump", self.dump.is_some()), ("--by-thread", self.by_thread)]
             .iter()
             .find_map(|(flag, on)| on.then_some(flag))
         {
@@ -359,7 +364,7 @@ mod tests {
         for n in ["0", "4097", "-1"] {
             assert_eq!(parse(&["-p", "1", "--peek", n]).unwrap_err().exit_code(), 2);
         }
-        for args in [&["-p", "1", "--peek", "8", "--combined-only"][..], &["-p", "1", "--dump", "d", "--combined-only"],
+        for args in [&["-p", "1", "--peek", "8", "--combined-only"][..], &["-p", "1", "--dump", "d", "--combined-only"], &["-p", "1", "--by-thread", "--combined-only"],
                      &["-p", "1", "--force"]] {
             let err = parse(args).unwrap().validate().unwrap_err();
             assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}");

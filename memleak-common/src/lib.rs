@@ -25,8 +25,14 @@ pub struct AllocInfo {
     pub timestamp_ns: u64,
     /// Index into `TOTALS` of the entry its (process, stack, part) counts
     /// in, which names its stack; [`NO_SLOT`] when `TOTALS` had none free.
-    /// A free subtracts from that entry without looking it up.
-    pub slot: u64,
+    /// A free subtracts from that entry without looking it up. (`TOTALS`
+    /// has at most 2^22 entries.)
+    pub slot: u32,
+    /// The thread that allocated it (the kernel's pid, user space's tid;
+    /// for kernel allocations, the task they were made in). In the 4
+    /// bytes `slot` left: a block's record stays 24 bytes, and a bucket
+    /// of the table 384.
+    pub tid: u32,
 }
 
 /// Slots per bucket of `ALLOC_TABLE`.
@@ -135,7 +141,7 @@ pub const TOTALS_BUSY: u64 = u64::MAX;
 pub const TOTALS_PROBES: u32 = 32;
 
 /// `AllocInfo::slot` of a block whose totals had no entry.
-pub const NO_SLOT: u64 = u64::MAX;
+pub const NO_SLOT: u32 = u32::MAX;
 
 /// `Totals::owner` of (process, part): never 0 or [`TOTALS_BUSY`].
 pub const fn totals_owner(tgid: u32, shard: u32) -> u64 {
@@ -329,6 +335,11 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_record_stays_24_bytes() {
+        assert_eq!(size_of::<AllocInfo>(), 24);
+    }
 
     #[test]
     fn a_bucket_is_whole_cache_lines_and_tiles_pages() {

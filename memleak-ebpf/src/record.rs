@@ -165,7 +165,8 @@ pub fn exit(ctx: &RetProbeContext) {
         return;
     }
     pending.flags &= !PENDING_ACTIVE;
-    let tgid = (thread_id() >> 32) as u32;
+    let pid_tgid = thread_id();
+    let tgid = (pid_tgid >> 32) as u32;
     let ret = ctx.ret::<u64>();
     let addr = if pending.flags & PENDING_MMAP != 0 {
         if ret == MAP_FAILED { 0 } else { ret }
@@ -182,7 +183,7 @@ pub fn exit(ctx: &RetProbeContext) {
             return;
         }
         // The entry's time: one clock read per call.
-        (addr, new_block(ctx, tgid, addr, pending.size, pending.entered_ns), true)
+        (addr, new_block(ctx, pid_tgid, addr, pending.size, pending.entered_ns), true)
     } else if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
         // A failed realloc with a non-zero size leaves the old block
         // allocated (realloc(ptr, 0) freed it).
@@ -201,7 +202,7 @@ pub fn exit(ctx: &RetProbeContext) {
 /// scratch buffer, returning its depth); the stack is stored in STACKS
 /// under a hash of its frames. [`NO_SLOT`] if TOTALS has no room.
 #[inline(always)]
-fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
+fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u32 {
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
         return NO_SLOT;
     };
@@ -230,7 +231,7 @@ fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
     };
     if totals::holds(*hint, owner, id) {
         // An entry's stack is in STACKS: nothing removes one.
-        return u64::from(*hint);
+        return *hint;
     }
     if id != NO_STACK && STACKS.get_ptr(&id).is_none() {
         match STACKS.insert(&id, stack, BPF_NOEXIST as u64) {
@@ -245,12 +246,12 @@ fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u64 {
         count(Stat::CombinedMapFull);
         return NO_SLOT;
     }
-    u64::from(*hint)
+    *hint
 }
 
 /// The user stack at an allocator's return (see `unwind`).
 #[inline(always)]
-fn user_stack_slot(ctx: &RetProbeContext, tgid: u32) -> u64 {
+fn user_stack_slot(ctx: &RetProbeContext, tgid: u32) -> u32 {
     // SAFETY: a uprobe's context is the task's pt_regs.
     let regs = unsafe { &*ctx.regs };
     stack_slot(tgid, |stack| user_stack(regs, &mut stack.ips))
@@ -258,7 +259,7 @@ fn user_stack_slot(ctx: &RetProbeContext, tgid: u32) -> u64 {
 
 /// The kernel stack of a tracepoint.
 #[inline(always)]
-fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32) -> u64 {
+fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32) -> u32 {
     stack_slot(space, |stack| {
         let bytes = unsafe {
             bpf_get_stack(ctx.as_ptr(), stack.ips.as_mut_ptr().cast(), (MAX_STACK_DEPTH * 8) as u32, 0)
@@ -267,13 +268,15 @@ fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32) -> u64 {
     })
 }
 
-/// A new block, with the caller's stack.
+/// A new block, with the caller's stack and thread.
 #[inline(always)]
-fn new_block(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64, timestamp_ns: u64) -> AllocInfo {
+fn new_block(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64, timestamp_ns: u64) -> AllocInfo {
+    let tgid = (pid_tgid >> 32) as u32;
     let info = AllocInfo {
         size,
         timestamp_ns,
         slot: user_stack_slot(ctx, tgid),
+        tid: pid_tgid as u32,
     };
     let slot = info.slot;
     if config::trace() {
@@ -292,6 +295,7 @@ pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) 
         size,
         timestamp_ns: now(),
         slot: kernel_stack_slot(ctx, space),
+        tid: thread_id() as u32,
     };
     track(space, addr, info, true, false);
 }

@@ -19,12 +19,12 @@ use crate::{
 /// The entry `slot` if it still belongs to `tgid` (given back when a
 /// process exits, and claimed again).
 #[inline(always)]
-pub fn entry(slot: u64, tgid: u32) -> Option<&'static mut Totals> {
+pub fn entry(slot: u32, tgid: u32) -> Option<&'static mut Totals> {
     if slot == NO_SLOT {
         return None;
     }
     // SAFETY: an array map's value, alive as long as the map.
-    let t = unsafe { &mut *TOTALS.get_ptr_mut(slot as u32)? };
+    let t = unsafe { &mut *TOTALS.get_ptr_mut(slot)? };
     let owner = unsafe { read_volatile(&t.owner) };
     // Not one being claimed: its low half is u32::MAX, KERNEL_SLAB's tgid.
     (owner as u32 == tgid && owner != TOTALS_BUSY).then_some(t)

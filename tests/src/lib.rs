@@ -102,6 +102,9 @@ pub struct Stack {
     /// `--peek` lines under the frames, after `peek `:
     /// `0x55d0c3a2b2a0 (120 B): "channelid=4099..."`.
     pub peeks: Vec<String>,
+    /// The `threads:` line under the frames, after `threads: `:
+    /// `handler x6 (63 blocks, 6048 B)`.
+    pub threads: Option<String>,
 }
 
 impl Stack {
@@ -160,11 +163,16 @@ pub fn parse_reports(text: &str) -> Vec<Report> {
                 growing: trend.split(", ").any(|part| part == "growing"),
                 trend,
                 peeks: vec![],
+                threads: None,
             });
         } else if line.starts_with("        peek 0x")
             && let Some(stack) = report.stacks.last_mut()
         {
             stack.peeks.push(trimmed["peek ".len()..].to_string());
+        } else if line.starts_with("        threads: ")
+            && let Some(stack) = report.stacks.last_mut()
+        {
+            stack.threads = Some(trimmed["threads: ".len()..].to_string());
         } else if line.starts_with("        ")
             && let Some(stack) = report.stacks.last_mut()
         {

@@ -17,6 +17,8 @@ pub struct Traced {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
+    /// What the fixture printed before "done".
+    pub fixture_lines: Vec<String>,
 }
 
 /// Traces `fixture ARGS` with `memleak -p PID MEMLEAK_ARGS`, which should
@@ -69,21 +71,24 @@ pub fn trace_scenario_env(
     app_in.write_all(b"go\n").unwrap();
     let (done_tx, done_rx) = mpsc::channel();
     thread::spawn(move || {
+        let mut before = Vec::new();
         for line in app_out.lines().map_while(Result::ok) {
             if line == "done" {
-                let _ = done_tx.send(());
+                let _ = done_tx.send(std::mem::take(&mut before));
+            } else {
+                before.push(line);
             }
         }
     });
-    if done_rx.recv_timeout(limit).is_err() {
+    let Ok(fixture_lines) = done_rx.recv_timeout(limit) else {
         finish(&mut tracer);
         panic!("fixture {args:?} did not finish within {limit:?}");
-    }
+    };
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
     let status = wait_limited(&mut tracer, Duration::from_secs(30));
     drop(app);
-    Traced { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+    Traced { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap(), fixture_lines }
 }
 
 /// Waits until the fixture sleeps (in its read of stdin): its libraries are

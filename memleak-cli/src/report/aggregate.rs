@@ -18,6 +18,14 @@ pub struct Block {
     pub born_ns: u64,
 }
 
+/// What one thread allocated of a stack's outstanding blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadTotal {
+    pub tid: u32,
+    pub count: u64,
+    pub bytes: u64,
+}
+
 /// Outstanding memory of one call stack of one process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StackTotal {
@@ -38,20 +46,25 @@ pub struct StackTotal {
     pub oldest: Vec<Block>,
     /// What `oldest` held at report time, those still outstanding.
     pub peeks: Vec<Peek>,
+    /// The threads that allocated the blocks counted, by tid (empty in
+    /// --combined-only mode).
+    pub threads: Vec<ThreadTotal>,
 }
 
 /// Groups allocations at least `min_age_ns` old by (process, stack), one
 /// at a time as they are read from the kernel: memory follows the number
 /// of stacks, not of allocations (unless their blocks are kept, for `-a`).
 /// A block names its stack through its totals entry (`AllocInfo::slot`),
-/// so they are grouped by entry, and the entries by stack at the end.
+/// so they are grouped by entry and thread (one lookup per block, as
+/// before threads were counted), and by stack at the end.
 pub struct Aggregator {
     now_ns: u64,
     min_age_ns: u64,
     keep_blocks: bool,
     /// How many of each stack's oldest blocks to keep.
     oldest: usize,
-    totals: FastMap<(u32, u64), StackTotal>,
+    /// By (process, totals entry, thread).
+    totals: FastMap<(u32, u32, u32), StackTotal>,
 }
 
 impl Aggregator {
@@ -63,7 +76,7 @@ impl Aggregator {
     }
 
     pub fn add(&mut self, key: AllocKey, info: AllocInfo) {
-        let total = self.totals.entry((key.tgid, info.slot)).or_insert_with(|| StackTotal {
+        let total = self.totals.entry((key.tgid, info.slot, info.tid)).or_insert_with(|| StackTotal {
             tgid: key.tgid,
             stack_id: NO_STACK,
             oldest_ns: Some(info.timestamp_ns),
@@ -88,7 +101,7 @@ impl Aggregator {
     /// Outstanding bytes (of blocks old enough) by process.
     pub fn process_bytes(&self) -> FastMap<u32, u64> {
         let mut bytes: FastMap<u32, u64> = FastMap::default();
-        for ((tgid, _), total) in &self.totals {
+        for ((tgid, ..), total) in &self.totals {
             *bytes.entry(*tgid).or_default() += total.bytes;
         }
         bytes
@@ -110,10 +123,13 @@ impl Aggregator {
     /// by `--sort`), their blocks by address. `stack_of` names the stack of
     /// a totals entry; a block whose entry it does not know (or that had
     /// none, the totals being full) counts as one without a stack.
-    pub fn finish(self, stack_of: impl Fn(u64) -> Option<u64>) -> Vec<StackTotal> {
+    pub fn finish(self, stack_of: impl Fn(u32) -> Option<u64>) -> Vec<StackTotal> {
         let mut by_stack: FastMap<(u32, u64), StackTotal> = FastMap::default();
-        for ((tgid, slot), mut total) in self.totals {
+        for ((tgid, slot, tid), mut total) in self.totals {
             total.stack_id = stack_of(slot).unwrap_or(NO_STACK);
+            if total.count > 0 {
+                total.threads = vec![ThreadTotal { tid, count: total.count, bytes: total.bytes }];
+            }
             match by_stack.entry((tgid, total.stack_id)) {
                 Entry::Vacant(e) => {
                     e.insert(total);
@@ -125,10 +141,26 @@ impl Aggregator {
         let mut totals: Vec<StackTotal> = by_stack.into_values().filter(|t| t.count > 0).collect();
         for t in &mut totals {
             t.blocks.sort_unstable_by_key(|b| b.addr);
+            t.threads = by_tid(std::mem::take(&mut t.threads));
             t.oldest.sort_unstable_by_key(|b| (b.born_ns, b.addr));
         }
         totals
     }
+}
+
+/// One entry per thread (a thread's blocks of one stack may be counted
+/// in several entries: one per CPU part), by tid.
+fn by_tid(mut threads: Vec<ThreadTotal>) -> Vec<ThreadTotal> {
+    threads.sort_unstable_by_key(|t| t.tid);
+    threads.dedup_by(|next, kept| {
+        if next.tid != kept.tid {
+            return false;
+        }
+        kept.count += next.count;
+        kept.bytes += next.bytes;
+        true
+    });
+    threads
 }
 
 /// Keeps in `oldest` (at most `n`, in no order) the oldest blocks seen.
@@ -155,6 +187,7 @@ fn absorb(ours: &mut StackTotal, theirs: StackTotal, oldest: usize) {
         (a, b) => a.or(b),
     };
     ours.blocks.extend(theirs.blocks);
+    ours.threads.extend(theirs.threads);
     for block in theirs.oldest {
         keep_oldest(&mut ours.oldest, block, oldest);
     }
@@ -188,7 +221,7 @@ pub fn by_stack(
 ) -> Vec<StackTotal> {
     let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks, 0, 0);
     allocs.into_iter().for_each(|(key, info)| aggregator.add(key, info));
-    let mut totals = aggregator.finish(Some);
+    let mut totals = aggregator.finish(|slot| Some(u64::from(slot)));
     sort(&mut totals);
     totals
 }
@@ -224,7 +257,7 @@ pub mod tests {
     use super::*;
 
     pub fn alloc(addr: u64, size: u64, ts: u64, stack_id: u64) -> (AllocKey, AllocInfo) {
-        (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, slot: stack_id })
+        (AllocKey { addr, tgid: 7, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, slot: stack_id as u32, tid: 7 })
     }
 
     #[test]
@@ -260,7 +293,7 @@ pub mod tests {
         // 7 was never (the totals were full: NO_SLOT).
         let mut aggregator = Aggregator::new(10, 5, true, 0, 0);
         for (addr, slot) in [(0x10, 4), (0x20, 5), (0x30, 6), (0x40, NO_SLOT)] {
-            let (key, info) = alloc(addr, 8, 1, slot);
+            let (key, info) = alloc(addr, 8, 1, u64::from(slot));
             aggregator.add(key, info);
         }
         // Too young to list, but one of stack 40's live blocks (its part
@@ -271,6 +304,22 @@ pub mod tests {
         totals.sort_by_key(|t| t.stack_id);
         assert_eq!(totals.iter().map(|t| (t.stack_id, t.count, t.live)).collect::<Vec<_>>(), [(NO_STACK, 2, 2), (40, 2, 3)]);
         assert_eq!(totals[1].blocks, [Block { addr: 0x10, size: 8, born_ns: 1 }, Block { addr: 0x20, size: 8, born_ns: 1 }]);
+    }
+
+    #[test]
+    fn each_stack_counts_its_threads_blocks_across_entries_old_enough_only() {
+        // Stack 40's parts on two CPUs (entries 4 and 5); thread 2 has
+        // blocks in both, and a young one that does not count.
+        let mut aggregator = Aggregator::new(10, 5, false, 0, 0);
+        for (addr, slot, tid, ts) in [(0x10, 4, 1, 1), (0x20, 4, 2, 1), (0x30, 5, 2, 1), (0x40, 5, 2, 9), (0x50, 5, 3, 9)] {
+            let (key, mut info) = alloc(addr, 8, ts, slot);
+            info.tid = tid;
+            aggregator.add(key, info);
+        }
+        let totals = aggregator.finish(|_| Some(40));
+        assert_eq!(totals.len(), 1);
+        assert_eq!((totals[0].count, totals[0].live), (3, 5));
+        assert_eq!(totals[0].threads, [ThreadTotal { tid: 1, count: 1, bytes: 8 }, ThreadTotal { tid: 2, count: 2, bytes: 16 }]);
     }
 
     #[test]
@@ -309,10 +358,10 @@ mod properties {
         /// allocations, and orders stacks biggest first.
         #[test]
         fn aggregation_conserves_bytes(allocs in prop::collection::vec(
-            (any::<u64>(), 1u32..4, 0u64..1 << 40, 0u64..2000, 0u64..8), 0..200), min_age in 0u64..1500) {
+            (any::<u64>(), 1u32..4, 0u64..1 << 40, 0u64..2000, 0u32..8, 0u32..4), 0..200), min_age in 0u64..1500) {
             let mut unique = std::collections::HashMap::new();
-            for (addr, tgid, size, ts, stack) in allocs {
-                unique.insert(AllocKey { addr, tgid, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, slot: stack });
+            for (addr, tgid, size, ts, stack, tid) in allocs {
+                unique.insert(AllocKey { addr, tgid, _pad: 0 }, AllocInfo { size, timestamp_ns: ts, slot: stack, tid });
             }
             let now = 2000;
             let totals = by_stack(unique.clone(), now, min_age, true);
@@ -323,7 +372,7 @@ mod properties {
             }
             let [mut merged, second] = halves;
             merged.merge(second);
-            let mut merged = merged.finish(Some);
+            let mut merged = merged.finish(|slot| Some(u64::from(slot)));
             sort(&mut merged);
             // Each stack's three oldest blocks, whichever part read them.
             for t in &mut merged {
@@ -342,6 +391,9 @@ mod properties {
             prop_assert_eq!(totals.iter().map(|t| t.count).sum::<u64>(), old.len() as u64);
             prop_assert!(totals.windows(2).all(|w| w[0].bytes >= w[1].bytes));
             prop_assert!(totals.iter().all(|t| t.blocks.len() as u64 == t.count));
+            // Its threads hold all of each stack, each thread once.
+            prop_assert!(totals.iter().all(|t| t.threads.iter().map(|x| (x.count, x.bytes)).fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1)) == (t.count, t.bytes)));
+            prop_assert!(totals.iter().all(|t| t.threads.windows(2).all(|w| w[0].tid < w[1].tid)));
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::{
         aggregate::StackTotal,
         lost::Lost,
         peek::{self, Peek},
+        threads::ByThread,
     },
     symbolize::Frame,
     report::trend::{Row, Trend},
@@ -47,6 +48,9 @@ pub struct Process {
     /// Its stacks with outstanding blocks; `stacks` holds the top ones.
     pub stacks_total: usize,
     pub stacks: Vec<Stack>,
+    /// Its outstanding blocks by thread name, with `--by-thread` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_thread: Option<Vec<ThreadGroupJson>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,6 +73,33 @@ pub struct Stack {
     /// The first bytes of its oldest blocks, with `--peek` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peek: Option<Vec<PeekJson>>,
+    /// The threads that allocated the blocks counted, most blocks first
+    /// (null with --combined-only, which keeps no block).
+    pub threads: Option<Vec<ThreadJson>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThreadJson {
+    pub tid: u32,
+    /// Its name at report time (see report::threads); null if it exited
+    /// before any report saw it.
+    pub comm: Option<String>,
+    /// Its outstanding blocks (and their bytes) of the stack.
+    pub count: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThreadGroupJson {
+    /// The threads' name (null: exited before any report saw them).
+    pub comm: Option<String>,
+    /// How many threads of that name hold blocks (for a name none does,
+    /// how many live), and which.
+    pub threads: usize,
+    pub tids: Vec<u32>,
+    /// Their outstanding bytes and blocks, over all the process's stacks.
+    pub bytes: u64,
+    pub count: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,6 +157,11 @@ pub struct Context<'a> {
     pub peek: bool,
     pub comms: &'a HashMap<u32, String>,
     pub lost: Lost,
+    /// The name of thread (process, tid); None with --combined-only, whose
+    /// stacks have no `threads`.
+    pub thread_name: Option<&'a dyn Fn(u32, u32) -> Option<String>>,
+    /// `--by-thread`: the report grouped by thread name.
+    pub by_thread: Option<&'a [ByThread]>,
 }
 
 /// One report: the traced processes (those in `comms`, by pid, even with
@@ -140,6 +176,19 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
         count: 0,
         stacks_total: 0,
         stacks: vec![],
+        by_thread: ctx.by_thread.map(|groups| {
+            groups
+                .iter()
+                .filter(|g| g.tgid == pid)
+                .map(|g| ThreadGroupJson {
+                    comm: g.group.name.clone(),
+                    threads: g.group.tids.len(),
+                    tids: g.group.tids.clone(),
+                    bytes: g.group.bytes,
+                    count: g.group.count,
+                })
+                .collect()
+        }),
     };
     let mut traced: Vec<u32> = ctx.comms.keys().copied().collect();
     traced.sort_unstable();
@@ -170,6 +219,7 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
                 total.blocks.iter().map(|b| BlockJson { addr: format!("{:#x}", b.addr), size: b.size }).collect()
             }),
             peek: ctx.peek.then(|| total.peeks.iter().map(peek_json).collect()),
+            threads: ctx.thread_name.map(|name| threads_json(total, name)),
         });
     }
     Interval {
@@ -187,6 +237,17 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
 pub fn write(out: &mut impl Write, interval: &Interval) -> std::io::Result<()> {
     serde_json::to_writer(&mut *out, interval)?;
     writeln!(out)
+}
+
+/// A stack's threads, most blocks first (then most bytes, lowest tid).
+fn threads_json(total: &StackTotal, name: &dyn Fn(u32, u32) -> Option<String>) -> Vec<ThreadJson> {
+    let mut threads: Vec<ThreadJson> = total
+        .threads
+        .iter()
+        .map(|t| ThreadJson { tid: t.tid, comm: name(total.tgid, t.tid), count: t.count, bytes: t.bytes })
+        .collect();
+    threads.sort_by(|a, b| (b.count, b.bytes, a.tid).cmp(&(a.count, a.bytes, b.tid)));
+    threads
 }
 
 fn peek_json(p: &Peek) -> PeekJson {
@@ -328,6 +389,8 @@ mod tests {
             peek,
             comms: &comms,
             lost: Lost { allocations_untracked: 27, ..Lost::default() },
+            thread_name: None,
+            by_thread: None,
         };
         let mut out = Vec::new();
         write(&mut out, &interval(&ctx, rows, &mut frames)).unwrap();
@@ -396,6 +459,54 @@ mod tests {
             v["processes"][0]["stacks"][0]["peek"],
             serde_json::json!([{"addr": "0x7f00", "size": 8192, "bytes": "aWQ9NDA5OQD/", "text": "id=4099\\0\\xff"}])
         );
+    }
+
+    #[test]
+    fn threads_most_blocks_first_and_by_thread_per_process() {
+        use crate::report::{aggregate::ThreadTotal, threads::{self, Names}};
+        let mut r = row(42, 1, 8192 * 4);
+        r.total.threads = vec![
+            ThreadTotal { tid: 5, count: 1, bytes: 8192 },
+            ThreadTotal { tid: 6, count: 3, bytes: 3 * 8192 },
+        ];
+        let rows = [r];
+        let mut names = Names::default();
+        names.refresh([(42, 5), (42, 6), (42, 9)], &mut |_, tid| (tid != 5).then(|| format!("w{}", tid % 2)));
+        let groups = threads::by_thread(&rows, &[(42, 9)], &names);
+        let comms = HashMap::from([(42, "app".to_string())]);
+        let name = |tgid: u32, tid: u32| names.get(tgid, tid).map(str::to_string);
+        let ctx = Context {
+            now: UNIX_EPOCH,
+            elapsed_s: 1.0,
+            report: 1,
+            sort: "size",
+            min_age_ms: Some(0),
+            top: 10,
+            show_allocs: false,
+            peek: false,
+            comms: &comms,
+            lost: Lost::default(),
+            thread_name: Some(&name),
+            by_thread: Some(&groups),
+        };
+        let v = serde_json::to_value(interval(&ctx, &rows, &mut frames)).unwrap();
+        let p = &v["processes"][0];
+        assert_eq!(
+            p["stacks"][0]["threads"],
+            serde_json::json!([{"tid": 6, "comm": "w0", "count": 3, "bytes": 24576}, {"tid": 5, "comm": null, "count": 1, "bytes": 8192}])
+        );
+        assert_eq!(
+            p["by_thread"],
+            serde_json::json!([
+                {"comm": "w0", "threads": 1, "tids": [6], "bytes": 24576, "count": 3},
+                {"comm": null, "threads": 1, "tids": [5], "bytes": 8192, "count": 1},
+                {"comm": "w1", "threads": 1, "tids": [9], "bytes": 0, "count": 0},
+            ])
+        );
+        // --combined-only: no threads to tell.
+        let plain = encode(&rows, 10, false);
+        assert_eq!(plain["processes"][0]["stacks"][0]["threads"], serde_json::Value::Null);
+        assert!(plain["processes"][0].get("by_thread").is_none());
     }
 
     #[test]

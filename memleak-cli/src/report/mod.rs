@@ -9,6 +9,7 @@ pub mod lost;
 pub mod peek;
 pub mod sort;
 pub mod text;
+pub mod threads;
 pub mod trend;
 
 use std::{
@@ -56,6 +57,10 @@ pub struct Reporter {
     peek: Option<u32>,
     /// `--dump DIR`: each shown stack's blocks written there.
     dump: Option<Dump>,
+    /// `--by-thread`: the report grouped by thread name.
+    by_thread: bool,
+    /// The names of the threads the last report named.
+    names: threads::Names,
     combined_only: bool,
     sort: SortKey,
     format: Format,
@@ -139,6 +144,8 @@ impl Reporter {
             show_allocs: args.show_allocs,
             peek: args.peek,
             dump,
+            by_thread: args.by_thread,
+            names: threads::Names::default(),
             combined_only: args.combined_only,
             sort: args.sort,
             format: args.format,
@@ -215,8 +222,8 @@ impl Reporter {
         let mut totals = match aggregated {
             None => aggregate::merge_stacks(aggregate::from_combined(combined.iter().copied()), &mut same),
             Some(all) => {
-                let stacks: FastMap<u64, u64> =
-                    entries.iter().map(|&(slot, key, _)| (u64::from(slot), same(key.tgid, key.stack_id))).collect();
+                let stacks: FastMap<u32, u64> =
+                    entries.iter().map(|&(slot, key, _)| (slot, same(key.tgid, key.stack_id))).collect();
                 all.finish(|slot| stacks.get(&slot).copied())
             }
         };
@@ -266,6 +273,22 @@ impl Reporter {
             self.symbolizer.refresh(pid);
         }
         let comms = self.comms(&rows);
+        // Each thread's name now. With --by-thread, those of the traced
+        // process that hold nothing are listed too.
+        let idle: Vec<(u32, u32)> = match self.scope {
+            Scope::Process(pid, _) if self.by_thread => proc::threads(pid).into_iter().map(|tid| (pid, tid)).collect(),
+            _ => vec![],
+        };
+        let named = rows.iter().flat_map(|r| r.total.threads.iter().map(|t| (r.total.tgid, t.tid)));
+        self.names.refresh(named.chain(idle.iter().copied()), &mut |tgid, tid| {
+            if is_kernel(tgid) { proc::task_comm(tid) } else { proc::thread_comm(tgid, tid) }
+        });
+        let by_thread = self.by_thread.then(|| threads::by_thread(&rows, &idle, &self.names));
+        let names = &self.names;
+        let thread_name = |tgid: u32, tid: u32| names.get(tgid, tid).map(str::to_string);
+        let threads_line = |t: &StackTotal| {
+            (!t.threads.is_empty()).then(|| threads::line(&threads::groups(&t.threads, &|tid| thread_name(t.tgid, tid))))
+        };
         let Self { recorded, symbolizer, ends, .. } = self;
         if let Some(dump) = &mut self.dump {
             let stacks: Vec<dump::Stack> = shown_rows
@@ -294,26 +317,25 @@ impl Reporter {
             }
         }
         let mut out = Vec::new();
+        let mut lines = |t: &StackTotal| frame_lines(recorded, symbolizer, ends, t);
+        let mut comm = |tgid: u32| comms.get(&tgid).cloned().unwrap_or_else(|| proc::comm(tgid));
+        let clock = clock::clock_now();
         match (self.format, &self.scope) {
+            (Format::Text, scope) if let Some(groups) = &by_thread => {
+                let top_procs = match scope {
+                    Scope::Process(..) => None,
+                    Scope::System { top_procs } => Some(*top_procs),
+                };
+                let (top, show_allocs) = (self.top, self.show_allocs);
+                text::write_by_thread(&mut out, &clock, top, top_procs, groups, &lost, show_allocs, &mut comm, &mut lines)?;
+            }
             (Format::Text, Scope::Process(..)) => {
-                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, ends, t);
-                text::write(&mut out, &clock::clock_now(), self.top, &rows, &lost, self.show_allocs, &mut frames)?;
+                text::write(&mut out, &clock, self.top, &rows, &lost, self.show_allocs, &threads_line, &mut lines)?;
             }
             (Format::Text, Scope::System { top_procs }) => {
                 let procs = text::by_process(rows.clone());
-                let mut frames = |t: &StackTotal| frame_lines(recorded, symbolizer, ends, t);
-                let mut comm = |tgid: u32| comms.get(&tgid).cloned().unwrap_or_else(|| proc::comm(tgid));
-                text::write_system(
-                    &mut out,
-                    &clock::clock_now(),
-                    self.top,
-                    *top_procs,
-                    &procs,
-                    &lost,
-                    self.show_allocs,
-                    &mut comm,
-                    &mut frames,
-                )?;
+                let (top, show_allocs) = (self.top, self.show_allocs);
+                text::write_system(&mut out, &clock, top, *top_procs, &procs, &lost, show_allocs, &mut comm, &threads_line, &mut lines)?;
             }
             (Format::Json, _) => {
                 let ctx = json::Context {
@@ -327,6 +349,8 @@ impl Reporter {
                     peek: self.peek.is_some(),
                     comms: &comms,
                     lost,
+                    thread_name: (!self.combined_only).then_some(&thread_name as &dyn Fn(u32, u32) -> Option<String>),
+                    by_thread: by_thread.as_deref(),
                 };
                 let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, ends, t);
                 json::write(&mut out, &json::interval(&ctx, &rows, &mut frames))?;

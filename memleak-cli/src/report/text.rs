@@ -5,7 +5,10 @@ use std::{collections::HashMap, io::Write};
 
 use memleak_common::{KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel};
 
-use super::{aggregate::StackTotal, lost::Lost, peek, trend::Row};
+use super::{aggregate::StackTotal, lost::Lost, peek, threads::ByThread, trend::Row};
+
+/// A stack's `threads:` line (None: none to show, as with --combined-only).
+pub type ThreadsLine<'a> = dyn Fn(&StackTotal) -> Option<String> + 'a;
 
 /// Outstanding memory of one process (or kernel allocator), its stacks
 /// in the report's order.
@@ -47,11 +50,12 @@ pub fn write(
     rows: &[Row],
     lost: &Lost,
     show_allocs: bool,
+    threads: &ThreadsLine<'_>,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations:")?;
     write_lost(out, lost)?;
-    write_stacks(out, top, rows, show_allocs, frames)
+    write_stacks(out, top, rows, show_allocs, threads, frames)
 }
 
 fn write_lost(out: &mut impl Write, lost: &Lost) -> std::io::Result<()> {
@@ -73,6 +77,7 @@ pub fn write_system(
     lost: &Lost,
     show_allocs: bool,
     comm: &mut dyn FnMut(u32) -> String,
+    threads: &ThreadsLine<'_>,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations, by process:")?;
@@ -80,7 +85,59 @@ pub fn write_system(
     let user = procs.iter().filter(|p| !is_kernel(p.tgid)).take(top_procs);
     for p in user.chain(procs.iter().filter(|p| is_kernel(p.tgid))) {
         writeln!(out, "{}: {} bytes in {} {}", process_name(p.tgid, comm), p.bytes, p.count, plural(p.count))?;
-        write_stacks(out, top, &p.rows, show_allocs, frames)?;
+        write_stacks(out, top, &p.rows, show_allocs, threads, frames)?;
+    }
+    Ok(())
+}
+
+/// Writes a `--by-thread` report: each thread name (`handler x6`: how
+/// many threads of that name hold blocks, or for a name none does, how
+/// many live) with its outstanding bytes and blocks, then its top stacks,
+/// each with its part of the stack (the whole stack in the parenthesis when
+/// other threads hold some too). System-wide (`comm` given), each name
+/// after its process, of the first `top_procs` processes.
+#[allow(clippy::too_many_arguments)]
+pub fn write_by_thread(
+    out: &mut impl Write,
+    clock: &str,
+    top: usize,
+    top_procs: Option<usize>,
+    groups: &[ByThread],
+    lost: &Lost,
+    show_allocs: bool,
+    comm: &mut dyn FnMut(u32) -> String,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
+    writeln!(out, "[{clock}] Top {top} stacks with outstanding allocations, by thread:")?;
+    write_lost(out, lost)?;
+    // System-wide: the processes with the most bytes, as by process.
+    let mut shown: Vec<u32> = Vec::new();
+    if let Some(n) = top_procs {
+        let mut bytes: Vec<(u32, u64)> = Vec::new();
+        for g in groups.iter().filter(|g| !is_kernel(g.tgid)) {
+            match bytes.iter_mut().find(|(tgid, _)| *tgid == g.tgid) {
+                Some((_, b)) => *b += g.group.bytes,
+                None => bytes.push((g.tgid, g.group.bytes)),
+            }
+        }
+        bytes.sort_by(|a, b| (b.1, a.0).cmp(&(a.1, b.0)));
+        shown = bytes.into_iter().take(n).map(|(tgid, _)| tgid).collect();
+    }
+    for g in groups.iter().filter(|g| top_procs.is_none() || is_kernel(g.tgid) || shown.contains(&g.tgid)) {
+        let process = match top_procs {
+            Some(_) => format!("{}: ", process_name(g.tgid, comm)),
+            None => String::new(),
+        };
+        writeln!(out, "{process}{}: {} bytes in {} {}", g.group.label(), g.group.bytes, g.group.count, plural(g.group.count))?;
+        for (Row { total, trend }, &(bytes, count)) in g.rows.iter().zip(&g.whole).take(top) {
+            let summary = trend.summary();
+            let summary = if (bytes, count) == (total.bytes, total.count) {
+                summary
+            } else {
+                format!("(of its {bytes} bytes in {count} {}; {}", plural(count), &summary[1..])
+            };
+            write_stack(out, total, &summary, show_allocs, &|_| None, frames)?;
+        }
     }
     Ok(())
 }
@@ -104,32 +161,43 @@ fn write_stacks(
     top: usize,
     rows: &[Row],
     show_allocs: bool,
+    threads: &ThreadsLine<'_>,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
     for Row { total, trend } in rows.iter().take(top) {
-        if show_allocs {
-            for b in &total.blocks {
-                writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
-            }
+        write_stack(out, total, &trend.summary(), show_allocs, threads, frames)?;
+    }
+    Ok(())
+}
+
+/// One stack: its blocks (`-a`), bcc's line with `summary` after it, its
+/// frames, its threads, the peeks at its blocks.
+fn write_stack(
+    out: &mut impl Write,
+    total: &StackTotal,
+    summary: &str,
+    show_allocs: bool,
+    threads: &ThreadsLine<'_>,
+    frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
+) -> std::io::Result<()> {
+    if show_allocs {
+        for b in &total.blocks {
+            writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
         }
-        writeln!(
-            out,
-            "    {} bytes in {} {} from stack  {}",
-            total.bytes,
-            total.count,
-            plural(total.count),
-            trend.summary()
-        )?;
-        if total.stack_id == NO_STACK {
-            writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
-        } else {
-            for line in frames(total) {
-                writeln!(out, "        {line}")?;
-            }
+    }
+    writeln!(out, "    {} bytes in {} {} from stack  {summary}", total.bytes, total.count, plural(total.count))?;
+    if total.stack_id == NO_STACK {
+        writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
+    } else {
+        for line in frames(total) {
+            writeln!(out, "        {line}")?;
         }
-        for p in &total.peeks {
-            writeln!(out, "        peek {:#x} ({} B): \"{}\"", p.addr, p.size, peek::escape(&p.bytes))?;
-        }
+    }
+    if let Some(line) = threads(total) {
+        writeln!(out, "        {line}")?;
+    }
+    for p in &total.peeks {
+        writeln!(out, "        peek {:#x} ({} B): \"{}\"", p.addr, p.size, peek::escape(&p.bytes))?;
     }
     Ok(())
 }
@@ -140,6 +208,7 @@ mod tests {
     use crate::report::{
         aggregate::{Aggregator, Block, by_stack, tests::alloc},
         peek::Peek,
+        threads,
         trend::Tracker,
     };
 
@@ -155,14 +224,14 @@ mod tests {
             let (key, info) = alloc(addr, 16, ts, 4);
             aggregator.add(key, info);
         }
-        let mut totals = aggregator.finish(Some);
+        let mut totals = aggregator.finish(|slot| Some(u64::from(slot)));
         // 0x40 is too young to count; of the others, the two oldest.
         let born = |addr, born_ns| Block { addr, size: 16, born_ns };
         assert_eq!(totals[0].oldest, [born(0x20, 100), born(0x50, 100)]);
         assert!(totals[0].blocks.is_empty());
         totals[0].peeks = vec![Peek { addr: 0x20, size: 16, bytes: b"id=4099\0\n\x1b".to_vec() }];
         let mut out = Vec::new();
-        write(&mut out, "00:00:00", 10, &rows(totals), &Lost::default(), false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        write(&mut out, "00:00:00", 10, &rows(totals), &Lost::default(), false, &|_| None, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.ends_with("        f+0x1 [m]\n        peek 0x20 (16 B): \"id=4099\\0\\n\\x1b\"\n"), "{text}");
     }
@@ -172,7 +241,7 @@ mod tests {
         let totals = by_stack([alloc(0x7f8f70863220, 8192, 0, 4), alloc(0x7f8f70861210, 8192, 0, 4)], 1, 0, true);
         let mut out = Vec::new();
         let mut frames = |_: &StackTotal| vec!["fibonacci+0x1f [app]".to_string(), "child+0x4f [app]".to_string()];
-        write(&mut out, "03:00:41", 10, &rows(totals), &Lost::default(), true, &mut frames).unwrap();
+        write(&mut out, "03:00:41", 10, &rows(totals), &Lost::default(), true, &|_| None, &mut frames).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[03:00:41] Top 10 stacks with outstanding allocations:\n\
@@ -189,7 +258,7 @@ mod tests {
         let totals = by_stack([alloc(1, 30, 0, NO_STACK), alloc(2, 20, 0, 1), alloc(3, 10, 0, 2)], 1, 0, false);
         let mut out = Vec::new();
         let lost = Lost::from_counts(&[27, 0, 0, 0, 3]);
-        write(&mut out, "00:00:00", 2, &rows(totals), &lost, false, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        write(&mut out, "00:00:00", 2, &rows(totals), &lost, false, &|_| None, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text.lines().nth(1),
@@ -199,6 +268,54 @@ mod tests {
         assert!(text.contains("30 bytes in 1 allocation from stack  (+30 B since last, 15 B/s, oldest 2.0s)\n        [stack not recorded"), "{text}");
         assert!(text.contains("20 bytes in 1 allocation"));
         assert!(!text.contains("10 bytes"), "{text}");
+    }
+
+    #[test]
+    fn the_threads_line_comes_after_the_frames() {
+        let mut totals = by_stack([alloc(0x10, 8, 0, 1)], 1, 0, false);
+        totals[0].peeks = vec![Peek { addr: 0x10, size: 8, bytes: b"x".to_vec() }];
+        let mut out = Vec::new();
+        let threads = |t: &StackTotal| Some(format!("threads: app x{}", t.threads.len()));
+        write(&mut out, "00:00:00", 10, &rows(totals), &Lost::default(), false, &threads, &mut |_| vec!["f+0x1 [m]".into()]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("        f+0x1 [m]\n        threads: app x1\n        peek 0x10 (8 B): \"x\"\n"), "{text}");
+    }
+
+    #[test]
+    fn by_thread_shows_each_name_its_part_of_each_stack_and_idle_names() {
+        // Stack 1: thread 10 (handler) 2 blocks, thread 20 (io) 1; stack 2:
+        // thread 10 only. Thread 30 (main) holds nothing.
+        let mut allocs = vec![alloc(0x10, 100, 0, 1), alloc(0x20, 100, 0, 1), alloc(0x30, 100, 0, 1), alloc(0x40, 50, 0, 2)];
+        allocs[2].1.tid = 20;
+        for a in [0, 1, 3] {
+            allocs[a].1.tid = 10;
+        }
+        let rows = rows(by_stack(allocs, 1, 0, false));
+        let mut names = threads::Names::default();
+        let known = HashMap::from([(10, "handler"), (20, "io"), (30, "main")]);
+        names.refresh([(7, 10), (7, 20), (7, 30)], &mut |_, tid| known.get(&tid).map(|s| s.to_string()));
+        let groups = threads::by_thread(&rows, &[(7, 10), (7, 20), (7, 30)], &names);
+        let mut out = Vec::new();
+        let mut frames = |t: &StackTotal| vec![format!("f{}+0x1 [m]", t.stack_id)];
+        write_by_thread(&mut out, "01:02:03", 10, None, &groups, &Lost::default(), false, &mut |_| unreachable!(), &mut frames).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[01:02:03] Top 10 stacks with outstanding allocations, by thread:\n\
+             handler x1: 250 bytes in 3 allocations\n\
+             \x20   200 bytes in 2 allocations from stack  (of its 300 bytes in 3 allocations; +300 B since last, 150 B/s, oldest 2.0s)\n\
+             \x20       f1+0x1 [m]\n\
+             \x20   50 bytes in 1 allocation from stack  (+50 B since last, 25 B/s, oldest 2.0s)\n\
+             \x20       f2+0x1 [m]\n\
+             io x1: 100 bytes in 1 allocation\n\
+             \x20   100 bytes in 1 allocation from stack  (of its 300 bytes in 3 allocations; +300 B since last, 150 B/s, oldest 2.0s)\n\
+             \x20       f1+0x1 [m]\n\
+             main x1: 0 bytes in 0 allocations\n"
+        );
+        // System-wide, each name after its process.
+        let mut out = Vec::new();
+        let mut comm = |tgid: u32| format!("app{tgid}");
+        write_by_thread(&mut out, "01:02:03", 1, Some(1), &groups, &Lost::default(), false, &mut comm, &mut frames).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("\n7 app7: io x1: 100 bytes in 1 allocation\n"));
     }
 
     #[test]
@@ -215,7 +332,7 @@ mod tests {
         let mut out = Vec::new();
         let mut comm = |tgid: u32| format!("app{tgid}");
         let mut frames = |_: &StackTotal| vec!["f+0x1 [m]".to_string()];
-        write_system(&mut out, "01:02:03", 1, 1, &procs, &Lost::default(), false, &mut comm, &mut frames).unwrap();
+        write_system(&mut out, "01:02:03", 1, 1, &procs, &Lost::default(), false, &mut comm, &|_| None, &mut frames).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[01:02:03] Top 1 stacks with outstanding allocations, by process:\n\

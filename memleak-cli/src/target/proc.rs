@@ -105,6 +105,25 @@ pub fn comm(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm")).map_or_else(|_| "?".into(), |c| c.trim_end().to_string())
 }
 
+/// The name a thread of process `pid` has now (`/proc/PID/task/TID/comm`:
+/// a tid is only looked for in its own process); None once it is gone.
+pub fn thread_comm(pid: u32, tid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok().map(|c| c.trim_end_matches('\n').to_string())
+}
+
+/// The name of task `tid`, in whatever process (`/proc/TID/comm` names
+/// threads too, though /proc lists only processes); None once it is gone.
+pub fn task_comm(tid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{tid}/comm")).ok().map(|c| c.trim_end_matches('\n').to_string())
+}
+
+/// The threads of process `pid` now (none once it is gone).
+pub fn threads(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 /// The fields of /proc/PID/stat that memleak uses.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stat {
