@@ -28,6 +28,11 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("frames-nofp", Compiler::C, "frames.c", &["-O2", "-fomit-frame-pointer", "-DNO_FRAME_POINTER"]),
     ("requests", Compiler::C, "requests.c", &[]),
     ("threads", Compiler::C, "threads.c", &[]),
+    // Not position-independent: both programs are at 0x400000, so the old
+    // image's return addresses land in the new one's code.
+    ("exec-old", Compiler::C, "exec.c", &["-DOLD_IMAGE", "-no-pie"]),
+    ("exec-new", Compiler::C, "exec.c", &["-no-pie"]),
+    ("exec-new-static", Compiler::C, "exec.c", &["-static"]),
 ];
 
 fn main() {

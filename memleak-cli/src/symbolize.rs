@@ -210,6 +210,21 @@ impl Symbolizer {
         Some(self.modules.len() - 1)
     }
 
+    /// Reads process `pid`'s mappings afresh, forgetting its frames: it
+    /// runs another program (exec). Does nothing to one whose mappings
+    /// were never read. The files stay open (another process may map them).
+    pub fn forget(&mut self, pid: u32) {
+        if self.views.remove(&pid).is_none() {
+            return;
+        }
+        self.cache.retain(|(p, _), _| *p != pid);
+        self.verdicts.retain(|(p, _), _| *p != pid);
+        self.fresh.remove(&pid);
+        // Now, while it runs: its frames must resolve if it exits before
+        // the next report.
+        self.refresh(pid);
+    }
+
     /// A new report: mappings read before may be stale.
     pub fn next_report(&mut self) {
         self.fresh.clear();

@@ -1,6 +1,7 @@
 //! The tool's one flow: load, attach, report every interval, clean up.
 
 use std::{
+    collections::{HashMap, HashSet},
     num::NonZeroU32,
     path::PathBuf,
     time::{Duration, SystemTime},
@@ -16,6 +17,7 @@ use tokio::{
 
 use crate::{
     probe::attach::{self, Attached, SystemProbes},
+    probe::exec::{self, Execs},
     cli::{Args, Format, Mode},
     maps::collect::Recorded,
     target::command::{self, Held},
@@ -82,18 +84,28 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let (mut ebpf, links) = ebpf?;
     let planned = planned?;
     let mut logger = trace_logger(args, &mut ebpf)?;
+    let execs = Execs::follow(&mut ebpf, &links);
     // The run starts as the probes go in: nothing is outstanding before.
     let started = (monotonic_ns(), SystemTime::now());
+    let mut probed = HashSet::new();
     for attached in attach::attach(&mut ebpf, &links, planned)? {
         verbose(args, &attached);
+        probed.insert(attached.id);
     }
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, dump, started);
+    reporter.follow(execs);
     say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm))?;
-    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
+    let mut replan = Replan::new(target, probed);
+    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |reporter, wake| {
+        replan.on(wake, reporter, &mut ebpf, &links, args);
+        Ok(())
+    })
+    .await?;
     if end == End::TargetExited {
-        eprintln!("memleak: process {pid} ({}) exited", target.comm);
+        eprintln!("memleak: process {pid} ({}) exited", reporter.comm().unwrap_or_default());
     }
+    announce_execs(args, &mut reporter, Some(pid));
     reporter.report()?;
     detach(args, ebpf, links, &mut signals).await;
     reporter.finish()
@@ -107,8 +119,10 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let exports = Exports::create(args)?;
     let dump = dump::create(args)?;
     let config = Config::from_args(args);
+    let config = Config { watched_tgid: pid, ..config };
     let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
+    let execs = Execs::follow(&mut ebpf, &links);
     // The command will map the same libc as we do (or -O's object): probe
     // it for the child's PID now; the kernel puts the breakpoints into the
     // new program's mappings when it execs.
@@ -130,11 +144,23 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     }
     let started = (monotonic_ns(), SystemTime::now());
     held.release()?;
-    command::wait_for_exec(pid, &argv[0]);
+    command::wait_for_exec(pid);
     let scope = Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string());
     let mut reporter = Reporter::new(args, recorded, scope, exports, dump, started);
+    reporter.follow(execs);
+    // The command's own exec, from memleak's fork: what the fork allocated
+    // before it is gone, and is not told. One after it (the command
+    // exec'd another program at once) is.
+    if reporter.forget_execs().get(&pid).is_some_and(|exec| exec.count > 1) {
+        eprintln!("memleak: PID {pid} exec'd {}", exec::program(pid));
+    }
     say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")))?;
-    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |_| Ok(())).await?;
+    let mut replan = Replan::new(Target { pid, comm: target.comm.clone(), dir: None }, HashSet::from([attached.id]));
+    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |reporter, wake| {
+        replan.on(wake, reporter, &mut ebpf, &links, args);
+        Ok(())
+    })
+    .await?;
     let code = if end == End::TargetExited {
         let code = held.reap();
         eprintln!("memleak: {} exited{}", target.comm, code.map(|c| format!(" with {c}")).unwrap_or_default());
@@ -142,6 +168,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     } else {
         None
     };
+    announce_execs(args, &mut reporter, Some(pid));
     reporter.report()?;
     if end != End::TargetExited {
         // After the last report: memleak ends, and its command with it.
@@ -164,6 +191,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     let dump = dump::create(args)?;
     let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
+    let execs = if user { Execs::follow(&mut ebpf, &links) } else { None };
     let started = (monotonic_ns(), SystemTime::now());
     let mut probes = SystemProbes::default();
     let mut what = vec![];
@@ -188,10 +216,12 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     }
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, dump, started);
+    reporter.follow(execs);
     say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")))?;
     let rescan = user && args.obj.is_none();
     let verbose_on = args.verbose;
-    report_loop(args, &mut reporter, &mut signals, &mut logger, None, |_| {
+    report_loop(args, &mut reporter, &mut signals, &mut logger, None, |reporter, _| {
+        announce_execs(args, reporter, None);
         // Programs and containers started since: probe their allocators too.
         if rescan {
             let before = probes.objects.len();
@@ -204,10 +234,80 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         Ok(())
     })
     .await?;
+    announce_execs(args, &mut reporter, None);
     reporter.report()?;
     drop(probes);
     detach(args, ebpf, links, &mut signals).await;
     reporter.finish()
+}
+
+/// Forgets what the processes that exec'd since the last call left (see
+/// `Reporter::forget_execs`), and says so for the traced process (`pid`),
+/// or system-wide (None) with -v only: a machine execs all the time.
+/// Returns them.
+fn announce_execs(args: &Args, reporter: &mut Reporter, pid: Option<u32>) -> HashMap<u32, exec::Exec> {
+    let execs = reporter.forget_execs();
+    for &tgid in execs.keys() {
+        if pid.is_none_or(|pid| pid == tgid) && (pid.is_some() || args.verbose) {
+            eprintln!("memleak: PID {tgid} exec'd {}", exec::program(tgid));
+        }
+    }
+    execs
+}
+
+/// The probes of a traced process that exec'd, for its new program: the
+/// allocator files it maps now that were not probed for it before (one it
+/// shares with the old program keeps its probes: they are on the file,
+/// for this process, across exec). Its libraries are mapped by the
+/// dynamic loader after the exec: one not found yet is looked for again
+/// at the next reports.
+struct Replan {
+    target: Target,
+    /// (device, inode) of the files probed for it.
+    probed: HashSet<(u64, u64)>,
+    /// Reports left to find the new program's allocator; 0 when none is due.
+    tries: u8,
+}
+
+impl Replan {
+    const TRIES: u8 = 3;
+
+    fn new(target: Target, probed: HashSet<(u64, u64)>) -> Self {
+        Self { target, probed, tries: 0 }
+    }
+
+    /// Before each report, and as an exec is told: forgets what the old
+    /// program left, says so, and probes the new one.
+    fn on(&mut self, wake: Wake, reporter: &mut Reporter, ebpf: &mut Ebpf, links: &Links, args: &Args) {
+        let pid = self.target.pid;
+        if wake == Wake::Exec {
+            exec::settle(pid);
+        }
+        if announce_execs(args, reporter, Some(pid)).contains_key(&pid) {
+            self.tries = Self::TRIES;
+        }
+        if self.tries == 0 {
+            return;
+        }
+        self.tries -= 1;
+        let attached = attach::plan_target(&self.target, args.obj.as_deref(), args.floor).and_then(|mut plan| {
+            let mut probed = self.probed.clone();
+            plan.retain_new(&mut probed);
+            let attached = if plan.is_empty() { vec![] } else { attach::attach(ebpf, links, plan)? };
+            self.probed = probed;
+            Ok(attached)
+        });
+        match attached {
+            Ok(attached) => {
+                self.tries = 0;
+                attached.iter().for_each(|a| verbose(args, a));
+            }
+            Err(e) if self.tries == 0 && crate::error::exit_code(&e) != crate::error::Kind::NoProcess as u8 => {
+                eprintln!("warning: PID {pid} exec'd, and its new program cannot be probed: {e:#}");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// A status line: on stdout, or on stderr when stdout holds JSON only.
@@ -220,6 +320,15 @@ fn say(args: &Args, line: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Why `report_loop` calls its `each_tick`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// A report is due.
+    Report,
+    /// The kernel told of an exec.
+    Exec,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum End {
     Count,
@@ -228,7 +337,8 @@ enum End {
 }
 
 /// Reports every interval until COUNT reports, a signal, or the target's
-/// exit; `each_tick` runs before each report. The caller prints the last
+/// exit; `each_tick` runs before each report (and as an exec is told, with
+/// one traced process). The caller prints the last
 /// report (on a signal or exit), then detaches.
 async fn report_loop(
     args: &Args,
@@ -236,7 +346,7 @@ async fn report_loop(
     signals: &mut Signals,
     logger: &mut Option<TraceLogger>,
     exited: Option<&AsyncFd<PidFd>>,
-    mut each_tick: impl FnMut(&mut Reporter) -> anyhow::Result<()>,
+    mut each_tick: impl FnMut(&mut Reporter, Wake) -> anyhow::Result<()>,
 ) -> anyhow::Result<End> {
     let period = Duration::from_secs(args.interval);
     let mut ticks = interval_at(Instant::now() + period, period);
@@ -245,7 +355,7 @@ async fn report_loop(
     loop {
         tokio::select! {
             tick = ticks.tick() => {
-                each_tick(reporter)?;
+                each_tick(reporter, Wake::Report)?;
                 reports += 1;
                 if args.count.is_some_and(|c| reports >= c) {
                     return Ok(End::Count);
@@ -260,6 +370,10 @@ async fn report_loop(
             _ = signals.term.recv() => return Ok(End::Signal),
             _ = target_exit(exited) => return Ok(End::TargetExited),
             _ = trace_events(logger) => {}
+            // One traced process: its exec is handled at once, while it
+            // runs (it may exit before the next report), and its new
+            // program probed as soon as its allocator is mapped.
+            () = reporter.exec_told(), if exited.is_some() => each_tick(reporter, Wake::Exec)?,
         }
     }
 }

@@ -270,6 +270,21 @@ pub enum Stat {
 
 pub const STAT_COUNT: u32 = 5;
 
+/// What the kernel tells user space as it happens (the `EVENTS` ring).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// [`EVENT_EXEC`].
+    pub kind: u32,
+    pub tgid: u32,
+    /// When, in the clock of `AllocInfo::timestamp_ns`.
+    pub time: u64,
+}
+
+/// Process `tgid` exec'd at `time`: its blocks recorded before then are
+/// the old image's.
+pub const EVENT_EXEC: u32 = 1;
+
 /// Names of the read-only globals the loader sets before load.
 pub mod globals {
     /// u64: smallest traced request, in bytes.
@@ -304,6 +319,8 @@ pub mod globals {
     /// [u64; 2]: kernel text range [start, end) whose slab allocations are
     /// not traced: the BPF map allocator's refill (memleak's own maps).
     pub const SKIP_CALLER: &str = "SKIP_CALLER";
+    /// u32: the one process whose events (`EVENTS`) are sent, 0 for all.
+    pub const WATCHED_TGID: &str = "WATCHED_TGID";
 }
 
 /// Map names, written once here so both sides agree.
@@ -315,6 +332,7 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     pub const REGIONS: &str = "REGIONS";
     pub const UNMAP_AGAIN: &str = "UNMAP_AGAIN";
+    pub const EVENTS: &str = "EVENTS";
 }
 
 #[cfg(feature = "user")]
@@ -330,6 +348,7 @@ mod pod {
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for RegionKey {}
     unsafe impl aya::Pod for Region {}
+    unsafe impl aya::Pod for Event {}
 }
 
 #[cfg(test)]

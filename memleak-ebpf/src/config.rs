@@ -25,6 +25,8 @@ static FIELD_OFFSETS: [u32; FIELD_COUNT] = [0; FIELD_COUNT];
 #[unsafe(no_mangle)]
 static PAGE_SIZE: u64 = 4096;
 #[unsafe(no_mangle)]
+static WATCHED_TGID: u32 = 0;
+#[unsafe(no_mangle)]
 static SKIP_CALLER: [u64; 2] = [0; 2];
 
 use memleak_common::{FIELD_COUNT, Field};
@@ -69,6 +71,10 @@ pub fn shard_mask() -> u32 {
 #[inline(always)]
 pub fn field_offset(field: Field) -> usize {
     unsafe { core::ptr::read_volatile(&FIELD_OFFSETS[field as usize]) as usize }
+}
+#[inline(always)]
+pub fn watched_tgid() -> u32 {
+    unsafe { core::ptr::read_volatile(&WATCHED_TGID) }
 }
 #[inline(always)]
 pub fn page_size() -> u64 {

@@ -9,6 +9,7 @@
 #![allow(internal_features)]
 
 mod config;
+mod exec;
 mod floor;
 mod kernel;
 mod maps;

@@ -1,7 +1,12 @@
 //! Reads what the kernel side recorded: outstanding allocations, per-stack
 //! totals, stacks, and the counters of what it could not record.
 
-use std::{collections::HashMap as StdHashMap, io, mem::size_of, os::fd::AsFd as _};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    io,
+    mem::size_of,
+    os::fd::AsFd as _,
+};
 
 use anyhow::Context as _;
 use aya::{
@@ -14,8 +19,8 @@ use crate::{
     maps::totals::{self, CombinedAlloc},
 };
 use memleak_common::{
-    AllocInfo, AllocKey, BUCKET_SLOTS, Bucket, CombinedKey, MAX_STACK_DEPTH, Region, RegionKey, STAT_COUNT,
-    Stack, Totals, bucket_hash, maps,
+    AllocInfo, AllocKey, BUCKET_SLOTS, Bucket, CombinedKey, MAX_STACK_DEPTH, NO_SLOT, Region, RegionKey,
+    STAT_COUNT, Stack, Totals, bucket_hash, maps,
 };
 
 /// Maps of at least this many buckets are read on every CPU at once.
@@ -136,6 +141,49 @@ impl Recorded {
         // Last: no block names their totals any more.
         if let Err(e) = totals::forget(self.totals.map().fd().as_fd(), self.totals.len(), tgids) {
             eprintln!("warning: forgetting exited processes' totals: {e}");
+        }
+    }
+
+    /// Forgets the blocks of old images, those `old` says are (None: of
+    /// a process that did not exec): they died with the old address space.
+    /// Their totals entries go too, but only those no other block names
+    /// (a free subtracts from the entry its block names: one given back
+    /// and claimed by another stack would be wrong), so a stack the new
+    /// image shares with the old one, address for address, keeps its
+    /// counts. `tgids`: the processes that exec'd.
+    pub fn forget_images(&mut self, tgids: &HashSet<u32>, old: impl Fn(AllocKey, &AllocInfo) -> Option<bool>) {
+        let (mut gone, mut kept) = (HashSet::new(), HashSet::new());
+        if self.table_buckets > 0
+            && let Err(e) = table::forget_old(self.table.map().fd().as_fd(), self.table_buckets, &old, &mut gone, &mut kept)
+        {
+            eprintln!("warning: forgetting the blocks of programs replaced by exec: {e}");
+        }
+        let mut spilled = Vec::new();
+        for_each(&self.allocs, &mut self.allocs_reader, "the allocation map", |key, info| {
+            let Some(is_old) = old(key, &info) else { return };
+            let named = (info.slot != NO_SLOT).then_some(info.slot);
+            if is_old {
+                spilled.push(key);
+                gone.extend(named);
+            } else {
+                kept.extend(named);
+            }
+        });
+        for key in spilled {
+            let _ = self.allocs.remove(&key);
+        }
+        // A followed mapping whose block is gone is a stale slot (see
+        // `Region`): free it for the new image.
+        let regions: Vec<RegionKey> = of_processes(self.regions.keys(), |k| k.tgid, tgids)
+            .into_iter()
+            .filter(|k| self.regions.get(k, 0).is_ok_and(|r| self.outstanding(k.tgid, r.start).is_none_or(|i| i.timestamp_ns != r.timestamp_ns)))
+            .collect();
+        for key in regions {
+            let _ = self.regions.remove(&key);
+        }
+        let slots: HashSet<u32> = gone.difference(&kept).copied().collect();
+        if let Err(e) = totals::forget_slots(self.totals.map().fd().as_fd(), self.totals.len(), &slots, tgids) {
+            eprintln!("warning: forgetting the totals of programs replaced by exec: {e}");
         }
     }
 

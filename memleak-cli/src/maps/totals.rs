@@ -61,16 +61,30 @@ pub fn read(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Vec<Entry>> {
 /// Gives back these processes' entries (they exited, and their blocks
 /// were forgotten first: none names them any more).
 pub fn forget(fd: BorrowedFd<'_>, entries: u32, tgids: &HashSet<u32>) -> io::Result<()> {
+    give_back(fd, entries, |_, tgid| tgids.contains(&tgid))
+}
+
+/// Gives back entries `slots` (indexes), if they are still of a process
+/// in `tgids`: the entries of an image a process replaced by exec, which
+/// no block names any more.
+pub fn forget_slots(fd: BorrowedFd<'_>, entries: u32, slots: &HashSet<u32>, tgids: &HashSet<u32>) -> io::Result<()> {
+    give_back(fd, entries, |slot, tgid| slots.contains(&slot) && tgids.contains(&tgid))
+}
+
+/// Gives back each entry in use for which `gone(index, tgid)` holds.
+fn give_back(fd: BorrowedFd<'_>, entries: u32, gone: impl Fn(u32, u32) -> bool) -> io::Result<()> {
+    let mut slot = 0u32;
     LAYOUT.for_each(fd, 0..entries, |t| {
         // SAFETY: as in `read`.
         unsafe {
             let owner = atomic(&raw mut (*t).owner);
             let o = owner.load(Ordering::Relaxed);
             if let Some(key) = totals_key(o, 0)
-                && tgids.contains(&key.tgid)
+                && gone(slot, key.tgid)
             {
                 let _ = owner.compare_exchange(o, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
+        slot += 1;
     })
 }

@@ -34,6 +34,8 @@ pub struct Attached {
     pub object: String,
     /// The file the probes are on, by its device and inode on the host.
     pub file: String,
+    /// That file's (device, inode).
+    pub id: (u64, u64),
     /// Each function hooked: its file offset, and where its entry probe went.
     pub functions: Vec<(&'static str, u64, Placement)>,
 }
@@ -74,6 +76,19 @@ pub struct TargetPlan {
     pid: u32,
     plans: Vec<Plan>,
     floor: Option<Floor>,
+}
+
+impl TargetPlan {
+    /// Drops the objects whose file is in `probed` (probed for this
+    /// process already: a program it exec'd maps the same libc), and adds
+    /// the others' to it.
+    pub fn retain_new(&mut self, probed: &mut HashSet<(u64, u64)>) {
+        self.plans.retain(|plan| probed.insert(plan.attached.id));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plans.is_empty()
+    }
 }
 
 /// Attaches the planned probes.
@@ -143,7 +158,7 @@ fn plan(file: TargetFile, object: &str, serves_malloc: bool, floor: Option<Floor
             format!("{object} does not define {missing}: pass the allocator library with -O"),
         ));
     }
-    let attached = Attached { object: object.to_string(), file: file.describe(), functions: vec![] };
+    let attached = Attached { object: object.to_string(), file: file.describe(), id: file.id(), functions: vec![] };
     let mut plan = Plan { file, attached, probes: vec![] };
     // Aliases (memalign = aligned_alloc in glibc, malloc = tc_malloc) share
     // an offset: probing one twice would count every call twice.

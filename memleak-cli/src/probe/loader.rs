@@ -44,6 +44,8 @@ pub struct Config {
     pub field_offsets: [u32; FIELD_COUNT],
     /// Kernel text whose allocations are not traced (kernel tracing only).
     pub skip_caller: [u64; 2],
+    /// The process whose execs are told (`WATCHED_TGID`), 0 for all.
+    pub watched_tgid: u32,
 }
 
 impl Config {
@@ -70,6 +72,10 @@ impl Config {
             ),
             field_offsets: [0; FIELD_COUNT],
             skip_caller: [0; 2],
+            watched_tgid: match args.mode() {
+                crate::cli::Mode::Pid(pid) => pid,
+                _ => 0,
+            },
         }
     }
 }
@@ -104,6 +110,7 @@ fn load_object(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::FIELD_OFFSETS, &config.field_offsets, true)
         .override_global(globals::PAGE_SIZE, &page_size(), true)
         .override_global(globals::SKIP_CALLER, &config.skip_caller, true)
+        .override_global(globals::WATCHED_TGID, &config.watched_tgid, true)
         .override_global(globals::TABLE_SHIFT, &table_shift(config.table_buckets), true)
         .override_global(globals::TOTALS_BITS, &config.totals_entries.ilog2(), true)
         .map_max_entries(maps::ALLOC_TABLE, config.table_buckets.max(1))

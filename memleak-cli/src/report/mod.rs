@@ -32,6 +32,7 @@ use crate::{
     fasthash::FastMap,
     maps::collect::{self, Recorded},
     output,
+    probe::exec::{Exec, Execs},
     stack_end::End,
     symbolize::{Frame, StackProfile, Symbolizer},
     target::{memory, proc},
@@ -76,6 +77,8 @@ pub struct Reporter {
     last_ns: u64,
     exports: Exports,
     ends: Ends,
+    /// The kernel's word on execs, when it can be had.
+    execs: Option<Execs>,
 }
 
 /// Where each user stack really ends (stack_end), and which stack stands
@@ -158,6 +161,77 @@ impl Reporter {
             last_ns: start_ns,
             exports,
             ends: Ends::default(),
+            execs: None,
+        }
+    }
+
+    /// Reads execs from `execs` (see `forget_execs`).
+    pub fn follow(&mut self, execs: Option<Execs>) {
+        self.execs = execs;
+    }
+
+    /// Returns once the kernel told of an exec (never without `follow`).
+    pub async fn exec_told(&self) {
+        match &self.execs {
+            Some(execs) => execs.told().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The traced process's name (its program's since its last exec).
+    pub fn comm(&self) -> Option<String> {
+        match &self.scope {
+            Scope::Process(_, comm) => Some(comm.clone()),
+            Scope::System { .. } => None,
+        }
+    }
+
+    /// The processes that exec'd since the last call (see `Execs::take`);
+    /// what their old images left is forgotten.
+    pub fn forget_execs(&mut self) -> HashMap<u32, Exec> {
+        let execs = self.execs.as_mut().map(Execs::take).unwrap_or_default();
+        if !execs.is_empty() {
+            // One pass over the maps for all of them: 6.5 ms for 209 execs
+            // system-wide (default sizes, 2 busy CPUs), 84 ms for 214 with
+            // --combined-only, which reads each one's mappings.
+            self.forget_images(&execs);
+        }
+        execs
+    }
+
+    /// Forgets what the old images of processes that exec'd left: their
+    /// blocks and totals in the kernel maps, and their stacks here. Their
+    /// frames would be symbolized against the new image's mappings: calls
+    /// that never happened.
+    fn forget_images(&mut self, execs: &HashMap<u32, Exec>) {
+        let pids: HashSet<u32> = execs.keys().copied().collect();
+        // With --combined-only the times are jiffies (4 ms at HZ=250), and
+        // a program often execs within one of its last malloc (a shell's
+        // child): the blocks of the exec's jiffy are the old image's if
+        // their address is not mapped in the new one. The new image's are
+        // (they are live); an old one is, by chance, where the two images'
+        // heaps overlap (their starts are random, 32 MiB apart at most for
+        // the brk heap).
+        let mapped: HashMap<u32, Vec<proc::Mapping>> = match self.combined_only {
+            true => pids.iter().map(|&pid| (pid, proc::maps_of(pid))).collect(),
+            false => HashMap::new(),
+        };
+        self.recorded.forget_images(&pids, |key, info| {
+            let exec = execs.get(&key.tgid)?;
+            let in_new = || mapped.get(&key.tgid).is_some_and(|maps| maps.iter().any(|m| m.contains(key.addr)));
+            Some(info.timestamp_ns < exec.time || (info.timestamp_ns == exec.time && self.combined_only && !in_new()))
+        });
+        self.ends.forget(&pids);
+        for &pid in &pids {
+            self.symbolizer.forget(pid);
+            if let Scope::Process(traced, comm) = &mut self.scope
+                && *traced == pid
+            {
+                let now = proc::comm(pid);
+                if now != "?" {
+                    *comm = now;
+                }
+            }
         }
     }
 

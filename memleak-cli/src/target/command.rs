@@ -176,16 +176,17 @@ fn reap(pid: u32, flags: i32) -> Option<Option<i32>> {
 
 /// Waits (up to ~2 s) until `pid` runs a new program with its libraries
 /// mapped: the moment to read its mappings for symbolization.
-pub fn wait_for_exec(pid: u32, argv0: &str) {
+/// Its executable's name is not looked for: the command may have exec'd
+/// another program by then.
+pub fn wait_for_exec(pid: u32) {
     let me = std::fs::read_link("/proc/self/exe").ok();
-    let name = crate::target::proc::module_name(argv0).to_string();
     for _ in 0..2000 {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
         if maps.is_empty() {
             return; // exited already
         }
-        if exe.is_some() && exe != me && maps.lines().any(|l| l.contains("/libc")) && maps.contains(&name) {
+        if exe.is_some() && exe != me && maps.lines().any(|l| l.contains("/libc")) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));

@@ -93,6 +93,11 @@ fn read_at(dir: &fs::File, name: &std::ffi::CStr) -> io::Result<String> {
     Ok(text)
 }
 
+/// Process `pid`'s mappings now (none once it is gone).
+pub fn maps_of(pid: u32) -> Vec<Mapping> {
+    fs::read_to_string(format!("/proc/{pid}/maps")).map(|text| parse_maps(&text)).unwrap_or_default()
+}
+
 /// The PIDs of all processes now.
 pub fn pids() -> Vec<u32> {
     fs::read_dir("/proc")

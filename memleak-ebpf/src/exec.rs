@@ -1,0 +1,40 @@
+//! Events user space must hear of between reports: a traced process
+//! replaced its image (exec), so the blocks it recorded died with the old
+//! address space.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::RingBuf,
+    programs::TracePointContext,
+};
+use memleak_common::{EVENT_EXEC, Event};
+
+use crate::config;
+
+/// 4096 events of 24 bytes (16 and the ring's 8-byte header): more execs
+/// than a busy machine makes between two reports.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(96 * 1024, 0);
+
+/// sched:sched_process_exec fires in the task that exec'd, once the new
+/// image is in place and before it runs: the time taken here is after
+/// every block of the old image and before any of the new one.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let watched = config::watched_tgid();
+    if watched != 0 && tgid != watched {
+        return 0;
+    }
+    // In the blocks' clock (see `record::now`): user space forgets the
+    // blocks from before this time (jiffies with --combined-only: blocks
+    // of the exec's own jiffy are judged by their address, see
+    // `Reporter::forget_execs`).
+    // SAFETY: helpers without arguments.
+    let time = unsafe { if config::combined_only() { bpf_jiffies64() } else { bpf_ktime_get_ns() } };
+    // A full ring loses the event: the old image's blocks then stay until
+    // the process exits (user space reads the ring every report).
+    let _ = EVENTS.output::<Event>(Event { kind: EVENT_EXEC, tgid, time }, 0);
+    0
+}
