@@ -157,6 +157,24 @@ fn calloc_overflow_and_free_null_record_nothing() {
 }
 
 #[test]
+fn a_threads_first_call_free_makes_no_phantom_arena() {
+    // glibc 2.36 sets up a new thread's cache inside its first free, which
+    // mmaps a new arena's 64 MiB heap (alloc_new_heap): that mapping is
+    // free's, not a block of the program's. An mmap made just after a free
+    // returned, from a deeper frame, is the program's.
+    for mode in [&[][..], &["--combined-only"]] {
+        let (report, stderr) = report(&["freefirst"], mode);
+        assert_eq!(report.stacks.len(), 2, "{mode:?}: {report:?}\n{stderr}");
+        let heap = in_function(&report, "leak_after_free");
+        let mapped = in_function(&report, "map_pages");
+        assert!(heap.len() == 1 && heap[0].starts_with(&["leak_after_free", "free_first"]), "{report:?}");
+        assert_eq!(totals(&heap), (3333, 1), "{mode:?}");
+        assert!(mapped.len() == 1 && mapped[0].starts_with(&["map_pages", "map_after_free"]), "{report:?}");
+        assert_eq!(totals(&mapped), (8192, 1), "{mode:?}");
+    }
+}
+
+#[test]
 fn malloc_served_by_mmap_counts_once() {
     let (report, _) = report(&["big"], &[]);
     assert_eq!(report.stacks.len(), 1, "{report:?}");

@@ -175,7 +175,8 @@ pub struct Pending {
     /// Allocator calls nested inside this one (memalign calling malloc):
     /// the outermost call owns the allocation and the caller's stack.
     pub depth: u32,
-    /// [`PENDING_ACTIVE`], [`PENDING_RECORD`], [`PENDING_HAS_OLD`], [`PENDING_MMAP`].
+    /// [`PENDING_ACTIVE`], [`PENDING_RECORD`], [`PENDING_HAS_OLD`],
+    /// [`PENDING_MMAP`], [`PENDING_COARSE`].
     pub flags: u32,
 }
 
@@ -211,6 +212,8 @@ pub const PENDING_ACTIVE: u32 = 4;
 pub const PENDING_MMAP: u32 = 8;
 /// `Pending::old` holds realloc's old block, taken out of the maps at entry.
 pub const PENDING_HAS_OLD: u32 = 2;
+/// `Pending::entered_ns` holds jiffies, not CLOCK_MONOTONIC ns.
+pub const PENDING_COARSE: u32 = 16;
 
 /// `AllocKey::tgid` of kernel allocations: kmalloc and slab objects (by
 /// address), whole pages (by page frame number), per-CPU chunks (by address).

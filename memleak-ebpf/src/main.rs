@@ -29,7 +29,7 @@ use memleak_common::PENDING_MMAP;
 
 use crate::{
     maps::UNMAP_AGAIN,
-    record::{enter, exit, forget, thread_id, unmap},
+    record::{enter, exit, forget, note_free, thread_id, unmap},
 };
 
 // One program per shape of allocator call, named after the libc function
@@ -95,8 +95,10 @@ pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
+    let pid_tgid = thread_id();
+    note_free(&ctx, pid_tgid);
     if addr != 0 {
-        forget(thread_id() >> 32, addr);
+        forget(pid_tgid >> 32, addr);
     }
     0
 }

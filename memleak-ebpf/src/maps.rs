@@ -44,6 +44,21 @@ pub const KNOWN_SLOT_BITS: u32 = 8;
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
+/// The last free entered on this CPU (see `record::note_free`).
+#[map]
+pub static LAST_FREE: PerCpuArray<LastFree> = PerCpuArray::with_max_entries(1, 0);
+
+/// A free call: who made it, and where its return address is.
+#[repr(C)]
+pub struct LastFree {
+    pub pid_tgid: u64,
+    /// The stack pointer at its entry, where its return address is.
+    pub sp: u64,
+    /// Where its entry probe is: the function's start, or a few bytes past.
+    pub ip: u64,
+    pub jiffies: u64,
+}
+
 /// The allocator call under way, per thread (see `task_storage`).
 #[btf_map]
 pub static PENDING: TaskStorage<Pending> = TaskStorage::new();

@@ -11,15 +11,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, MAX_STACK_DEPTH, NO_SLOT, NO_STACK, PENDING_ACTIVE, PENDING_HAS_OLD, PENDING_MMAP,
-    PENDING_RECORD, Region, Stack, Stat, totals_owner,
+    AllocInfo, AllocKey, Bucket, MAX_STACK_DEPTH, NO_SLOT, NO_STACK, PENDING_ACTIVE, PENDING_COARSE, PENDING_HAS_OLD,
+    PENDING_MMAP, PENDING_RECORD, Pending, Region, Stack, Stat, totals_owner,
 };
 
 use crate::{
     config, regions,
     table, totals,
     unwind::{stack_pointer, user_stack},
-    maps::{ALLOCS, PENDING, STACK_SCRATCH, STACKS, STATS},
+    maps::{ALLOCS, LAST_FREE, PENDING, STACK_SCRATCH, STACKS, STATS},
 };
 
 
@@ -42,15 +42,6 @@ fn now() -> u64 {
     if config::combined_only() { unsafe { bpf_jiffies64() } } else { unsafe { bpf_ktime_get_ns() } }
 }
 
-/// An entry whose return did not come within this long is stale, even if
-/// the new call's frame is below it (a longjmp left it, and a deeper frame
-/// called again): a new call replaces it. In `now`'s units: a second, or
-/// 1000 jiffies (1 to 10 s by the kernel's HZ).
-#[inline(always)]
-fn stale_after() -> u64 {
-    if config::combined_only() { 1000 } else { 1_000_000_000 }
-}
-
 #[inline(always)]
 pub fn count(stat: Stat) {
     if let Some(n) = STATS.get_ptr_mut(stat as u32) {
@@ -65,50 +56,42 @@ fn is_self(pid_tgid: u64) -> bool {
 }
 
 /// Entry of an allocator call (or of mmap, `kind` [`PENDING_MMAP`]): note
-/// the request for the return probe.
+/// the request for the return probe. Every call is noted, recorded or not:
+/// a call made inside it (malloc -> mmap of a new arena) belongs to it, and
+/// its return must not be taken for the outer call's.
 #[inline(always)]
 pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u32) {
     let pid_tgid = thread_id();
     if is_self(pid_tgid) {
         return;
     }
-    let traced = size >= config::min_size() && size <= config::max_size() && sampled();
-    // A request filtered out still needs its return seen if it is a realloc
-    // that gives up a tracked block: a failed realloc restores it.
+    let mut traced = size >= config::min_size() && size <= config::max_size() && sampled();
     // SAFETY: a uprobe's context is the task's pt_regs.
     let sp = stack_pointer(unsafe { &*ctx.regs });
-    if !traced && old_addr == 0 {
-        // Inside a traced call (malloc -> mmap), its return must not be
-        // taken for the outer call's; outside it, that call's return was
-        // not seen, and this one's must not be taken for it either.
-        if let Some(outer) = PENDING.current()
-            && outer.flags & PENDING_ACTIVE != 0
-        {
-            if sp < outer.sp {
-                outer.depth += 1;
-            } else {
-                outer.flags = 0;
-            }
-        }
-        return;
-    }
     let Some(pending) = PENDING.current_or_new() else {
         count(Stat::PendingMapFull);
         return;
     };
-    let entered_ns = now();
-    if pending.flags & PENDING_ACTIVE != 0
-        && sp < pending.sp
-        && entered_ns.wrapping_sub(pending.entered_ns) < stale_after()
-    {
-        // Inside another allocator call (memalign -> malloc, malloc ->
-        // mmap), whose frame is above this one's: the outer call records
-        // the block, with the caller's stack. An entry not above, or older,
-        // is one whose return was not seen (the return probe went in after
-        // the entry probe, or a longjmp left the call): this call replaces it.
+    if inside(pending, sp) {
+        // Inside another hooked call (memalign -> malloc, malloc -> mmap),
+        // whose frame is above this one's: the outer call records the
+        // block, with the caller's stack.
         pending.depth += 1;
         return;
     }
+    if traced && kind & PENDING_MMAP != 0 && in_free(pid_tgid, sp) {
+        // free's (see `note_free`): noted as the outer call of what it
+        // calls, not recorded.
+        traced = false;
+    }
+    // A call not recorded needs no exact time, only one that tells a stale
+    // entry: jiffies, a load, where a clock read costs about 40 ns.
+    let (entered, coarse) = if traced {
+        (now(), if config::combined_only() { PENDING_COARSE } else { 0 })
+    } else {
+        // SAFETY: a helper without arguments.
+        (unsafe { bpf_jiffies64() }, PENDING_COARSE)
+    };
     pending.size = size;
     // Volatile: LLVM merges two zero stores into a call to a byte-by-byte
     // memset subprogram, a fifth of this probe's time.
@@ -116,24 +99,149 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
         ptr::write_volatile(&mut pending.memptr, memptr);
         ptr::write_volatile(&mut pending.old_addr, old_addr);
     }
-    pending.entered_ns = entered_ns;
+    pending.entered_ns = entered;
     pending.sp = sp;
     pending.depth = 0;
-    pending.flags = PENDING_ACTIVE | kind | if traced { PENDING_RECORD } else { 0 };
+    pending.flags = PENDING_ACTIVE | kind | coarse | if traced { PENDING_RECORD } else { 0 };
     if old_addr == 0 {
         return;
     }
     // realloc gives up its old block now, before another thread can get the
     // same address back from the allocator; a failed realloc restores it.
-    match take((pid_tgid >> 32) as u32, old_addr) {
-        Some(old) => {
-            pending.old = old;
-            pending.flags |= PENDING_HAS_OLD;
-        }
-        // Neither a block to record nor one to restore.
-        None if !traced => pending.flags = 0,
-        None => {}
+    // Neither a block to record nor one to restore leaves the call noted,
+    // as the outer call of what it calls.
+    if let Some(old) = take((pid_tgid >> 32) as u32, old_addr) {
+        pending.old = old;
+        pending.flags |= PENDING_HAS_OLD;
     }
+}
+
+/// Whether a call entered with stack pointer `sp` is inside the noted one:
+/// that call is waiting for its return, and its frame is above. A noted
+/// entry whose return did not come within `STALE_NS` (the return probe
+/// went in after the entry probe, or a longjmp left the call) is not waited
+/// for: the new call replaces it.
+#[inline(always)]
+fn inside(outer: &Pending, sp: u64) -> bool {
+    if outer.flags & PENDING_ACTIVE == 0 || sp >= outer.sp {
+        return false;
+    }
+    if outer.flags & PENDING_COARSE != 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_jiffies64() }.wrapping_sub(outer.entered_ns) < STALE_JIFFIES
+    } else {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }.wrapping_sub(outer.entered_ns) < STALE_NS
+    }
+}
+
+/// An entry whose return did not come within this long is stale, even if
+/// the new call's frame is below it (a longjmp left it, and a deeper frame
+/// called again): a new call replaces it. A second, or 1000 jiffies (1 to
+/// 10 s by the kernel's HZ).
+const STALE_NS: u64 = 1_000_000_000;
+const STALE_JIFFIES: u64 = 1000;
+
+/// Entry of free (and delete, and every call that takes a block first).
+/// It has no return probe (a second trap per free), and no per-thread
+/// entry (a task storage look-up cost 50 ns per free, two thirds of what
+/// the probe cost before), but what it calls must still be its own: glibc
+/// sets up a thread's cache inside the thread's first allocator call, and
+/// when that is a free of another thread's block, a new arena's heap is
+/// mmap'd inside free (alloc_new_heap, 64 MiB). So each free leaves on its
+/// CPU where its return address is, and an mmap that finds that free still
+/// running (see `in_free`) is taken as its. Registers only: reading the
+/// return address here would cost 110 ns per free.
+#[inline(always)]
+pub fn note_free(ctx: &ProbeContext, pid_tgid: u64) {
+    let Some(last) = LAST_FREE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; no other CPU writes it. A uprobe's context
+    // is the task's pt_regs.
+    let (last, regs) = unsafe { (&mut *last, &*ctx.regs) };
+    let sp = stack_pointer(regs);
+    // SAFETY: a helper without arguments (the verifier inlines it: a load).
+    let jiffies = unsafe { bpf_jiffies64() };
+    // delete -> free is a jump, with the same return address: the call
+    // made is the first one's.
+    if !(last.pid_tgid == pid_tgid && last.sp == sp && jiffies.wrapping_sub(last.jiffies) <= 1) {
+        last.ip = regs.rip;
+    }
+    last.pid_tgid = pid_tgid;
+    last.sp = sp;
+    last.jiffies = jiffies;
+}
+
+/// Whether an mmap entered with stack pointer `sp` is inside the last free
+/// this CPU ran: the same thread's, its frame above, within a jiffy (the
+/// set-up in glibc's free took 22 us here, a jiffy is 1 to 10 ms), and its
+/// return address still in its slot: the value there returns from a call of
+/// that free (see `calls`), where once free returned the caller's next
+/// call puts its own. A thread moved to another CPU in between is missed,
+/// and its mmap recorded as before.
+#[inline(always)]
+fn in_free(pid_tgid: u64, sp: u64) -> bool {
+    let Some(last) = LAST_FREE.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot.
+    let last = unsafe { &*last };
+    if last.pid_tgid != pid_tgid || sp >= last.sp || unsafe { bpf_jiffies64() }.wrapping_sub(last.jiffies) > 1 {
+        return false;
+    }
+    // SAFETY: bpf_probe_read_user checks the user address.
+    match unsafe { bpf_probe_read_user(last.sp as *const u64) } {
+        Ok(ret) => calls(ret, last.ip),
+        Err(_) => false,
+    }
+}
+
+/// Whether the instruction before return address `ret` calls the function
+/// whose entry probe is at `ip`: `call rel32` to it, or to a PLT stub that
+/// jumps through a GOT entry holding it, or `call *disp32(%rip)` through
+/// such an entry (-fno-plt). x86-64 code.
+#[inline(always)]
+fn calls(ret: u64, ip: u64) -> bool {
+    // SAFETY: bpf_probe_read_user checks the user address.
+    let Ok(before) = (unsafe { bpf_probe_read_user(ret.wrapping_sub(8) as *const [u8; 8]) }) else {
+        return false;
+    };
+    let disp = |b: &[u8]| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64 as u64;
+    let got = if before[2] == 0xff && before[3] == 0x15 {
+        ret.wrapping_add(disp(&before[4..]))
+    } else if before[3] == 0xe8 {
+        let target = ret.wrapping_add(disp(&before[4..]));
+        if starts(target, ip) {
+            return true;
+        }
+        // SAFETY: as above.
+        let Ok(stub) = (unsafe { bpf_probe_read_user(target as *const [u8; 16]) }) else {
+            return false;
+        };
+        // jmp *disp32(%rip), after endbr64 and a bnd prefix if any.
+        let at = if stub[0] == 0xff && stub[1] == 0x25 {
+            0
+        } else if stub[4] == 0xff && stub[5] == 0x25 {
+            4
+        } else if stub[5] == 0xff && stub[6] == 0x25 {
+            5
+        } else {
+            return false;
+        };
+        target.wrapping_add(at + 6).wrapping_add(disp(&stub[at as usize + 2..at as usize + 6]))
+    } else {
+        return false;
+    };
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_user(got as *const u64) }.is_ok_and(|f| starts(f, ip))
+}
+
+/// Whether a function starting at `start` has its entry probe at `ip`: at
+/// the start, or past `endbr64; test %rdi,%rdi; je` (see placement).
+#[inline(always)]
+fn starts(start: u64, ip: u64) -> bool {
+    ip.wrapping_sub(start) <= 16
 }
 
 /// One call in `-s N`, at random.
@@ -165,6 +273,10 @@ pub fn exit(ctx: &RetProbeContext) {
         return;
     }
     pending.flags &= !PENDING_ACTIVE;
+    if pending.flags & (PENDING_RECORD | PENDING_HAS_OLD) == 0 {
+        // Noted only as the outer call of what it calls.
+        return;
+    }
     let pid_tgid = thread_id();
     let tgid = (pid_tgid >> 32) as u32;
     let ret = ctx.ret::<u64>();
