@@ -33,6 +33,8 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("exec-old", Compiler::C, "exec.c", &["-DOLD_IMAGE", "-no-pie"]),
     ("exec-new", Compiler::C, "exec.c", &["-no-pie"]),
     ("exec-new-static", Compiler::C, "exec.c", &["-static"]),
+    ("libplugin.so", Compiler::C, "plugin.c", &["-shared", "-fPIC"]),
+    ("dlclose", Compiler::C, "dlclose.c", &["-ldl"]),
 ];
 
 fn main() {

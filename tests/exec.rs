@@ -1,4 +1,7 @@
-//! A traced process that runs another program (exec): what its old image
+//! A traced process that changes what it maps. dlclose: a library closed
+//! before the first report keeps its frames' names (the last test).
+//!
+//! exec, a process that runs another program: what its old image
 //! allocated died with the old address space, so only the new program's
 //! leak may be reported, symbolized against the new program, and the user
 //! is told once. `tests/fixtures/exec.c`: exec-old leaks 3 blocks of 1000
@@ -200,4 +203,26 @@ fn system_wide_a_process_that_execs_leaves_no_phantom_leak() {
     assert_new_leak(stacks[0], "exec-new");
     // Said with -v only: a machine execs all the time.
     assert!(!stderr.contains(" exec'd "), "{stderr}");
+}
+
+#[test]
+fn a_library_closed_before_the_first_report_keeps_its_names() {
+    // tests/fixtures/dlclose.c opens libplugin.so, whose plugin_leak()
+    // leaks 4 blocks of 2000 bytes, and closes it 300 ms later: memleak
+    // reads the mappings when dlopen returns (0.15 to 6.5 ms later in 10
+    // runs, on 2 busy CPUs), long before the only report, at the end.
+    let lib = fixture("libplugin.so");
+    let traced =
+        trace_scenario(&fixture("dlclose"), &[lib.to_str().unwrap(), "300"], &["-o", "0", "600"], Duration::from_secs(60));
+    let (stdout, stderr) = (&traced.stdout, &traced.stderr);
+    assert!(traced.status.success(), "{:?}\n{stdout}\n{stderr}", traced.status);
+    let reports = parse_reports(stdout);
+    assert_eq!(reports.len(), 1, "{stdout}");
+    let plugin: Vec<&Stack> = reports[0].stacks.iter().filter(|s| s.bytes == 8000).collect();
+    assert_eq!(plugin.len(), 1, "{stdout}\n{stderr}");
+    let stack = plugin[0];
+    assert!(stack.starts_with(&["plugin_leak", "plugin_entry", "main"]), "{stdout}\n{stderr}");
+    assert!(stack.frames[0].contains("[libplugin.so] fixtures/plugin.c:"), "{stack:?}");
+    assert_eq!(stack.count, 4, "{stack:?}");
+    assert!(!stdout.contains("unmapped"), "{stdout}");
 }

@@ -118,6 +118,11 @@ impl Frame {
     }
 }
 
+/// File mappings kept per process after they are gone (see `refresh`): a
+/// program that loads and unloads plugins at new addresses all day must
+/// not grow memleak without bound.
+const MAX_GONE: usize = 256;
+
 /// A mapped file, held open so it stays readable whatever happens to its path.
 struct Module {
     file: TargetFile,
@@ -181,13 +186,27 @@ impl Symbolizer {
         if maps.is_empty() {
             return; // exited: keep what we had
         }
-        let view = maps
+        let mut view: Vec<(Mapping, Option<usize>)> = maps
             .into_iter()
             .map(|m| {
                 let module = if m.is_file() { self.open(pid, &m) } else { None };
                 (m, module)
             })
             .collect();
+        // File mappings gone since (a library closed with dlclose) stay, at
+        // the end, where no mapping has taken their place: blocks allocated
+        // there before are still outstanding, and their frames still
+        // resolve from the file held open.
+        if let Some(before) = self.views.remove(&pid) {
+            let gone: Vec<_> = before
+                .into_iter()
+                .filter(|(m, module)| {
+                    module.is_some() && !view.iter().any(|(n, _)| n.start < m.end && m.start < n.end)
+                })
+                .take(MAX_GONE)
+                .collect();
+            view.extend(gone);
+        }
         self.views.insert(pid, view);
     }
 

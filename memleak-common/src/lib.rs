@@ -277,7 +277,7 @@ pub const STAT_COUNT: u32 = 5;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// [`EVENT_EXEC`].
+    /// [`EVENT_EXEC`], [`EVENT_DLOPEN`].
     pub kind: u32,
     pub tgid: u32,
     /// When, in the clock of `AllocInfo::timestamp_ns`.
@@ -287,6 +287,9 @@ pub struct Event {
 /// Process `tgid` exec'd at `time`: its blocks recorded before then are
 /// the old image's.
 pub const EVENT_EXEC: u32 = 1;
+/// Process `tgid` (the traced one) returned from dlopen at `time`
+/// (CLOCK_MONOTONIC): it maps a library it did not before, maybe.
+pub const EVENT_DLOPEN: u32 = 2;
 
 /// Names of the read-only globals the loader sets before load.
 pub mod globals {

@@ -9,6 +9,7 @@
 #![allow(internal_features)]
 
 mod config;
+mod dlopen;
 mod exec;
 mod floor;
 mod kernel;

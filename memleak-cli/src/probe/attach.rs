@@ -58,14 +58,27 @@ pub fn plan_target(target: &Target, obj: Option<&Path>, floor: Option<Floor>) ->
     let mut plans = vec![];
     if let Some(obj) = obj {
         let object = named_object(&maps, obj, target.pid)?;
-        plans.push(open(&object).and_then(|file| plan(file, &object, true, floor)).map_err(gone)?);
+        plans.push(open(&object).and_then(|file| plan(file, &object, true, true, floor)).map_err(gone)?);
     } else {
         let serving = serving_object(target.pid, &maps)?;
-        plans.push(open(&serving).and_then(|file| plan(file, &serving, true, floor)).map_err(gone)?);
+        plans.push(open(&serving).and_then(|file| plan(file, &serving, true, true, floor)).map_err(gone)?);
         if !plans[0].attached.functions.iter().any(|(f, ..)| *f == "_Znwm")
             && let Some(cxx) = maps.iter().find(|m| m.is_file() && is_cxx_runtime(m.module_name()))
         {
-            plans.push(open(&cxx.path).and_then(|file| plan(file, &cxx.path, false, floor)).map_err(gone)?);
+            plans.push(open(&cxx.path).and_then(|file| plan(file, &cxx.path, false, false, floor)).map_err(gone)?);
+        }
+    }
+    // An allocator library serves malloc: dlopen is libc's (or libdl's).
+    let has_dlopen = |plans: &[Plan]| plans.iter().any(|p| p.attached.functions.iter().any(|(f, ..)| *f == DLOPEN.0));
+    for m in maps.iter().filter(|m| m.is_file() && (is_libc(m.module_name()) || m.module_name().starts_with("libdl."))) {
+        if floor.is_some() || has_dlopen(&plans) {
+            break;
+        }
+        // Not fatal: frames of libraries it opens are then read at reports only.
+        if let Ok(dl) = open(&m.path).and_then(|file| plan(file, &m.path, false, true, floor))
+            && dl.attached.functions.iter().any(|(f, ..)| *f == DLOPEN.0)
+        {
+            plans.push(dl);
         }
     }
     Ok(TargetPlan { pid: target.pid, plans, floor })
@@ -114,7 +127,7 @@ fn exited(pid: u32, e: anyhow::Error) -> anyhow::Error {
 pub fn attach_file(ebpf: &mut Ebpf, links: &Links, path: &Path, pid: NonZeroU32) -> anyhow::Result<Attached> {
     let file = TargetFile::host(path)
         .map_err(|e| user_error(Kind::Attach, format!("-O {}: cannot open it: {e}", path.display())))?;
-    probe_object(ebpf, links, file, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, None)
+    probe_object(ebpf, links, file, &path.to_string_lossy(), UProbeScope::OneProcess(pid), true, true, None)
 }
 
 /// Attaches the hooks the object open as `file` defines, for the
@@ -127,9 +140,10 @@ fn probe_object(
     object: &str,
     scope: UProbeScope,
     serves_malloc: bool,
+    dlopen: bool,
     floor: Option<Floor>,
 ) -> anyhow::Result<Attached> {
-    let plan = plan(file, object, serves_malloc, floor)?;
+    let plan = plan(file, object, serves_malloc, dlopen, floor)?;
     attach_plans(ebpf, links, std::slice::from_ref(&plan), scope, floor)?;
     Ok(plan.attached)
 }
@@ -145,10 +159,16 @@ struct Plan {
 }
 
 /// The probes for the hooks the object defines.
-fn plan(file: TargetFile, object: &str, serves_malloc: bool, floor: Option<Floor>) -> anyhow::Result<Plan> {
+/// With `dlopen` (one traced process), dlopen's return too, if the
+/// object defines it (see `DLOPEN`).
+fn plan(file: TargetFile, object: &str, serves_malloc: bool, dlopen: bool, floor: Option<Floor>) -> anyhow::Result<Plan> {
     let hooks: Vec<(&'static str, Shape)> =
         if serves_malloc { C_API.iter().chain(CXX_API).copied().collect() } else { CXX_API.to_vec() };
-    let names: Vec<&str> = hooks.iter().map(|(f, _)| *f).collect();
+    let mut names: Vec<&str> = hooks.iter().map(|(f, _)| *f).collect();
+    let dlopen = dlopen && floor.is_none();
+    if dlopen {
+        names.push(DLOPEN.0);
+    }
     let functions = elf::functions(&file, &names).map_err(|e| {
         user_error(Kind::Attach, format!("cannot read the allocator object {object}: {e:#}"))
     })?;
@@ -178,8 +198,17 @@ fn plan(file: TargetFile, object: &str, serves_malloc: bool, floor: Option<Floor
         plan.probes.extend(exit.map(|exit| (exit, function, offset)));
         plan.attached.functions.push((function, offset, placement));
     }
+    if let Some(code) = functions.get(DLOPEN.0).filter(|_| dlopen) {
+        plan.probes.push((DLOPEN.1, DLOPEN.0, code.offset));
+        plan.attached.functions.push((DLOPEN.0, code.offset, Placement { delta: 0, why: "return probe only" }));
+    }
     Ok(plan)
 }
+
+/// dlopen, and the program at its return: a library the traced process
+/// opens is read at once, while it is mapped (it may be closed before
+/// the next report). In libc (glibc 2.34 on, musl), or libdl before.
+const DLOPEN: (&str, &str) = ("dlopen", "dlopen_exit");
 
 /// Loads the programs the plans need and attaches each one's probes as
 /// soon as it is verified: the kernel's first uprobe registration waits
@@ -337,7 +366,7 @@ impl SystemProbes {
         }
         let object = obj.to_string_lossy().into_owned();
         let file = TargetFile::host(obj).map_err(|e| user_error(Kind::Attach, format!("-O {object}: {e}")))?;
-        self.objects.push(probe_object(ebpf, links, file, &object, UProbeScope::AllProcesses, true, None)?);
+        self.objects.push(probe_object(ebpf, links, file, &object, UProbeScope::AllProcesses, true, false, None)?);
         Ok(())
     }
 
@@ -366,7 +395,7 @@ impl SystemProbes {
                     continue;
                 }
                 let label = format!("{} (of pid {pid})", mapping.path);
-                match probe_object(ebpf, links, file, &label, UProbeScope::AllProcesses, serves_malloc, None) {
+                match probe_object(ebpf, links, file, &label, UProbeScope::AllProcesses, serves_malloc, false, None) {
                     Ok(attached) => {
                         self.objects.push(attached);
                         added += 1;

@@ -4,7 +4,7 @@
 //! tracepoint, through the `EVENTS` ring); each report first forgets what
 //! the old images left (see `Recorded::forget_images`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use tokio::io::{Interest, unix::AsyncFd};
@@ -13,7 +13,7 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::TracePoint,
 };
-use memleak_common::{EVENT_EXEC, Event, maps};
+use memleak_common::{EVENT_DLOPEN, EVENT_EXEC, Event, maps};
 
 use crate::probe::{kernel, multi::Links};
 
@@ -30,6 +30,8 @@ pub struct Exec {
 /// The ring the kernel writes exec events to, readable when it holds some.
 pub struct Execs {
     ring: AsyncFd<RingBuf<MapData>>,
+    /// Processes that returned from dlopen, read from the ring by `take`.
+    opened: HashSet<u32>,
 }
 
 impl Execs {
@@ -60,7 +62,7 @@ impl Execs {
         // SAFETY: the ring owns its fd and keeps it open while registered.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("watching the event ring: {e}"))?;
-        Ok(Self { ring })
+        Ok(Self { ring, opened: HashSet::new() })
     }
 
     /// Returns once events are in the ring (call `take` then).
@@ -82,13 +84,26 @@ impl Execs {
             // SAFETY: the kernel wrote an `Event` (repr(C), any bits valid);
             // the ring's records are only 8-byte aligned, so read unaligned.
             let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            if event.kind == EVENT_EXEC {
-                let exec = execs.entry(event.tgid).or_default();
-                exec.time = exec.time.max(event.time);
-                exec.count += 1;
+            match event.kind {
+                EVENT_EXEC => {
+                    let exec = execs.entry(event.tgid).or_default();
+                    exec.time = exec.time.max(event.time);
+                    exec.count += 1;
+                }
+                EVENT_DLOPEN => {
+                    self.opened.insert(event.tgid);
+                }
+                _ => {}
             }
         }
         execs
+    }
+}
+
+impl Execs {
+    /// The processes that returned from dlopen, as read by `take`.
+    pub fn take_opened(&mut self) -> HashSet<u32> {
+        std::mem::take(&mut self.opened)
     }
 }
 

@@ -188,8 +188,16 @@ impl Reporter {
 
     /// The processes that exec'd since the last call (see `Execs::take`);
     /// what their old images left is forgotten.
+    /// Processes that returned from dlopen have their mappings read now:
+    /// a library they map may be gone (dlclose) by the next report.
     pub fn forget_execs(&mut self) -> HashMap<u32, Exec> {
-        let execs = self.execs.as_mut().map(Execs::take).unwrap_or_default();
+        let Some(told) = &mut self.execs else { return HashMap::new() };
+        let execs = told.take();
+        for pid in told.take_opened() {
+            if !execs.contains_key(&pid) {
+                self.symbolizer.refresh(pid);
+            }
+        }
         if !execs.is_empty() {
             // One pass over the maps for all of them: 6.5 ms for 209 execs
             // system-wide (default sizes, 2 busy CPUs), 84 ms for 214 with
