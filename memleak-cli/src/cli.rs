@@ -32,7 +32,8 @@ pub enum Format {
         memleak -p 181 -z 4096          only requests of 4 KiB or more\n    \
         memleak -p 181 --sort growth    stacks that grew most since the last report first\n    \
         memleak -p 181 --format json    one JSON object per report\n    \
-        memleak -p 181 10 3 --pprof heap.pb.gz --flamegraph heap.svg   files written at exit"
+        memleak -p 181 10 3 --pprof heap.pb.gz --flamegraph heap.svg   files written at exit\n    \
+        memleak --listen 9464 -q        serve /metrics on 127.0.0.1:9464, print no reports"
 )]
 pub struct Args {
     /// Trace this process (its allocator calls only). Without it: the whole system.
@@ -162,6 +163,15 @@ pub struct Args {
     /// At exit, write a gzipped pprof profile (inuse_space, inuse_objects) to FILE.
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
+
+    /// Serve the last report over HTTP on [ADDR:]PORT (a bare port binds
+    /// 127.0.0.1): /metrics for Prometheus.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::serve::parse_listen)]
+    pub listen: Option<std::net::SocketAddr>,
+
+    /// Print no reports on stdout (with --listen: serve them only).
+    #[arg(short, long)]
+    pub quiet: bool,
 
     /// Bench only (`cargo xtask bench`): empty programs on every hook, at
     /// function entries (naive) or where memleak puts its probes (placed).

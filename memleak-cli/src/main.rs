@@ -9,6 +9,7 @@ mod maps;
 mod output;
 mod probe;
 mod report;
+mod serve;
 mod stack_end;
 mod symbolize;
 mod target;

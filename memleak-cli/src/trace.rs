@@ -4,6 +4,10 @@ use std::{
     collections::{HashMap, HashSet},
     num::NonZeroU32,
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -29,6 +33,7 @@ use crate::{
     target::proc::{PidFd, Target},
     clock::monotonic_ns,
     report::{Reporter, Scope, dump},
+    serve::{self, Server},
 };
 
 /// Traces as `args` say; returns the exit code (the command's with -c).
@@ -67,6 +72,7 @@ impl Signals {
 
 async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let mut signals = Signals::catch()?;
+    let server = args.listen.map(Server::bind).transpose()?;
     let target = Target::open(pid)?;
     let exited = watch(pid)?;
     // The pidfd pins the process from here on; make sure it is the one we
@@ -95,6 +101,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, dump, started);
     reporter.follow(execs);
+    listen(server, &mut reporter, &config, &links);
     say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm))?;
     let mut replan = Replan::new(target, probed);
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |reporter, wake| {
@@ -113,6 +120,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
 
 async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let mut signals = Signals::catch()?;
+    let server = args.listen.map(Server::bind).transpose()?;
     let mut held = Held::spawn(argv)?;
     let pid = held.pid;
     let exited = watch(pid)?;
@@ -148,6 +156,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let scope = Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string());
     let mut reporter = Reporter::new(args, recorded, scope, exports, dump, started);
     reporter.follow(execs);
+    listen(server, &mut reporter, &config, &links);
     // The command's own exec, from memleak's fork: what the fork allocated
     // before it is gone, and is not told. One after it (the command
     // exec'd another program at once) is.
@@ -181,6 +190,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
 
 async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Result<()> {
     let mut signals = Signals::catch()?;
+    let server = args.listen.map(Server::bind).transpose()?;
     let mut config = Config::from_args(args);
     if kernel_too {
         kernel::ensure_tracefs()?;
@@ -217,6 +227,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, dump, started);
     reporter.follow(execs);
+    let attached_count = listen(server, &mut reporter, &config, &links);
     say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")))?;
     let rescan = user && args.obj.is_none();
     let verbose_on = args.verbose;
@@ -230,6 +241,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
                     eprintln!("memleak: now also probing {}", attached.object);
                 }
             }
+            attached_count.store(links.probes(), Ordering::Relaxed);
         }
         Ok(())
     })
@@ -308,6 +320,19 @@ impl Replan {
             Err(_) => {}
         }
     }
+}
+
+/// `--listen`: serves each report from now on; returns the count of
+/// probes the server reports, for the caller to keep up to date.
+fn listen(server: Option<Server>, reporter: &mut Reporter, config: &Config, links: &Links) -> Arc<AtomicUsize> {
+    let probes = Arc::new(AtomicUsize::new(links.probes()));
+    if let Some(server) = server {
+        let shared = serve::Shared::default();
+        let capacity = serve::Capacity { blocks: config.max_allocs.into(), totals: config.totals_entries.into() };
+        reporter.serve(shared.clone(), capacity, probes.clone());
+        server.spawn(shared);
+    }
+    probes
 }
 
 /// A status line: on stdout, or on stderr when stdout holds JSON only.

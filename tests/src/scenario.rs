@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
@@ -35,18 +35,8 @@ pub fn trace_scenario_env(
     memleak_args: &[&str],
     limit: Duration,
 ) -> Traced {
-    let mut app = Command::new(fixture)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start fixture");
-    let pid = app.id().to_string();
-    let mut app_in = app.stdin.take().unwrap();
-    let app_out = BufReader::new(app.stdout.take().unwrap());
-    let app = Running { child: app };
-    wait_until_blocked(app.pid());
+    let mut fixture = Waiting::start(fixture, env, args);
+    let pid = fixture.pid().to_string();
 
     let mut tracer = Command::new(memleak_bin())
         .args(["-p", &pid])
@@ -68,27 +58,63 @@ pub fn trace_scenario_env(
         finish(&mut tracer);
         panic!("memleak did not attach:\n{}\n{}", stdout.join().unwrap(), stderr.join().unwrap());
     }
-    app_in.write_all(b"go\n").unwrap();
-    let (done_tx, done_rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut before = Vec::new();
-        for line in app_out.lines().map_while(Result::ok) {
-            if line == "done" {
-                let _ = done_tx.send(std::mem::take(&mut before));
-            } else {
-                before.push(line);
-            }
-        }
-    });
-    let Ok(fixture_lines) = done_rx.recv_timeout(limit) else {
+    let Some(fixture_lines) = fixture.run(limit) else {
         finish(&mut tracer);
         panic!("fixture {args:?} did not finish within {limit:?}");
     };
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
     let status = wait_limited(&mut tracer, Duration::from_secs(30));
-    drop(app);
+    drop(fixture);
     Traced { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap(), fixture_lines }
+}
+
+/// The `exact` fixture, started and waiting for its line on stdin.
+pub struct Waiting {
+    app: Running,
+    stdin: ChildStdin,
+    stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl Waiting {
+    /// Starts `fixture ARGS` (with `env` added) and waits until it reads stdin.
+    pub fn start(fixture: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
+        let mut app = Command::new(fixture)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start fixture");
+        let stdin = app.stdin.take().unwrap();
+        let stdout = Some(BufReader::new(app.stdout.take().unwrap()));
+        let app = Running { child: app };
+        wait_until_blocked(app.pid());
+        Self { app, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.app.pid()
+    }
+
+    /// Runs the scenario; what it printed before "done", or None if it
+    /// did not say "done" within `limit`.
+    pub fn run(&mut self, limit: Duration) -> Option<Vec<String>> {
+        self.stdin.write_all(b"go\n").unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let out = self.stdout.take().expect("a scenario runs once");
+        thread::spawn(move || {
+            let mut before = Vec::new();
+            for line in out.lines().map_while(Result::ok) {
+                if line == "done" {
+                    let _ = done_tx.send(std::mem::take(&mut before));
+                } else {
+                    before.push(line);
+                }
+            }
+        });
+        done_rx.recv_timeout(limit).ok()
+    }
 }
 
 /// Waits until the fixture sleeps (in its read of stdin): its libraries are
@@ -121,7 +147,7 @@ fn wait_limited(child: &mut Child, limit: Duration) -> ExitStatus {
 }
 
 /// Collects a stream; signals once when a line starts with the marker.
-fn read_lines(
+pub fn read_lines(
     stream: impl Read + Send + 'static,
     mut marker: Option<(&'static str, mpsc::Sender<()>)>,
 ) -> thread::JoinHandle<String> {

@@ -4,7 +4,8 @@
 //! - bpf-linker, linked against the LLVM inside the Rust toolchain (same
 //!   LLVM major as rustc, no system LLVM needed);
 //! - the allocator libraries the test fixtures link against, and gdb (Debian
-//!   packages).
+//!   packages);
+//! - Prometheus, unpacked into target/prometheus for tests/listen.rs.
 
 use std::{fs, os::unix::fs::symlink, path::PathBuf, process::Command};
 
@@ -16,6 +17,35 @@ pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     fixture_libraries()?;
+    prometheus()?;
+    Ok(())
+}
+
+/// Debian's Prometheus server and promtool, for the `--listen` tests:
+/// downloaded and unpacked into target/prometheus, not installed (the
+/// package's install script starts a daemon bound to every address).
+fn prometheus() -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("target/prometheus");
+    if dir.join("usr/bin/prometheus").exists() && dir.join("usr/bin/promtool").exists() {
+        return Ok(());
+    }
+    eprintln!("setup: unpacking Debian's prometheus into {}", dir.display());
+    let download = crate::workspace_root().join("target/prometheus-deb");
+    fs::create_dir_all(&download)?;
+    let fetch = || Command::new("apt-get").args(["download", "-qq", "prometheus"]).current_dir(&download).status();
+    if !fetch().is_ok_and(|s| s.success()) {
+        output("apt-get", &["update", "-qq"])?;
+        if !fetch().context("running apt-get download prometheus")?.success() {
+            bail!("apt-get download prometheus failed");
+        }
+    }
+    let deb = fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    output("dpkg", &["-x", &deb.to_string_lossy(), &dir.to_string_lossy()])?;
+    fs::remove_dir_all(&download)?;
     Ok(())
 }
 

@@ -100,11 +100,20 @@ impl Aggregator {
 
     /// Outstanding bytes (of blocks old enough) by process.
     pub fn process_bytes(&self) -> FastMap<u32, u64> {
-        let mut bytes: FastMap<u32, u64> = FastMap::default();
+        self.by_process(|t| t.bytes)
+    }
+
+    /// Blocks of each process, of any age.
+    pub fn live_by_process(&self) -> FastMap<u32, u64> {
+        self.by_process(|t| t.live)
+    }
+
+    fn by_process(&self, value: impl Fn(&StackTotal) -> u64) -> FastMap<u32, u64> {
+        let mut sums: FastMap<u32, u64> = FastMap::default();
         for ((tgid, ..), total) in &self.totals {
-            *bytes.entry(*tgid).or_default() += total.bytes;
+            *sums.entry(*tgid).or_default() += value(total);
         }
-        bytes
+        sums
     }
 
     /// Adds what `other` aggregated (another part of the same map).

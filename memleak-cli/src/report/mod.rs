@@ -14,6 +14,7 @@ pub mod trend;
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::{Arc, atomic::AtomicUsize},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -33,6 +34,7 @@ use crate::{
     maps::collect::{self, Recorded},
     output,
     probe::exec::{Exec, Execs},
+    serve,
     stack_end::End,
     symbolize::{Frame, StackProfile, Symbolizer},
     target::{memory, proc},
@@ -79,6 +81,10 @@ pub struct Reporter {
     ends: Ends,
     /// The kernel's word on execs, when it can be had.
     execs: Option<Execs>,
+    /// `--listen`: where each report is published.
+    feed: Option<serve::Feed>,
+    /// `-q`: reports go to the server only.
+    quiet: bool,
 }
 
 /// Where each user stack really ends (stack_end), and which stack stands
@@ -162,7 +168,31 @@ impl Reporter {
             exports,
             ends: Ends::default(),
             execs: None,
+            feed: None,
+            quiet: args.quiet,
         }
+    }
+
+    /// Publishes each report to a server from now on, starting with an
+    /// empty one: a scrape before the first report finds the process at 0.
+    pub fn serve(&mut self, shared: serve::Shared, capacity: serve::Capacity, probes: Arc<AtomicUsize>) {
+        let coverage = match self.scope {
+            Scope::Process(pid, _) => serve::Coverage::Process(pid),
+            Scope::System { top_procs } => serve::Coverage::System { top_procs },
+        };
+        let mut feed = serve::Feed::new(shared, coverage, capacity, probes);
+        let comms = self.comms(&[]);
+        feed.publish(&serve::Report {
+            rows: &[],
+            combined: &[],
+            live: None,
+            comms: &comms,
+            lost: lost::Lost::default(),
+            blocks_read: None,
+            totals_used: 0,
+            duration_s: 0.0,
+        });
+        self.feed = Some(feed);
     }
 
     /// Reads execs from `execs` (see `forget_execs`).
@@ -301,9 +331,13 @@ impl Reporter {
             Some(procs) if !procs.contains(&tgid) => id,
             _ => ends.same(recorded, symbolizer, tgid, id),
         };
+        let mut live = None;
         let mut totals = match aggregated {
             None => aggregate::merge_stacks(aggregate::from_combined(combined.iter().copied()), &mut same),
             Some(all) => {
+                if self.feed.is_some() {
+                    live = Some(all.live_by_process());
+                }
                 let stacks: FastMap<u32, u64> =
                     entries.iter().map(|&(slot, key, _)| (slot, same(key.tgid, key.stack_id))).collect();
                 all.finish(|slot| stacks.get(&slot).copied())
@@ -438,7 +472,21 @@ impl Reporter {
                 json::write(&mut out, &json::interval(&ctx, &rows, &mut frames))?;
             }
         }
-        output::write(out)?;
+        if !self.quiet {
+            output::write(out)?;
+        }
+        if let Some(feed) = &mut self.feed {
+            feed.publish(&serve::Report {
+                rows: &rows,
+                combined: &combined,
+                live: live.as_ref(),
+                comms: &comms,
+                lost,
+                blocks_read: live.as_ref().map(|l| l.values().sum()),
+                totals_used: entries.len() as u64,
+                duration_s: monotonic_ns().saturating_sub(now) as f64 / 1e9,
+            });
+        }
         self.last = rows;
         self.last_ns = now;
         Ok(read)
