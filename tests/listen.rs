@@ -322,3 +322,134 @@ fn slow_clients_hold_at_most_32_connections_and_reports_stay_on_time() {
     let reports = out.lines().filter(|l| l.contains("Top 10 stacks with outstanding allocations")).count();
     assert!(reports >= 4, "a report a second while 32 clients held on: {reports}\n{out}");
 }
+
+/// Waits until /metrics says `pid` holds `bytes`; the text then.
+fn wait_for_bytes(port: u16, pid: u32, comm: &str, bytes: u64) -> String {
+    let labels = format!("{{comm=\"{comm}\",pid=\"{pid}\",pool=\"\"}}");
+    let start = Instant::now();
+    loop {
+        let text = get(port, "/metrics");
+        if metric(&text, "memleak_outstanding_bytes", &labels) == Some(bytes as f64) {
+            return text;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never {bytes} bytes:\n{text}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn heap_profiles_hold_what_was_allocated_and_what_is_outstanding() {
+    // One thread allocates 2,000 blocks of 100 bytes, another frees all
+    // but 7: alloc 2,000 and 200,000 B, inuse 7 and 700 B, one stack.
+    let (n, kept) = (2000u64, 7u64);
+    let mut app = Waiting::start(&fixture("exact"), &[], &["handoff", &n.to_string(), &kept.to_string()]);
+    let pid = app.pid();
+    let memleak = Served::start(pid, &["-q", "1"]);
+    let port = memleak.port;
+    assert!(app.run(Duration::from_secs(20)).is_some(), "the fixture did not finish");
+    let text = wait_for_bytes(port, pid, "exact", 100 * kept);
+    let labels = format!("{{comm=\"exact\",pid=\"{pid}\",pool=\"\"}}");
+    assert!(metric(&text, "memleak_allocated_bytes_total", &labels).is_some_and(|b| b >= (100 * n) as f64), "{text}");
+
+    for (path, default) in [("/debug/pprof/heap", "inuse_space"), ("/debug/pprof/allocs", "alloc_space")] {
+        let (status, head, body) = request(port, "GET", path);
+        assert_eq!(status, 200, "{path}: {head}");
+        let p = memleak_tests::pprof::decode(&body);
+        let types: Vec<(&str, &str)> = p.sample_type.iter().map(|t| (p.string(t.r#type), p.string(t.unit))).collect();
+        assert_eq!(
+            types,
+            [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"), ("inuse_space", "bytes")],
+            "{path}: Go's heap profile"
+        );
+        assert_eq!(p.string(p.default_sample_type), default, "{path}");
+        let handoff: Vec<_> = p.sample.iter().filter(|s| p.names(s).starts_with(&["handoff_alloc", "handoff_allocator"])).collect();
+        assert_eq!(handoff.len(), 1, "{path}: one sample for the one stack");
+        let s = handoff[0];
+        assert_eq!(s.value, [n as i64, (100 * n) as i64, kept as i64, (100 * kept) as i64], "{path}");
+        let label = |key: &str| s.label.iter().find(|l| p.string(l.key) == key).expect(key);
+        assert_eq!(label("pid").num, i64::from(pid));
+        assert_eq!(p.string(label("comm").str), "exact");
+        for s in &p.sample {
+            assert!(s.value[1] >= s.value[3], "{path}: alloc_space >= inuse_space in every sample: {:?}", s.value);
+        }
+        // Locations in the fixture name its mapping, with its build id.
+        let leaf = &p.location[s.location_id[0] as usize - 1];
+        let mapping = &p.mapping[leaf.mapping_id as usize - 1];
+        assert!(p.string(mapping.filename).ends_with("/exact"), "{}", p.string(mapping.filename));
+        assert_eq!(p.string(mapping.build_id).len(), 40, "a hex GNU build id");
+    }
+}
+
+#[test]
+fn the_page_shows_the_leak_in_a_real_browser() {
+    let dir = scratch("page");
+    let app = memleak_tests::Running::spawn(fixture("fibonacci"), &["100"]);
+    let memleak = Served::start(app.pid(), &["-q", "1"]);
+    let port = memleak.port;
+    // A few reports: the chart has points to draw.
+    let start = Instant::now();
+    while serde_json::from_slice::<serde_json::Value>(&request(port, "GET", "/history.json").2).unwrap()["elapsed_s"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 3
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "no reports");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let url = format!("http://127.0.0.1:{port}/");
+    let chromium = |what: &[String]| {
+        Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--virtual-time-budget=5000"])
+            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+            .args(what)
+            .arg(&url)
+            .output()
+            .expect("chromium (installed by `cargo xtask setup`)")
+    };
+    let out = chromium(&["--dump-dom".into()]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Rendered by the page's script from /report.json and /history.json:
+    // the leaking function in the table and a line of the chart for it.
+    let table = &dom[dom.find("<tbody id=\"stacks\">").expect("the table")..];
+    let table = &table[..table.find("</tbody>").unwrap()];
+    assert!(table.contains("fibonacci"), "the leaking function in the table:\n{table}");
+    assert!(table.contains("growing"), "its trend:\n{table}");
+    let chart = &dom[dom.find("<svg id=\"chart\"").expect("the chart")..];
+    let chart = &chart[..chart.find("</svg>").unwrap()];
+    assert!(chart.contains("class=\"series\"") && chart.contains("data-name=\"fibonacci"), "a line for it:\n{chart}");
+    assert!(dom.contains("report "), "the status line");
+    // For people to look at.
+    let shot = std::env::temp_dir().join("memleak-listen-page.png");
+    let out = chromium(&[format!("--screenshot={}", shot.display()), "--window-size=1200,1400".into()]);
+    assert!(out.status.success() && std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "a screenshot");
+    eprintln!("screenshot of the page: {}", shot.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn report_json_and_flamegraph_are_the_last_report_and_never_what_blocks_hold() {
+    let app = memleak_tests::Running::spawn(fixture("fibonacci"), &["100"]);
+    let mut memleak = Served::start(app.pid(), &["--peek", "16", "1"]);
+    let port = memleak.port;
+    let start = Instant::now();
+    let report = loop {
+        let body = request(port, "GET", "/report.json").2;
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+            && v["report"].as_u64() >= Some(2)
+        {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no second report");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let stack = &report["processes"][0]["stacks"][0];
+    assert_eq!(stack["frames"][0]["symbol"], "fibonacci", "{report}");
+    assert!(stack.get("peek").is_none(), "--peek's bytes are never served: {report}");
+    let svg = get(port, "/flamegraph.svg");
+    assert!(svg.starts_with("<?xml") && svg.contains("fibonacci"), "{}", &svg[..svg.len().min(500)]);
+    // Text reports went on on stdout meanwhile (no -q), with the peek.
+    let out = memleak.output();
+    assert!(out.contains("fibonacci") && out.contains("peek 0x"), "{out}");
+}

@@ -33,7 +33,7 @@ pub enum Format {
         memleak -p 181 --sort growth    stacks that grew most since the last report first\n    \
         memleak -p 181 --format json    one JSON object per report\n    \
         memleak -p 181 10 3 --pprof heap.pb.gz --flamegraph heap.svg   files written at exit\n    \
-        memleak --listen 9464 -q        serve /metrics on 127.0.0.1:9464, print no reports"
+        memleak --listen 9464 -q        serve metrics, heap profiles and a page on 127.0.0.1:9464"
 )]
 pub struct Args {
     /// Trace this process (its allocator calls only). Without it: the whole system.
@@ -165,7 +165,8 @@ pub struct Args {
     pub pprof: Option<PathBuf>,
 
     /// Serve the last report over HTTP on [ADDR:]PORT (a bare port binds
-    /// 127.0.0.1): /metrics for Prometheus.
+    /// 127.0.0.1): /metrics for Prometheus, /debug/pprof/heap and
+    /// /debug/pprof/allocs for Parca and Pyroscope, a page at /.
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::serve::parse_listen)]
     pub listen: Option<std::net::SocketAddr>,
 

@@ -29,11 +29,16 @@ use crate::{
 };
 
 /// One stack's outstanding memory, symbolized.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StackProfile {
     pub tgid: u32,
+    /// Outstanding bytes and blocks.
     pub bytes: u64,
     pub count: u64,
+    /// Blocks allocated since attach, freed or not, and their bytes (for
+    /// the served heap profiles; the `--pprof` file has outstanding only).
+    pub allocs: u64,
+    pub allocated: u64,
     /// Innermost first; empty when the kernel could not record the stack.
     pub frames: Vec<Frame>,
 }

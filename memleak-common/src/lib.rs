@@ -116,6 +116,9 @@ pub struct Sums {
     /// Blocks freed (or replaced, their free missed) since attach, less
     /// the pieces a munmap leaves of a block beyond the first.
     pub frees: u64,
+    /// Bytes of the blocks recorded on this stack since attach, freed or
+    /// not: the `alloc_space` of a pprof heap profile.
+    pub allocated: u64,
 }
 
 /// An entry of `TOTALS`, the per-(process, stack, part) totals: an array

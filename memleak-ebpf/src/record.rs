@@ -607,6 +607,7 @@ fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
     };
     if new {
         totals::add(&mut t.sums.allocs, 1);
+        totals::add(&mut t.sums.allocated, info.size);
     }
     if sizes {
         totals::add(&mut t.sums.total_size, if add { info.size } else { info.size.wrapping_neg() });

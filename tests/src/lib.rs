@@ -2,6 +2,7 @@
 //! programs, the memleak binary, and a parser for its reports.
 
 pub mod container;
+pub mod pprof;
 pub mod ptrace;
 pub mod scenario;
 

@@ -3,8 +3,8 @@
 //! - the nightly toolchain with rust-src (for `-Z build-std=core`);
 //! - bpf-linker, linked against the LLVM inside the Rust toolchain (same
 //!   LLVM major as rustc, no system LLVM needed);
-//! - the allocator libraries the test fixtures link against, and gdb (Debian
-//!   packages);
+//! - the allocator libraries the test fixtures link against, gdb and
+//!   chromium (Debian packages);
 //! - Prometheus, unpacked into target/prometheus for tests/listen.rs.
 
 use std::{fs, os::unix::fs::symlink, path::PathBuf, process::Command};
@@ -51,7 +51,9 @@ fn prometheus() -> anyhow::Result<()> {
 
 /// jemalloc, tcmalloc and mimalloc, for tests/fixtures/allocators.c; gdb,
 /// whose offsets tests/frames.rs compares memleak's with.
-const PACKAGES: &[&str] = &["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "gdb"];
+/// The fixtures' allocators, gdb (the frames tests compare with it) and
+/// chromium (tests/listen.rs loads `--listen`'s page in it, headless).
+const PACKAGES: &[&str] = &["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "gdb", "chromium"];
 
 fn fixture_libraries() -> anyhow::Result<()> {
     let installed = |p: &&str| {
@@ -68,7 +70,7 @@ fn fixture_libraries() -> anyhow::Result<()> {
     output("apt-get", &["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq"];
     args.extend(&missing);
-    output("apt-get", &args).context("installing the fixtures' libraries and gdb (needs root and apt)")?;
+    output("apt-get", &args).context("installing the fixtures' libraries, gdb and chromium (needs root and apt)")?;
     Ok(())
 }
 

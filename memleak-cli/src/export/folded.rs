@@ -54,7 +54,7 @@ mod tests {
     }
 
     fn stack(bytes: u64, frames: Vec<Frame>) -> StackProfile {
-        StackProfile { tgid: 1, bytes, count: 1, frames }
+        StackProfile { tgid: 1, bytes, count: 1, frames, ..Default::default() }
     }
 
     #[test]

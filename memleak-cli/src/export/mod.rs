@@ -98,12 +98,14 @@ impl Exports {
         self.folded.is_none() && self.flamegraph.is_none() && self.pprof.is_none()
     }
 
-    /// Writes every file; `title` names the traced processes in the SVG.
+    /// Writes every file; `title` names the traced processes in the SVG,
+    /// `comm` each process in the profile's labels.
     pub fn write(
         &mut self,
         stacks: &[StackProfile],
         title: &str,
         mapping: &mut dyn FnMut(u32, u64) -> Option<MappingInfo>,
+        comm: &mut dyn FnMut(u32) -> Option<String>,
         meta: pprof::Meta,
     ) -> anyhow::Result<()> {
         let lines = folded::lines(stacks);
@@ -115,7 +117,7 @@ impl Exports {
             out.write(&flamegraph::svg(&lines, title)?)?;
         }
         if let Some(out) = &mut self.pprof {
-            let profile = pprof::build(stacks, mapping, meta);
+            let profile = pprof::build(stacks, pprof::Values::Inuse, mapping, comm, meta);
             out.write(&pprof::encode_gzip(&profile).context("compressing the pprof profile")?)?;
         }
         Ok(())
@@ -167,9 +169,9 @@ mod tests {
             inlined: vec![],
             end: None,
         };
-        let stacks = [StackProfile { tgid: 1, bytes: 16384, count: 2, frames: vec![frame(1, "leaf"), frame(2, "root")] }];
+        let stacks = [StackProfile { tgid: 1, bytes: 16384, count: 2, frames: vec![frame(1, "leaf"), frame(2, "root")], ..Default::default() }];
         let meta = pprof::Meta { time_nanos: 0, duration_nanos: 1, period: 1 };
-        exports.write(&stacks, "pid 1", &mut |_, _| None, meta).unwrap();
+        exports.write(&stacks, "pid 1", &mut |_, _| None, &mut |_| None, meta).unwrap();
         assert_eq!(std::fs::read_to_string(&folded).unwrap(), "root;leaf 16384\n");
         assert!(std::fs::read_to_string(&svg).unwrap().contains("leaf"));
         assert_eq!(&std::fs::read(&pprof).unwrap()[..2], &[0x1f, 0x8b]);
@@ -191,7 +193,7 @@ mod tests {
         assert_eq!(left, [std::ffi::OsString::from("heap.folded")], "no temporary file left");
         let mut exports = Exports::create(&args(&["--folded", path.to_str().unwrap()])).unwrap();
         let meta = pprof::Meta { time_nanos: 0, duration_nanos: 1, period: 1 };
-        exports.write(&[], "pid 1", &mut |_, _| None, meta).unwrap();
+        exports.write(&[], "pid 1", &mut |_, _| None, &mut |_| None, meta).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
         std::fs::remove_dir_all(&dir).unwrap();
     }

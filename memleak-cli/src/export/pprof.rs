@@ -149,33 +149,68 @@ pub struct Meta {
     pub period: i64,
 }
 
+/// Which values each sample carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// `inuse_objects`, `inuse_space`: what `--pprof` writes.
+    Inuse,
+    /// Go's heap profile, as `/debug/pprof/heap` and `/debug/pprof/allocs`
+    /// serve it (Parca and Grafana Alloy scrape these unchanged):
+    /// `alloc_objects`, `alloc_space` (since attach), `inuse_objects`,
+    /// `inuse_space`; shown by default as `alloc_space` when
+    /// `allocated_first`, else as `inuse_space`.
+    Heap { allocated_first: bool },
+}
+
 /// Builds the profile. `mapping` tells which file mapping of process
-/// `tgid` holds an address.
+/// `tgid` holds an address; `comm` its name, as a label of its samples.
 pub fn build(
     stacks: &[StackProfile],
+    values: Values,
     mapping: &mut dyn FnMut(u32, u64) -> Option<MappingInfo>,
+    comm: &mut dyn FnMut(u32) -> Option<String>,
     meta: Meta,
 ) -> proto::Profile {
     let mut b = Builder::default();
     b.string(""); // string_table[0] is always ""
     let value_type = |b: &mut Builder, t: &str, u: &str| proto::ValueType { r#type: b.string(t), unit: b.string(u) };
-    let sample_type = vec![value_type(&mut b, "inuse_objects", "count"), value_type(&mut b, "inuse_space", "bytes")];
+    let mut sample_type = Vec::new();
+    if let Values::Heap { .. } = values {
+        sample_type.push(value_type(&mut b, "alloc_objects", "count"));
+        sample_type.push(value_type(&mut b, "alloc_space", "bytes"));
+    }
+    sample_type.push(value_type(&mut b, "inuse_objects", "count"));
+    sample_type.push(value_type(&mut b, "inuse_space", "bytes"));
     let period_type = Some(value_type(&mut b, "space", "bytes"));
-    let pid = b.string("pid");
+    let (pid, comm_key) = (b.string("pid"), b.string("comm"));
     let samples = stacks
         .iter()
-        .filter(|s| s.bytes > 0 || s.count > 0)
-        .map(|s| proto::Sample {
-            location_id: if s.frames.is_empty() {
-                vec![b.marker("[stack not recorded]")]
-            } else {
-                s.frames.iter().map(|f| b.location(s.tgid, f, mapping)).collect()
-            },
-            value: vec![s.count as i64, s.bytes as i64],
-            label: vec![proto::Label { key: pid, num: s.tgid.into(), ..Default::default() }],
+        .filter(|s| s.bytes > 0 || s.count > 0 || (values != Values::Inuse && s.allocs > 0))
+        .map(|s| {
+            let mut label = vec![proto::Label { key: pid, num: s.tgid.into(), ..Default::default() }];
+            if let Some(name) = comm(s.tgid) {
+                label.push(proto::Label { key: comm_key, str: b.string(&name), ..Default::default() });
+            }
+            let mut value = Vec::with_capacity(4);
+            if let Values::Heap { .. } = values {
+                value.extend([s.allocs as i64, s.allocated as i64]);
+            }
+            value.extend([s.count as i64, s.bytes as i64]);
+            proto::Sample {
+                location_id: if s.frames.is_empty() {
+                    vec![b.marker("[stack not recorded]")]
+                } else {
+                    s.frames.iter().map(|f| b.location(s.tgid, f, mapping)).collect()
+                },
+                value,
+                label,
+            }
         })
         .collect();
-    let default_sample_type = sample_type[1].r#type;
+    let default_sample_type = match values {
+        Values::Heap { allocated_first: true } => sample_type[1].r#type,
+        _ => sample_type[sample_type.len() - 1].r#type,
+    };
     proto::Profile {
         sample_type,
         sample: samples,
@@ -342,12 +377,12 @@ mod tests {
         let mut leaf = frame(0x1100, "fibonacci", 20);
         leaf.inlined = vec![("helper".into(), Some(SourceLine { file: "src/app.h".into(), line: Some(3) }))];
         let stacks = vec![
-            StackProfile { tgid: 7, bytes: 81920, count: 10, frames: vec![leaf.clone(), frame(0x1200, "child", 32)] },
-            StackProfile { tgid: 7, bytes: 100, count: 1, frames: vec![frame(0x1300, "main", 40), frame(0x9000, "x", 1)] },
-            StackProfile { tgid: 7, bytes: 5, count: 1, frames: vec![] },
+            StackProfile { tgid: 7, bytes: 81920, count: 10, frames: vec![leaf.clone(), frame(0x1200, "child", 32)], ..Default::default() },
+            StackProfile { tgid: 7, bytes: 100, count: 1, frames: vec![frame(0x1300, "main", 40), frame(0x9000, "x", 1)], ..Default::default() },
+            StackProfile { tgid: 7, bytes: 5, count: 1, frames: vec![], ..Default::default() },
         ];
         let meta = Meta { time_nanos: 1_700_000_000_000_000_000, duration_nanos: 3_000_000_000, period: 1 };
-        build(&stacks, &mut app_mapping, meta)
+        build(&stacks, Values::Inuse, &mut app_mapping, &mut |_| None, meta)
     }
 
     #[test]

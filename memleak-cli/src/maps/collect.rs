@@ -251,6 +251,7 @@ pub fn add_parts(entries: &[totals::Entry]) -> Vec<(CombinedKey, CombinedAlloc)>
                 sum.total_size = sum.total_size.wrapping_add(part.total_size);
                 sum.count = sum.count.wrapping_add(part.count);
                 sum.allocs = sum.allocs.wrapping_add(part.allocs);
+                sum.allocated = sum.allocated.wrapping_add(part.allocated);
             }
             _ => totals.push((CombinedKey { shard: 0, ..key }, part)),
         }
@@ -308,6 +309,7 @@ mod tests {
             total_size: bytes as u64,
             count: count as u64,
             allocs,
+            allocated: allocs * 10,
         };
         let totals = add_parts(&[
             // 5 blocks of 10 bytes allocated on CPU 0, 3 freed on CPU 1.

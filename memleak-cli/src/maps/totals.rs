@@ -13,7 +13,7 @@ use memleak_common::{CombinedKey, Totals, totals_key};
 
 use crate::maps::mapped::{Layout, atomic};
 
-/// Windows of 1.25 MiB; ranges on whole pages (512 entries are 5 pages).
+/// Windows of 1.5 MiB; ranges on whole pages (512 entries are 6 pages).
 const LAYOUT: Layout<Totals> = Layout::new(512 * 64, 512);
 
 /// What an entry (or all of a stack's) counts, as a report reads it.
@@ -26,6 +26,8 @@ pub struct CombinedAlloc {
     /// Blocks recorded on the stack since attach; `allocs - count` of them
     /// were freed (or replaced, their free missed).
     pub allocs: u64,
+    /// Bytes of those blocks.
+    pub allocated: u64,
 }
 
 /// One entry in use: its index (what blocks name it by), key and sums.
@@ -49,7 +51,7 @@ pub fn read(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Vec<Entry>> {
                     && let Some(key) = totals_key(owner, stack_id)
                 {
                     let count = sums.allocs.wrapping_sub(sums.frees);
-                    found.push((slot, key, CombinedAlloc { total_size: sums.total_size, count, allocs: sums.allocs }));
+                    found.push((slot, key, CombinedAlloc { total_size: sums.total_size, count, allocs: sums.allocs, allocated: sums.allocated }));
                 }
             }
         }

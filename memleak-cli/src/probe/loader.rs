@@ -140,8 +140,8 @@ fn table_buckets(max_allocs: u32) -> u32 {
 
 /// Entries for this many (process, stack, part) keys: half as many again,
 /// rounded up to a power of two, so that a key finds a free entry within
-/// `TOTALS_PROBES` of its hash. Allocated whole when the map is made (40
-/// bytes each: 2.5 MiB for the defaults on 2 CPUs), so at most 2^22.
+/// `TOTALS_PROBES` of its hash. Allocated whole when the map is made (48
+/// bytes each: 3 MiB for the defaults on 2 CPUs), so at most 2^22.
 fn totals_entries(keys: u32) -> u32 {
     keys.saturating_add(keys / 2).clamp(1 << 10, 1 << 22).next_power_of_two()
 }

@@ -335,9 +335,9 @@ pub mod tests {
     fn combined_drops_empty_stacks() {
         let k = |s| CombinedKey { tgid: 1, shard: 0, stack_id: s };
         let mut totals = from_combined([
-            (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1 }),
-            (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4 }),
-            (k(3), CombinedAlloc { total_size: 30, count: 3, allocs: 3 }),
+            (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1, allocated: 0 }),
+            (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4, allocated: 0 }),
+            (k(3), CombinedAlloc { total_size: 30, count: 3, allocs: 3, allocated: 0 }),
         ]);
         sort(&mut totals);
         assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [3, 1]);
@@ -346,7 +346,7 @@ pub mod tests {
     #[test]
     fn stacks_that_stand_for_one_are_summed() {
         let k = |tgid, s| CombinedKey { tgid, shard: 0, stack_id: s };
-        let c = |n| CombinedAlloc { total_size: 10 * n, count: n, allocs: n };
+        let c = |n| CombinedAlloc { total_size: 10 * n, count: n, allocs: n, allocated: 0 };
         let totals = from_combined([(k(1, 1), c(1)), (k(1, 2), c(2)), (k(1, 3), c(4)), (k(2, 2), c(8))]);
         // Process 1's stack 2 is stack 1 cut short: summed into it.
         let mut totals = merge_stacks(totals, |tgid, s| if (tgid, s) == (1, 2) { 1 } else { s });

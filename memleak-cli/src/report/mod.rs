@@ -182,7 +182,7 @@ impl Reporter {
         };
         let mut feed = serve::Feed::new(shared, coverage, capacity, probes);
         let comms = self.comms(&[]);
-        feed.publish(&serve::Report {
+        let report = serve::Report {
             rows: &[],
             combined: &[],
             live: None,
@@ -191,7 +191,14 @@ impl Reporter {
             blocks_read: None,
             totals_used: 0,
             duration_s: 0.0,
-        });
+        };
+        let meta = pprof::Meta {
+            time_nanos: self.start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
+            duration_nanos: 0,
+            period: self.sample_rate as i64,
+        };
+        let views = serve::Views { stacks: &[], json: Vec::new(), meta, elapsed_ns: 0 };
+        feed.publish(&report, views, &mut |_, _| None);
         self.feed = Some(feed);
     }
 
@@ -347,6 +354,16 @@ impl Reporter {
         for ((tgid, id), n) in trend::allocs(&combined) {
             *allocs.entry((tgid, same(tgid, id))).or_default() += n;
         }
+        // --listen's heap profiles: blocks and bytes since attach, by stack.
+        let mut since: FastMap<(u32, u64), (u64, u64)> = FastMap::default();
+        if self.feed.is_some() {
+            for (k, c) in &combined {
+                if judged.as_ref().is_none_or(|procs| procs.contains(&k.tgid) || is_kernel(k.tgid)) {
+                    let s = since.entry((k.tgid, same(k.tgid, k.stack_id))).or_default();
+                    (s.0, s.1) = (s.0 + c.allocs, s.1 + c.allocated);
+                }
+            }
+        }
         if let Scope::System { .. } = self.scope {
             // A process that exited without freeing is not leaking any
             // more: drop what it left, in the kernel maps too.
@@ -359,6 +376,7 @@ impl Reporter {
                 self.recorded.forget_processes(&dead);
                 self.ends.forget(&dead);
                 totals.retain(|t| !dead.contains(&t.tgid));
+                since.retain(|(tgid, _), _| !dead.contains(tgid));
             }
         }
         let mut rows = self.trends.update(totals, now, &allocs);
@@ -453,39 +471,58 @@ impl Reporter {
                 let (top, show_allocs) = (self.top, self.show_allocs);
                 text::write_system(&mut out, &clock, top, *top_procs, &procs, &lost, show_allocs, &mut comm, &threads_line, &mut lines)?;
             }
-            (Format::Json, _) => {
-                let ctx = json::Context {
-                    now: SystemTime::now(),
-                    elapsed_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
-                    report: self.reports,
-                    sort: self.sort.name(),
-                    min_age_ms: (!self.combined_only).then_some(self.min_age_ns / 1_000_000),
-                    top: self.top,
-                    show_allocs: self.show_allocs,
-                    peek: self.peek.is_some(),
-                    comms: &comms,
-                    lost,
-                    thread_name: (!self.combined_only).then_some(&thread_name as &dyn Fn(u32, u32) -> Option<String>),
-                    by_thread: by_thread.as_deref(),
-                };
-                let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, ends, t);
-                json::write(&mut out, &json::interval(&ctx, &rows, &mut frames))?;
-            }
+            (Format::Json, _) => {}
+        }
+        // The report as --format json prints it: stdout's, and /report.json's.
+        let json_ctx = json::Context {
+            now: SystemTime::now(),
+            elapsed_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
+            report: self.reports,
+            sort: self.sort.name(),
+            min_age_ms: (!self.combined_only).then_some(self.min_age_ns / 1_000_000),
+            top: self.top,
+            show_allocs: self.show_allocs,
+            peek: self.peek.is_some(),
+            comms: &comms,
+            lost,
+            thread_name: (!self.combined_only).then_some(&thread_name as &dyn Fn(u32, u32) -> Option<String>),
+            by_thread: by_thread.as_deref(),
+        };
+        let mut json_out = Vec::new();
+        let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, ends, t);
+        if self.format == Format::Json {
+            json::write(&mut out, &json::interval(&json_ctx, &rows, &mut frames))?;
+        }
+        if self.feed.is_some() {
+            // What blocks hold is shown only where asked, never served.
+            let served = json::Context { peek: false, ..json_ctx };
+            json::write(&mut json_out, &json::interval(&served, &rows, &mut frames))?;
         }
         if !self.quiet {
             output::write(out)?;
         }
         if let Some(feed) = &mut self.feed {
-            feed.publish(&serve::Report {
-                rows: &rows,
-                combined: &combined,
-                live: live.as_ref(),
-                comms: &comms,
-                lost,
-                blocks_read: live.as_ref().map(|l| l.values().sum()),
-                totals_used: entries.len() as u64,
-                duration_s: monotonic_ns().saturating_sub(now) as f64 / 1e9,
-            });
+            let stacks = served_stacks(&rows, &since, |t| frames_of(recorded, symbolizer, ends, t));
+            let elapsed_ns = now.saturating_sub(self.start_ns);
+            let meta = pprof::Meta {
+                time_nanos: self.start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
+                duration_nanos: elapsed_ns as i64,
+                period: self.sample_rate as i64,
+            };
+            feed.publish(
+                &serve::Report {
+                    rows: &rows,
+                    combined: &combined,
+                    live: live.as_ref(),
+                    comms: &comms,
+                    lost,
+                    blocks_read: live.as_ref().map(|l| l.values().sum()),
+                    totals_used: entries.len() as u64,
+                    duration_s: monotonic_ns().saturating_sub(now) as f64 / 1e9,
+                },
+                serve::Views { stacks: &stacks, json: json_out, meta, elapsed_ns },
+                &mut |pid, addr| symbolizer.mapping(pid, addr),
+            );
         }
         self.last = rows;
         self.last_ns = now;
@@ -519,6 +556,7 @@ impl Reporter {
         if self.exports.is_empty() {
             return Ok(());
         }
+        let comms = self.comms(&self.last);
         let Self { recorded, symbolizer, ends, .. } = self;
         let stacks: Vec<StackProfile> = self
             .last
@@ -528,6 +566,7 @@ impl Reporter {
                 bytes: total.bytes,
                 count: total.count,
                 frames: frames_of(recorded, symbolizer, ends, total),
+                ..Default::default()
             })
             .collect();
         let elapsed_ns = self.last_ns.saturating_sub(self.start_ns);
@@ -541,9 +580,43 @@ impl Reporter {
             duration_nanos: elapsed_ns as i64,
             period: self.sample_rate as i64,
         };
-        self.exports.write(&stacks, &title, &mut |pid, addr| symbolizer.mapping(pid, addr), meta)
+        self.exports.write(&stacks, &title, &mut |pid, addr| symbolizer.mapping(pid, addr), &mut |pid| comms.get(&pid).cloned(), meta)
     }
 }
+
+/// Stacks the served heap profiles hold: by outstanding bytes, then by
+/// bytes allocated since attach, at most [`SERVED_STACKS`]; each with both.
+fn served_stacks(
+    rows: &[Row],
+    since: &FastMap<(u32, u64), (u64, u64)>,
+    mut frames: impl FnMut(&StackTotal) -> Vec<Frame>,
+) -> Vec<StackProfile> {
+    let mut stacks: FastMap<(u32, u64), StackProfile> = FastMap::default();
+    for Row { total, .. } in rows {
+        let s = stacks.entry((total.tgid, total.stack_id)).or_default();
+        (s.tgid, s.bytes, s.count) = (total.tgid, s.bytes + total.bytes, s.count + total.count);
+    }
+    for (&(tgid, stack_id), &(allocs, allocated)) in since {
+        let s = stacks.entry((tgid, stack_id)).or_default();
+        (s.tgid, s.allocs, s.allocated) = (tgid, allocs, allocated);
+    }
+    let mut all: Vec<((u32, u64), StackProfile)> = stacks.into_iter().collect();
+    all.sort_unstable_by_key(|(k, s)| (std::cmp::Reverse(s.bytes), std::cmp::Reverse(s.allocated), *k));
+    let first = all.len().min(SERVED_STACKS / 2);
+    all[first..].sort_unstable_by_key(|(k, s)| (std::cmp::Reverse(s.allocated), *k));
+    all.truncate(SERVED_STACKS);
+    all.into_iter()
+        .map(|((tgid, stack_id), mut s)| {
+            s.frames = frames(&StackTotal { tgid, stack_id, ..Default::default() });
+            s
+        })
+        .collect()
+}
+
+/// The most stacks a served profile holds: half the most outstanding, half
+/// the most allocating. Symbolizing them is most of what --listen adds to
+/// a report.
+const SERVED_STACKS: usize = 1000;
 
 /// The rows of user processes a report shows (each process's first
 /// `top`), whose blocks `--peek` and `--dump` read: the kernel's cannot be.

@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn allocs_by_process_and_stack() {
-        let c = allocs(&[(CombinedKey { tgid: 3, shard: 0, stack_id: 4 }, CombinedAlloc { total_size: 8, count: 1, allocs: 6 })]);
+        let c = allocs(&[(CombinedKey { tgid: 3, shard: 0, stack_id: 4 }, CombinedAlloc { total_size: 8, count: 1, allocs: 6, allocated: 0 })]);
         assert_eq!(c[&(3, 4)], 6);
     }
 }

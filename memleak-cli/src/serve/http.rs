@@ -17,6 +17,10 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use super::{Shared, Snapshot};
 use crate::error::{Kind, user_error};
 
+/// `/`: one self-contained page (no script, style or font from elsewhere:
+/// fleet machines are often offline) that reads the paths below.
+const PAGE: &str = include_str!("page.html");
+
 /// Connections served at once; one more is closed as soon as accepted. A
 /// scraper needs one; 32 leaves room for people and a few scrapers.
 const MAX_CONNECTIONS: usize = 32;
@@ -81,8 +85,15 @@ async fn accept(listener: TcpListener, shared: Shared) {
 }
 
 fn respond(request: &Request<Incoming>, snapshot: &Snapshot) -> Response<Full<Bytes>> {
+    const PPROF: &str = "application/octet-stream";
     let body: (&str, Bytes) = match request.uri().path() {
+        "/" => ("text/html; charset=utf-8", Bytes::from_static(PAGE.as_bytes())),
         "/metrics" => ("text/plain; version=0.0.4; charset=utf-8", snapshot.metrics.clone()),
+        "/debug/pprof/heap" => (PPROF, snapshot.heap.clone()),
+        "/debug/pprof/allocs" => (PPROF, snapshot.allocs.clone()),
+        "/report.json" => ("application/json", snapshot.report_json.clone()),
+        "/history.json" => ("application/json", snapshot.history.clone()),
+        "/flamegraph.svg" => ("image/svg+xml", snapshot.flamegraph.clone()),
         _ => return plain(StatusCode::NOT_FOUND, "not found\n"),
     };
     if request.method() != Method::GET && request.method() != Method::HEAD {

@@ -25,7 +25,8 @@ pub struct Capacity {
 /// the blocks still live, read a moment apart from them.
 #[derive(Default)]
 pub struct Counters {
-    last: FastMap<u32, (u64, u64)>,
+    /// Allocations, frees, allocated bytes.
+    last: FastMap<u32, (u64, u64, u64)>,
 }
 
 /// The labels of a process's series: `pid`, `comm`, and the kernel's
@@ -63,6 +64,7 @@ pub fn render(report: &Report<'_>, coverage: &Coverage, capacity: Capacity, prob
     let blocks = gauge(&registry, "memleak_outstanding_allocations", "Blocks allocated and not freed, older than -o.", PROC);
     let allocs = counter(&registry, "memleak_allocations_total", "Allocations recorded since attach.", PROC);
     let frees = counter(&registry, "memleak_frees_total", "Frees of recorded allocations since attach.", PROC);
+    let allocated = counter(&registry, "memleak_allocated_bytes_total", "Bytes of the allocations recorded since attach.", PROC);
 
     let mut outstanding: FastMap<u32, (u64, u64)> = FastMap::default();
     for row in report.rows {
@@ -102,25 +104,27 @@ pub fn render(report: &Report<'_>, coverage: &Coverage, capacity: Capacity, prob
     // Since attach, per named process: the kernel's per-stack counts added
     // up. (Not for "other": a sum over whichever processes are not named
     // this time is no counter.)
-    let mut since: FastMap<u32, (u64, u64)> = FastMap::default();
+    let mut since: FastMap<u32, (u64, u64, u64)> = FastMap::default();
     for (key, c) in report.combined {
         let s = since.entry(key.tgid).or_default();
         s.0 += c.allocs;
         s.1 += c.count;
+        s.2 += c.allocated;
     }
     let mut last = FastMap::default();
     for &tgid in &named {
-        let Some(&(total, counted)) = since.get(&tgid) else { continue };
+        let Some(&(total, counted, bytes)) = since.get(&tgid) else { continue };
         // Without --combined-only the kernel counts no frees: a block
         // allocated and not freed is live, so frees are allocations less
         // live blocks.
         let live = report.live.map_or(counted, |live| live.get(&tgid).copied().unwrap_or(0));
         let before = counters.last.get(&tgid).copied().unwrap_or_default();
-        let now = (total.max(before.0), total.saturating_sub(live).max(before.1));
+        let now = (total.max(before.0), total.saturating_sub(live).max(before.1), bytes.max(before.2));
         let l = labels(tgid, report.comms);
         let l: Vec<&str> = l.iter().map(String::as_str).collect();
         allocs.with_label_values(&l).inc_by(now.0);
         frees.with_label_values(&l).inc_by(now.1);
+        allocated.with_label_values(&l).inc_by(now.2);
         last.insert(tgid, now);
     }
     // Processes not named this time keep theirs, while the kernel has them.
@@ -187,7 +191,7 @@ mod tests {
     }
 
     fn combined(tgid: u32, allocs: u64) -> (CombinedKey, CombinedAlloc) {
-        (CombinedKey { tgid, shard: 0, stack_id: 1 }, CombinedAlloc { total_size: 0, count: allocs, allocs })
+        (CombinedKey { tgid, shard: 0, stack_id: 1 }, CombinedAlloc { total_size: 0, count: allocs, allocs, allocated: allocs * 100 })
     }
 
     fn system(rows: &[Row], combined: &[(CombinedKey, CombinedAlloc)], live: &FastMap<u32, u64>, counters: &mut Counters) -> String {
@@ -218,6 +222,7 @@ mod tests {
             "memleak_outstanding_bytes{comm=\"kernel\",pid=\"\",pool=\"slab\"} 64",
             "memleak_allocations_total{comm=\"big\",pid=\"10\",pool=\"\"} 9",
             "memleak_frees_total{comm=\"big\",pid=\"10\",pool=\"\"} 3",
+            "memleak_allocated_bytes_total{comm=\"big\",pid=\"10\",pool=\"\"} 900",
             "memleak_lost_events_total{reason=\"allocation_map_full\"} 3",
             "memleak_map_fill_ratio{map=\"allocations\"} 0.5",
             "memleak_map_fill_ratio{map=\"totals\"} 0.25",

@@ -4,6 +4,7 @@
 //! a request only clones the current one, so serving never walks a map
 //! nor holds up a report.
 
+mod history;
 mod http;
 mod metrics;
 
@@ -22,7 +23,9 @@ pub use http::Server;
 pub use metrics::Capacity;
 
 use crate::{
+    export::{flamegraph, folded, pprof},
     fasthash::FastMap,
+    symbolize::{MappingInfo, StackProfile},
     maps::totals::CombinedAlloc,
     report::{lost::Lost, trend::Row},
 };
@@ -42,6 +45,16 @@ pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
 pub struct Snapshot {
     /// Prometheus text format 0.0.4.
     pub metrics: Bytes,
+    /// Gzipped profile.proto, Go's heap profile shown as `inuse_space`
+    /// (`/debug/pprof/heap`) and as `alloc_space` (`/debug/pprof/allocs`).
+    pub heap: Bytes,
+    pub allocs: Bytes,
+    /// The report as `--format json` prints it.
+    pub report_json: Bytes,
+    /// The flame graph of outstanding memory.
+    pub flamegraph: Bytes,
+    /// The top stacks' outstanding bytes over the run, for the page's chart.
+    pub history: Bytes,
 }
 
 /// The report being served, swapped whole after each report.
@@ -73,6 +86,18 @@ pub struct Report<'a> {
     pub duration_s: f64,
 }
 
+/// The same report as people and profilers read it: symbolized stacks
+/// (at most a thousand, see the reporter) and the JSON report.
+pub struct Views<'a> {
+    /// Outstanding and since-attach blocks and bytes, symbolized.
+    pub stacks: &'a [StackProfile],
+    /// The report as `--format json` prints it.
+    pub json: Vec<u8>,
+    pub meta: pprof::Meta,
+    /// Since attach, at this report.
+    pub elapsed_ns: u64,
+}
+
 /// The reporter's end: renders each report into a new snapshot.
 pub struct Feed {
     shared: Shared,
@@ -80,17 +105,43 @@ pub struct Feed {
     capacity: Capacity,
     probes: Arc<AtomicUsize>,
     counters: metrics::Counters,
+    history: history::History,
 }
 
 impl Feed {
     pub fn new(shared: Shared, coverage: Coverage, capacity: Capacity, probes: Arc<AtomicUsize>) -> Self {
-        Self { shared, coverage, capacity, probes, counters: metrics::Counters::default() }
+        let (counters, history) = Default::default();
+        Self { shared, coverage, capacity, probes, counters, history }
     }
 
-    pub fn publish(&mut self, report: &Report<'_>) {
+    /// Renders `report` in every served form and swaps it in whole.
+    /// `mapping` tells which file mapping of a process holds an address.
+    pub fn publish(&mut self, report: &Report<'_>, views: Views<'_>, mapping: &mut dyn FnMut(u32, u64) -> Option<MappingInfo>) {
         let probes = self.probes.load(Ordering::Relaxed);
         let text = metrics::render(report, &self.coverage, self.capacity, probes, &mut self.counters);
-        let snapshot = Arc::new(Snapshot { metrics: text.into() });
+        let mut comm = |pid: u32| report.comms.get(&pid).cloned();
+        let mut profile = |allocated_first| {
+            let values = pprof::Values::Heap { allocated_first };
+            let profile = pprof::build(views.stacks, values, mapping, &mut comm, views.meta);
+            // Into memory: only a failed allocation could fail, and that aborts.
+            pprof::encode_gzip(&profile).unwrap_or_default()
+        };
+        let (heap, allocs) = (profile(false), profile(true));
+        let lines = folded::lines(views.stacks);
+        let title = format!("{:.1} s after attach", views.elapsed_ns as f64 / 1e9);
+        let flamegraph = flamegraph::svg(&lines, &title).unwrap_or_else(|e| {
+            eprintln!("memleak: warning: --listen: no flame graph for this report: {e}");
+            Vec::new()
+        });
+        self.history.add(views.elapsed_ns, views.stacks);
+        let snapshot = Arc::new(Snapshot {
+            metrics: text.into(),
+            heap: heap.into(),
+            allocs: allocs.into(),
+            report_json: views.json.into(),
+            flamegraph: flamegraph.into(),
+            history: self.history.json().into(),
+        });
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
 }
