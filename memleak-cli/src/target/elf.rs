@@ -112,7 +112,11 @@ pub(crate) mod tests {
         assert!(!f.code.is_empty());
         // SAFETY: reading the first bytes of libc's own free, mapped executable.
         let live = unsafe { std::slice::from_raw_parts(libc::free as *const u8, f.code.len().min(16)) };
-        assert_eq!(&f.code[..live.len()], live);
+        // A uprobe on free (another tracer, or a system-wide memleak beside
+        // the tests) shows in the live bytes as an int3 (0xcc).
+        for (i, (&file, &mapped)) in f.code.iter().zip(live).enumerate() {
+            assert!(file == mapped || mapped == 0xcc, "byte {i}: {file:#04x} in the file, {mapped:#04x} mapped");
+        }
     }
 
     #[test]
