@@ -35,6 +35,8 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("exec-new-static", Compiler::C, "exec.c", &["-static"]),
     ("libplugin.so", Compiler::C, "plugin.c", &["-shared", "-fPIC"]),
     ("dlclose", Compiler::C, "dlclose.c", &["-ldl"]),
+    ("quick", Compiler::C, "quick.c", &["-ldl"]),
+    ("libquick.so", Compiler::C, "quick_lib.c", &["-shared", "-fPIC"]),
 ];
 
 fn main() {

@@ -85,6 +85,27 @@ fn command_is_traced_from_its_first_allocation_and_gives_its_exit_code() {
 }
 
 #[test]
+fn a_command_gone_within_milliseconds_has_every_frame_named() {
+    // It dlopens a library, leaks from it and from its own code, and
+    // returns: its mappings must be read before they go.
+    let cmd = format!("{} {}", fixture("quick").display(), fixture("libquick.so").display());
+    let out = run_memleak(&args(&["-o", "0", "-c", &cmd, "30"]), Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports = parse_reports(&stdout);
+    assert_eq!(reports.len(), 1, "{stdout}");
+    let stacks = &reports[0].stacks;
+    let lib = stacks.iter().find(|s| s.starts_with(&["lib_leak", "main"])).expect(&stdout);
+    assert_eq!((lib.bytes, lib.count), (4444, 1));
+    assert!(lib.frames[0].contains(" [libquick.so] "), "{lib:?}");
+    let own = stacks.iter().find(|s| s.starts_with(&["main_leak", "main"])).expect(&stdout);
+    assert_eq!((own.bytes, own.count), (5555, 1));
+    for frame in stacks.iter().flat_map(|s| &s.frames) {
+        assert!(!frame.starts_with("0x") && !frame.contains("[unmapped]"), "{frame} in\n{stdout}");
+    }
+}
+
+#[test]
 fn kernel_allocations_are_reported_with_kernel_symbols() {
     let dir = std::env::temp_dir().join(format!("memleak-kernel-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();

@@ -159,6 +159,9 @@ pub struct Symbolizer {
     verdicts: HashMap<(u32, u64), Result<(), End>>,
     /// Processes whose mappings were read since the last `next_report`.
     fresh: HashSet<u32>,
+    /// Frames in `cache` of addresses in no mapping known then: dropped
+    /// when the process's mappings are read again (a library loaded since).
+    unmapped: HashSet<(u32, u64)>,
 }
 
 impl Symbolizer {
@@ -178,6 +181,7 @@ impl Symbolizer {
             warned: HashSet::new(),
             verdicts: HashMap::new(),
             fresh: HashSet::new(),
+            unmapped: HashSet::new(),
         }
     }
 
@@ -213,6 +217,8 @@ impl Symbolizer {
             view.extend(gone);
         }
         self.views.insert(pid, view);
+        let cache = &mut self.cache;
+        self.unmapped.retain(|key| key.0 != pid || cache.remove(key).is_none());
     }
 
     fn open(&mut self, pid: u32, m: &Mapping) -> Option<usize> {
@@ -360,12 +366,16 @@ impl Symbolizer {
         for &addr in addrs {
             let call = addr.saturating_sub(1);
             let found = self.views.get(&pid).and_then(|v| v.iter().find(|(m, _)| m.contains(call)));
+            let unmapped = found.is_none();
             match found {
                 Some((m, Some(module))) => {
                     by_module.entry(*module).or_default().push((addr, call - m.start + m.offset));
                 }
                 _ => {
                     let frame = self.unresolved(pid, addr);
+                    if unmapped {
+                        self.unmapped.insert((pid, addr));
+                    }
                     self.cache.insert((pid, addr), frame);
                 }
             }

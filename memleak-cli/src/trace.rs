@@ -104,7 +104,7 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     listen(server, &mut reporter, &config, &links);
     say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm))?;
     let mut replan = Replan::new(target, probed);
-    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |reporter, wake| {
+    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), None, |reporter, wake| {
         replan.on(wake, reporter, &mut ebpf, &links, args);
         Ok(())
     })
@@ -124,6 +124,13 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let mut held = Held::spawn(argv)?;
     let pid = held.pid;
     let exited = watch(pid)?;
+    // Before the command can stop: each stop comes as a SIGCHLD.
+    let mut stops = signal(SignalKind::child())?;
+    if let Err(e) = held.hold_at_exit()
+        && args.verbose
+    {
+        eprintln!("memleak: cannot hold {} at its exit ({e}): a short command's frames may show no names", argv[0]);
+    }
     let exports = Exports::create(args)?;
     let dump = dump::create(args)?;
     let config = Config::from_args(args);
@@ -152,7 +159,7 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     }
     let started = (monotonic_ns(), SystemTime::now());
     held.release()?;
-    command::wait_for_exec(pid);
+    command::wait_for_exec(&held);
     let scope = Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string());
     let mut reporter = Reporter::new(args, recorded, scope, exports, dump, started);
     reporter.follow(execs);
@@ -165,7 +172,8 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     }
     say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")))?;
     let mut replan = Replan::new(Target { pid, comm: target.comm.clone(), dir: None }, HashSet::from([attached.id]));
-    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), |reporter, wake| {
+    let command = Some(Command { held: &mut held, stops: &mut stops });
+    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), command, |reporter, wake| {
         replan.on(wake, reporter, &mut ebpf, &links, args);
         Ok(())
     })
@@ -231,7 +239,7 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")))?;
     let rescan = user && args.obj.is_none();
     let verbose_on = args.verbose;
-    report_loop(args, &mut reporter, &mut signals, &mut logger, None, |reporter, _| {
+    report_loop(args, &mut reporter, &mut signals, &mut logger, None, None, |reporter, _| {
         announce_execs(args, reporter, None);
         // Programs and containers started since: probe their allocators too.
         if rescan {
@@ -361,6 +369,30 @@ enum End {
     TargetExited,
 }
 
+/// The `-c` command, held at its exit (see `Held::hold_at_exit`), and the
+/// SIGCHLDs that say it stopped.
+struct Command<'a> {
+    held: &'a mut Held,
+    stops: &'a mut tokio::signal::unix::Signal,
+}
+
+impl Command<'_> {
+    /// Lets the command go on from its stops, its mappings read again at
+    /// its exit stop; true once it has exited.
+    fn pass_stops(&mut self, reporter: &mut Reporter) -> bool {
+        self.held.pass_stops(false, &mut || reporter.refresh_target()).is_some()
+    }
+}
+
+async fn stopped(command: &mut Option<Command<'_>>) {
+    match command {
+        Some(c) => {
+            c.stops.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Reports every interval until COUNT reports, a signal, or the target's
 /// exit; `each_tick` runs before each report (and as an exec is told, with
 /// one traced process). The caller prints the last
@@ -371,12 +403,19 @@ async fn report_loop(
     signals: &mut Signals,
     logger: &mut Option<TraceLogger>,
     exited: Option<&AsyncFd<PidFd>>,
+    mut command: Option<Command<'_>>,
     mut each_tick: impl FnMut(&mut Reporter, Wake) -> anyhow::Result<()>,
 ) -> anyhow::Result<End> {
     let period = Duration::from_secs(args.interval);
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reports = 0;
+    // A stop that came before the loop (a command done at once).
+    if let Some(c) = &mut command
+        && c.pass_stops(reporter)
+    {
+        return Ok(End::TargetExited);
+    }
     loop {
         tokio::select! {
             tick = ticks.tick() => {
@@ -394,6 +433,13 @@ async fn report_loop(
             _ = signals.int.recv() => return Ok(End::Signal),
             _ = signals.term.recv() => return Ok(End::Signal),
             _ = target_exit(exited) => return Ok(End::TargetExited),
+            () = stopped(&mut command) => {
+                if let Some(c) = &mut command
+                    && c.pass_stops(reporter)
+                {
+                    return Ok(End::TargetExited);
+                }
+            }
             _ = trace_events(logger) => {}
             // One traced process: its exec is handled at once, while it
             // runs (it may exit before the next report), and its new

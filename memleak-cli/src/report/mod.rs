@@ -280,6 +280,14 @@ impl Reporter {
         }
     }
 
+    /// Reads the traced process's mappings again (it is about to exit):
+    /// libraries it loaded since still symbolize after it is gone.
+    pub fn refresh_target(&mut self) {
+        if let Scope::Process(pid, _) = self.scope {
+            self.symbolizer.refresh(pid);
+        }
+    }
+
     /// Prints one report; returns how many map entries it read (for -v).
     pub fn report(&mut self) -> anyhow::Result<usize> {
         let now = monotonic_ns();

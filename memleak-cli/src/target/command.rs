@@ -19,7 +19,8 @@ pub struct Held {
     pub pid: u32,
     /// Our end of the pipe the child waits on; `None` once released.
     go: Option<OwnedFd>,
-    reaped: bool,
+    /// Its exit code, once reaped (`Some(None)`: reaped, code unknown).
+    reaped: Option<Option<i32>>,
 }
 
 /// How long a command has to exit after SIGTERM before SIGKILL.
@@ -79,7 +80,7 @@ impl Held {
             pid => {
                 // SAFETY: closing our copy of the child's end; `go` is ours.
                 unsafe { libc::close(wait) };
-                Ok(Self { pid: pid as u32, go: Some(unsafe { OwnedFd::from_raw_fd(go) }), reaped: false })
+                Ok(Self { pid: pid as u32, go: Some(unsafe { OwnedFd::from_raw_fd(go) }), reaped: None })
             }
         }
     }
@@ -95,18 +96,99 @@ impl Held {
         Ok(())
     }
 
+    /// Holds the command at its exit, before its address space goes
+    /// (ptrace, `PTRACE_O_TRACEEXIT`; the child is ours and still waits on
+    /// the pipe): a command done within milliseconds, or one that loaded
+    /// libraries since memleak last read its mappings, is still there to
+    /// have them read. Nothing else stops: no exec or clone event is asked
+    /// for, and the signals it gets are passed on (`pass_stops`).
+    pub fn hold_at_exit(&mut self) -> io::Result<()> {
+        let options = libc::PTRACE_O_TRACEEXIT as usize;
+        // SAFETY: seizing our own child; no memory is passed.
+        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, self.pid as libc::pid_t, 0usize, options) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the command waits in a stop memleak has not seen yet (its
+    /// exit, or a signal), without taking it.
+    pub fn stopped(&self) -> bool {
+        // SAFETY: a zeroed siginfo for waitid to fill.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL;
+        // SAFETY: waiting for our own child; `info` is valid.
+        let got = unsafe { libc::waitid(libc::P_PID, self.pid, &mut info, flags) };
+        got == 0 && unsafe { info.si_pid() } == self.pid as libc::pid_t
+    }
+
+    /// Lets the command go on from every stop that waits: its exit stop
+    /// after `at_exit` (its mappings still readable), a signal passed on as
+    /// it came, a group stop (SIGSTOP, SIGTSTP) kept as one. `block`: waits
+    /// until it has exited. Returns its exit code (as `reap`) once it has
+    /// exited, reaping it; `None` while it runs.
+    pub fn pass_stops(&mut self, block: bool, at_exit: &mut dyn FnMut()) -> Option<Option<i32>> {
+        if let Some(code) = self.reaped {
+            return Some(code);
+        }
+        let pid = self.pid as libc::pid_t;
+        loop {
+            let mut status = 0;
+            let flags = libc::__WALL | if block { 0 } else { libc::WNOHANG };
+            // SAFETY: waiting for our own child.
+            let got = unsafe { libc::waitpid(pid, &mut status, flags) };
+            if got == 0 {
+                return None;
+            }
+            if got != pid {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                self.reaped = Some(None);
+                return self.reaped;
+            }
+            if !libc::WIFSTOPPED(status) {
+                self.reaped = Some(if libc::WIFEXITED(status) {
+                    Some(libc::WEXITSTATUS(status))
+                } else if libc::WIFSIGNALED(status) {
+                    Some(128 + libc::WTERMSIG(status))
+                } else {
+                    None
+                });
+                return self.reaped;
+            }
+            let signal = libc::WSTOPSIG(status);
+            let (request, data) = match status >> 16 {
+                libc::PTRACE_EVENT_EXIT => {
+                    at_exit();
+                    (libc::PTRACE_CONT, 0)
+                }
+                // A group stop, as SEIZE reports it: stays stopped until SIGCONT.
+                libc::PTRACE_EVENT_STOP
+                    if matches!(signal, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) =>
+                {
+                    (libc::PTRACE_LISTEN, 0)
+                }
+                libc::PTRACE_EVENT_STOP => (libc::PTRACE_CONT, 0),
+                // A signal on its way: delivered as if nobody traced it.
+                _ => (libc::PTRACE_CONT, signal as usize),
+            };
+            // SAFETY: resuming our own tracee; no memory is passed. If it
+            // died in between, there is nothing to resume.
+            unsafe { libc::ptrace(request, pid, 0usize, data) };
+        }
+    }
+
     /// Reaps the command, exited; returns its exit code (128 + signal if
     /// killed).
     pub fn reap(&mut self) -> Option<i32> {
-        let code = reap(self.pid, 0);
-        self.reaped = true;
-        code.flatten()
+        self.pass_stops(true, &mut || {}).flatten()
     }
 
     /// Ends the command: SIGTERM, then SIGKILL if it is still running
     /// after `grace`; reaps it and returns its exit status as `reap`.
     pub fn end(&mut self, grace: Duration) -> Option<i32> {
-        if self.reaped {
+        if self.reaped.is_some() {
             return None;
         }
         let pid = self.pid as i32;
@@ -114,8 +196,7 @@ impl Held {
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let start = Instant::now();
         loop {
-            if let Some(code) = reap(self.pid, libc::WNOHANG) {
-                self.reaped = true;
+            if let Some(code) = self.pass_stops(false, &mut || {}) {
                 return code;
             }
             if start.elapsed() >= grace {
@@ -133,10 +214,10 @@ impl Drop for Held {
     /// A command memleak lets go of dies with it: never left running, or
     /// started, untraced.
     fn drop(&mut self) {
-        if !self.reaped {
+        if self.reaped.is_none() {
             // SAFETY: our own child, not reaped yet.
             unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
-            reap(self.pid, 0);
+            self.reap();
         }
     }
 }
@@ -152,35 +233,17 @@ fn runnable(program: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
 }
 
-/// Waits for child `pid` (`flags`: 0 or WNOHANG); `None` if it has not
-/// changed state (WNOHANG), else its exit code (128 + signal if killed),
-/// if it could be had.
-fn reap(pid: u32, flags: i32) -> Option<Option<i32>> {
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    let got = unsafe { libc::waitpid(pid as i32, &mut status, flags) };
-    if got == 0 {
-        return None;
-    }
-    if got != pid as i32 {
-        return Some(None);
-    }
-    Some(if libc::WIFEXITED(status) {
-        Some(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Some(128 + libc::WTERMSIG(status))
-    } else {
-        None
-    })
-}
-
-/// Waits (up to ~2 s) until `pid` runs a new program with its libraries
-/// mapped: the moment to read its mappings for symbolization.
-/// Its executable's name is not looked for: the command may have exec'd
-/// another program by then.
-pub fn wait_for_exec(pid: u32) {
+/// Waits (up to ~2 s) until the command runs a new program with its
+/// libraries mapped, or stops (at its exit): the moment to read its
+/// mappings for symbolization. Its executable's name is not looked for:
+/// the command may have exec'd another program by then.
+pub fn wait_for_exec(held: &Held) {
+    let pid = held.pid;
     let me = std::fs::read_link("/proc/self/exe").ok();
     for _ in 0..2000 {
+        if held.stopped() {
+            return;
+        }
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
         if maps.is_empty() {
