@@ -106,6 +106,61 @@ fn a_command_gone_within_milliseconds_has_every_frame_named() {
 }
 
 #[test]
+fn files_of_exited_processes_are_closed() {
+    // 20 programs, each its own file (a copy), each shown in a report while
+    // it lives: memleak opens each one, and must let go of it once it exits.
+    let dir = std::env::temp_dir().join(format!("memleak-gone-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let copies: Vec<std::path::PathBuf> = (0..20)
+        .map(|i| {
+            let copy = dir.join(format!("gone{i}"));
+            fs::copy(fixture("fibonacci"), &copy).unwrap();
+            copy
+        })
+        .collect();
+    let mut tracer = std::process::Command::new(memleak_tests::memleak_bin())
+        .args(["--user-only", "--top-procs", "1000", "1", "30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = tracer.stdout.take().unwrap();
+    let (reported, reports) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("Top ") {
+                let _ = reported.send(());
+            }
+        }
+    });
+    reports.recv_timeout(Duration::from_secs(30)).expect("a first report");
+    // Its descriptors of the copies, counted by what they name.
+    let held = |pid: u32| {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| fds.filter_map(|fd| fs::read_link(fd.ok()?.path()).ok()).filter(|t| t.starts_with(&dir)).count())
+            .unwrap_or(0)
+    };
+    // 10 blocks 150 ms apart: each lives through a report or more.
+    let mut apps: Vec<std::process::Child> =
+        copies.iter().map(|c| std::process::Command::new(c).args(["150", "10"]).spawn().unwrap()).collect();
+    let mut most = 0;
+    while apps.iter_mut().any(|a| a.try_wait().unwrap().is_none()) {
+        most = most.max(held(tracer.id()));
+        thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..2 {
+        reports.recv_timeout(Duration::from_secs(10)).expect("reports after they exited");
+    }
+    let left = held(tracer.id());
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    let _ = fs::remove_dir_all(&dir);
+    assert!(most >= 15, "memleak opened {most} of the 20 programs' files while they ran");
+    assert_eq!(left, 0, "files of exited programs still open ({most} at most)");
+}
+
+#[test]
 fn kernel_allocations_are_reported_with_kernel_symbols() {
     let dir = std::env::temp_dir().join(format!("memleak-kernel-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();

@@ -16,7 +16,7 @@ use std::{
 };
 
 use blazesym::symbolize::{
-    Input, Symbolized, Symbolizer as Blaze,
+    Input, Symbolized, Symbolizer as Blaze, evict,
     source::{Elf, Kernel, Source},
 };
 
@@ -147,7 +147,9 @@ pub struct Symbolizer {
     cache: HashMap<(u32, u64), Frame>,
     /// Each process's mappings, with the module behind file mappings.
     views: HashMap<u32, Vec<(Mapping, Option<usize>)>>,
-    modules: Vec<Module>,
+    /// None: closed (`forget_exited`), the slot free for the next file.
+    modules: Vec<Option<Module>>,
+    free_slots: Vec<usize>,
     /// (device, inode, path) -> index in `modules`: two containers' /app
     /// may have the same inode number on different file systems.
     opened: HashMap<(String, u64, String), usize>,
@@ -176,6 +178,7 @@ impl Symbolizer {
             cache: HashMap::new(),
             views: HashMap::new(),
             modules: Vec::new(),
+            free_slots: Vec::new(),
             opened: HashMap::new(),
             build_ids: HashMap::new(),
             warned: HashSet::new(),
@@ -235,9 +238,54 @@ impl Symbolizer {
                 return None;
             }
         };
-        self.modules.push(Module { file, name: m.module_name().to_string() });
-        self.opened.insert(key, self.modules.len() - 1);
-        Some(self.modules.len() - 1)
+        let module = Some(Module { file, name: m.module_name().to_string() });
+        let i = match self.free_slots.pop() {
+            Some(i) => {
+                self.modules[i] = module;
+                i
+            }
+            None => {
+                self.modules.push(module);
+                self.modules.len() - 1
+            }
+        };
+        self.opened.insert(key, i);
+        Some(i)
+    }
+
+    /// Lets go of what processes that exited held: their mappings and
+    /// frames, and every file no other process's mappings name. System-wide,
+    /// processes come and go: kept, their descriptors grow without bound (230
+    /// after 10 minutes in the run, keeping deleted files alive).
+    /// Returns how many processes and files it let go of.
+    pub fn forget_exited(&mut self) -> (usize, usize) {
+        let dead: HashSet<u32> =
+            self.views.keys().copied().filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).collect();
+        if dead.is_empty() {
+            return (0, 0);
+        }
+        self.views.retain(|pid, _| !dead.contains(pid));
+        self.fresh.retain(|pid| !dead.contains(pid));
+        self.cache.retain(|(pid, _), _| !dead.contains(pid));
+        self.verdicts.retain(|(pid, _), _| !dead.contains(pid));
+        self.unmapped.retain(|(pid, _)| !dead.contains(pid));
+        let used: HashSet<usize> = self.views.values().flatten().filter_map(|(_, module)| *module).collect();
+        let mut closed = 0;
+        for (i, module) in self.modules.iter_mut().enumerate() {
+            if let Some(m) = module
+                && !used.contains(&i)
+            {
+                // blazesym holds a descriptor of its own for each file it
+                // read (found by its /proc/self/fd path, while it is open).
+                let _ = self.blaze.evict(&evict::Elf::new(m.fd_path()).into());
+                *module = None;
+                self.build_ids.remove(&i);
+                self.free_slots.push(i);
+                closed += 1;
+            }
+        }
+        self.opened.retain(|_, i| used.contains(i));
+        (dead.len(), closed)
     }
 
     /// Reads process `pid`'s mappings afresh, forgetting its frames: it
@@ -291,7 +339,7 @@ impl Symbolizer {
     fn judge(&self, pid: u32, ret: u64) -> Result<(), End> {
         let found = self.views.get(&pid).and_then(|v| v.iter().find(|(m, _)| m.contains(ret.wrapping_sub(1))));
         let Some((m, module)) = found else { return Err(End::Unmapped) };
-        let file = module.map(|i| &self.modules[i].file);
+        let file = module.and_then(|i| self.modules[i].as_ref()).map(|m| &m.file);
         stack_end::check(ret, Some(m), |m, ret, buf| code_before(pid, m, file, ret, buf))
     }
 
@@ -329,13 +377,11 @@ impl Symbolizer {
         let (m, module) = self.views.get(&pid)?.iter().find(|(m, _)| m.contains(call))?;
         let module = (*module)?;
         let (start, limit, file_offset, path) = (m.start, m.end, m.offset, m.path.clone());
-        let modules = &self.modules;
+        let fd_path = self.modules[module].as_ref()?.fd_path();
         let build_id = self
             .build_ids
             .entry(module)
-            .or_insert_with(|| {
-                blazesym::helper::read_elf_build_id(&modules[module].fd_path()).ok().flatten().map(|b| b.to_vec())
-            })
+            .or_insert_with(|| blazesym::helper::read_elf_build_id(&fd_path).ok().flatten().map(|b| b.to_vec()))
             .clone();
         Some(MappingInfo { start, limit, file_offset, path, build_id })
     }
@@ -382,8 +428,15 @@ impl Symbolizer {
         }
         for (module, wanted) in by_module {
             let offsets: Vec<u64> = wanted.iter().map(|(_, off)| *off).collect();
-            let path = self.modules[module].fd_path();
-            let name = &self.modules[module].name;
+            // Views name only modules not closed (`forget_exited`).
+            let Some((path, name)) = self.modules[module].as_ref().map(|m| (m.fd_path(), m.name.clone())) else {
+                for (addr, _) in &wanted {
+                    let frame = self.unresolved(pid, *addr);
+                    self.cache.insert((pid, *addr), frame);
+                }
+                continue;
+            };
+            let name = &name;
             let mut split = Vec::new();
             let mut frames: Vec<Option<Frame>> =
                 match self.blaze.symbolize(&Source::Elf(Elf::new(&path)), Input::FileOffset(&offsets)) {

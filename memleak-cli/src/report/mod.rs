@@ -50,6 +50,8 @@ pub enum Scope {
 
 pub struct Reporter {
     scope: Scope,
+    /// -v: says what it lets go of.
+    verbose: bool,
     recorded: Recorded,
     symbolizer: Symbolizer,
     lost: lost::LostWarnings,
@@ -145,6 +147,7 @@ impl Reporter {
         let min_age_ns = args.older.saturating_mul(1_000_000);
         Self {
             scope,
+            verbose: args.verbose,
             lost: lost::LostWarnings::new(),
             recorded,
             symbolizer,
@@ -385,6 +388,12 @@ impl Reporter {
                 self.ends.forget(&dead);
                 totals.retain(|t| !dead.contains(&t.tgid));
                 since.retain(|(tgid, _), _| !dead.contains(tgid));
+            }
+            // Gone too: those that freed all they had, whose files memleak
+            // still holds.
+            let (procs, files) = self.symbolizer.forget_exited();
+            if self.verbose && procs > 0 {
+                eprintln!("memleak: closed {files} files of {procs} exited processes");
             }
         }
         let mut rows = self.trends.update(totals, now, &allocs);
