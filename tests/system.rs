@@ -119,7 +119,7 @@ fn files_of_exited_processes_are_closed() {
         })
         .collect();
     let mut tracer = std::process::Command::new(memleak_tests::memleak_bin())
-        .args(["--user-only", "--top-procs", "1000", "1", "30"])
+        .args(["--user-only", "--top-procs", "1000", "-o", "0", "1", "30"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -141,14 +141,16 @@ fn files_of_exited_processes_are_closed() {
             .map(|fds| fds.filter_map(|fd| fs::read_link(fd.ok()?.path()).ok()).filter(|t| t.starts_with(&dir)).count())
             .unwrap_or(0)
     };
-    // 10 blocks 150 ms apart: each lives through a report or more.
+    // 10 blocks 300 ms apart: each lives through two reports or more.
     let mut apps: Vec<std::process::Child> =
-        copies.iter().map(|c| std::process::Command::new(c).args(["150", "10"]).spawn().unwrap()).collect();
+        copies.iter().map(|c| std::process::Command::new(c).args(["300", "10"]).spawn().unwrap()).collect();
     let mut most = 0;
     while apps.iter_mut().any(|a| a.try_wait().unwrap().is_none()) {
         most = most.max(held(tracer.id()));
         thread::sleep(Duration::from_millis(50));
     }
+    // Two reports begun after they all exited (not ones queued before).
+    while reports.try_recv().is_ok() {}
     for _ in 0..2 {
         reports.recv_timeout(Duration::from_secs(10)).expect("reports after they exited");
     }
