@@ -37,6 +37,8 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("dlclose", Compiler::C, "dlclose.c", &["-ldl"]),
     ("quick", Compiler::C, "quick.c", &["-ldl"]),
     ("libquick.so", Compiler::C, "quick_lib.c", &["-shared", "-fPIC"]),
+    // Its DWARF moved out to fibonacci-split.debug (see `split_debug`).
+    ("fibonacci-split", Compiler::C, "fibonacci.c", &[]),
 ];
 
 fn main() {
@@ -51,5 +53,20 @@ fn main() {
             panic!("{e}: run `cargo xtask setup` (it installs libjemalloc-dev, libgoogle-perftools-dev, libmimalloc-dev)");
         }
     }
+    split_debug(&out.join("fibonacci-split"));
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+}
+
+/// Moves `bin`'s DWARF to `bin.debug`, as distributions ship debug info:
+/// the binary keeps its symbol table, and names its companion in a
+/// `.gnu_debuglink` (its GNU build id names it too).
+fn split_debug(bin: &std::path::Path) {
+    let debug = bin.with_extension("debug");
+    let objcopy = |args: &[&std::ffi::OsStr]| {
+        let status = std::process::Command::new("objcopy").args(args).status();
+        assert!(status.is_ok_and(|s| s.success()), "objcopy {args:?} failed");
+    };
+    objcopy(&["--only-keep-debug".as_ref(), bin.as_os_str(), debug.as_os_str()]);
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    objcopy(&["--strip-debug".as_ref(), link.as_ref(), bin.as_os_str()]);
 }

@@ -54,3 +54,24 @@ fn binary_deleted_inside_the_container_still_resolves() {
     let (reports, stdout) = trace(&container);
     assert_leak_found(&reports, &stdout);
 }
+
+#[test]
+fn separate_debug_info_is_found_by_build_id_inside_the_container() {
+    // /app keeps its symbol table and a .gnu_debuglink; its DWARF is in the
+    // container only, where distributions put it: under its build id.
+    let app = fixture("fibonacci-split");
+    let id = build_id(&app);
+    let inside = format!("/usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+    let debug = app.with_extension("debug");
+    let container = Container::start_with(&app, &["100"], &[(&debug, Path::new(&inside))]);
+    let (reports, stdout) = trace(&container);
+    assert_leak_found(&reports, &stdout);
+}
+
+/// The GNU build id of an ELF file, in hex, as readelf prints it.
+fn build_id(file: &Path) -> String {
+    let out = std::process::Command::new("readelf").arg("-n").arg(file).output().expect("readelf");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).unwrap_or_else(|| panic!("no build id:\n{text}"));
+    id.trim().to_string()
+}

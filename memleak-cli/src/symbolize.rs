@@ -23,6 +23,7 @@ use blazesym::symbolize::{
 use crate::{
     stack_end::{self, CALL_WINDOW, End},
     target::{
+        debuglink,
         file::TargetFile,
         proc::{self, Mapping},
     },
@@ -133,6 +134,8 @@ struct Module {
     file: TargetFile,
     /// The name printed in frames: `app`, `libc.so.6`.
     name: String,
+    /// Its debug info is in a companion file (see `debuglink`).
+    split: Option<debuglink::Split>,
 }
 
 impl Module {
@@ -238,7 +241,9 @@ impl Symbolizer {
                 return None;
             }
         };
-        let module = Some(Module { file, name: m.module_name().to_string() });
+        // Now, while the process lives: its root leads to the companion.
+        let split = debuglink::split(&file, pid);
+        let module = Some(Module { file, name: m.module_name().to_string(), split });
         let i = match self.free_slots.pop() {
             Some(i) => {
                 self.modules[i] = module;
@@ -278,6 +283,9 @@ impl Symbolizer {
                 // blazesym holds a descriptor of its own for each file it
                 // read (found by its /proc/self/fd path, while it is open).
                 let _ = self.blaze.evict(&evict::Elf::new(m.fd_path()).into());
+                if let Some(companion) = m.split.as_ref().and_then(|s| s.companion.as_ref()) {
+                    let _ = self.blaze.evict(&evict::Elf::new(companion.file.path()).into());
+                }
                 *module = None;
                 self.build_ids.remove(&i);
                 self.free_slots.push(i);
@@ -438,8 +446,13 @@ impl Symbolizer {
             };
             let name = &name;
             let mut split = Vec::new();
+            // A file whose debug info is apart: its symbol table here, the
+            // rest from its companion (below), never from a link followed
+            // by name.
+            let mut src = Elf::new(&path);
+            src.debug_syms = self.modules[module].as_ref().is_some_and(|m| m.split.is_none());
             let mut frames: Vec<Option<Frame>> =
-                match self.blaze.symbolize(&Source::Elf(Elf::new(&path)), Input::FileOffset(&offsets)) {
+                match self.blaze.symbolize(&Source::Elf(src), Input::FileOffset(&offsets)) {
                     Ok(results) => results
                         .into_iter()
                         .zip(&wanted)
@@ -454,10 +467,39 @@ impl Symbolizer {
                         .collect(),
                     Err(_) => vec![None; wanted.len()],
                 };
+            self.from_companion(module, &wanted, &mut split, &mut frames);
             self.split_offsets(path, &offsets, &split, &mut frames);
             for ((addr, _), frame) in wanted.iter().zip(frames) {
                 let frame = frame.unwrap_or_else(|| self.unresolved(pid, *addr));
                 self.cache.insert((pid, *addr), frame);
+            }
+        }
+    }
+
+    /// Frames of `module` found in its companion file instead (see
+    /// `debuglink`), at the addresses its file offsets have: where it
+    /// has a symbol for the address, its frame (with lines and inlined
+    /// functions) replaces the one from the symbol table. `split` as in
+    /// `split_offsets`, kept in step.
+    fn from_companion(&mut self, module: usize, wanted: &[(u64, u64)], split: &mut Vec<usize>, frames: &mut [Option<Frame>]) {
+        let Some(Module { name, split: Some(layout @ debuglink::Split { companion: Some(companion), .. }), .. }) =
+            &self.modules[module]
+        else {
+            return;
+        };
+        let (at, addrs): (Vec<usize>, Vec<u64>) =
+            wanted.iter().enumerate().filter_map(|(i, (_, off))| Some((i, layout.address(*off)?))).unzip();
+        let mut src = Elf::new(companion.file.path());
+        src.debug_syms = !companion.links_further;
+        let Ok(results) = self.blaze.symbolize(&Source::Elf(src), Input::VirtOffset(&addrs)) else { return };
+        for (i, result) in at.into_iter().zip(results) {
+            if let Symbolized::Sym(sym) = &result {
+                let sized = sym.size.is_some();
+                frames[i] = to_frame(wanted[i].0, name, result);
+                split.retain(|&j| j != i);
+                if !sized {
+                    split.push(i);
+                }
             }
         }
     }

@@ -22,6 +22,11 @@ pub struct Container {
 impl Container {
     /// Starts `program` as /app (PID 1 of its namespace) with `args`.
     pub fn start(program: &Path, args: &[&str]) -> Self {
+        Self::start_with(program, args, &[])
+    }
+
+    /// `start`, with more files in the container: (host file, path inside).
+    pub fn start_with(program: &Path, args: &[&str], files: &[(&Path, &Path)]) -> Self {
         let base = std::env::temp_dir().join(format!("memleak-ct-{}-{}", std::process::id(), unique()));
         let rootfs = base.join("rootfs");
         let mountpoint = base.join("mnt");
@@ -29,6 +34,9 @@ impl Container {
         copy_into(&rootfs, program, Path::new("/app"));
         for lib in shared_libraries(program) {
             copy_into(&rootfs, &lib, &lib);
+        }
+        for (from, to) in files {
+            copy_into(&rootfs, from, to);
         }
         let script = format!(
             "mount -t tmpfs none {mnt} && cp -a {root}/. {mnt}/ && cd {mnt} && mkdir .old && pivot_root . .old && exec /app {args}",

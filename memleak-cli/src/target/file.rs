@@ -17,7 +17,7 @@ use std::{
     fs::File,
     io,
     os::{
-        fd::AsRawFd as _,
+        fd::{AsRawFd as _, FromRawFd as _},
         unix::fs::{FileExt as _, MetadataExt as _},
     },
     path::{Path, PathBuf},
@@ -45,6 +45,35 @@ impl TargetFile {
             )));
         }
         Ok(opened)
+    }
+
+    /// The file at `path` (relative) inside process `pid`'s root, the name
+    /// resolved as the process would: symbolic links, absolute or `..`,
+    /// stay inside that root (`openat2` with `RESOLVE_IN_ROOT`, Linux
+    /// 5.6), so a container's name never leads to a host file. For files
+    /// a traced file names by its build id (its separate debug info).
+    pub fn in_root(pid: u32, path: &str) -> io::Result<Self> {
+        let root = File::open(format!("/proc/{pid}/root"))?;
+        let name = std::ffi::CString::new(path).map_err(io::Error::other)?;
+        // SAFETY: plain integers, all zero is valid.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+        how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: openat2 with a directory fd we hold, a NUL-terminated
+        // name and an open_how of the size passed.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_openat2, root.as_raw_fd(), name.as_ptr(), &raw const how, size_of::<libc::open_how>())
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just gave us this descriptor.
+        Self::from_file(unsafe { File::from_raw_fd(fd as i32) })
+    }
+
+    /// The open file, for readers that take one.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// A file named on memleak's own command line (`-O PATH`), or one of

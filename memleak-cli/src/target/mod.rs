@@ -1,8 +1,10 @@
 //! What is traced: processes and their /proc files (`proc`), a command
 //! started for `-c` (`command`), the files they map, opened only as
-//! `file` says, and the ELF in them (`elf`).
+//! `file` says, the ELF in them (`elf`), and their separate debug info
+//! (`debuglink`).
 
 pub mod command;
+pub mod debuglink;
 pub mod elf;
 pub mod file;
 pub mod memory;
