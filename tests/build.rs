@@ -39,6 +39,7 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("libquick.so", Compiler::C, "quick_lib.c", &["-shared", "-fPIC"]),
     // Its DWARF moved out to fibonacci-split.debug (see `split_debug`).
     ("fibonacci-split", Compiler::C, "fibonacci.c", &[]),
+    ("stacks", Compiler::C, "stacks.c", &[]),
 ];
 
 fn main() {

@@ -107,9 +107,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_allocs: u32,
 
-    /// Most distinct call stacks recorded.
-    #[arg(long, value_name = "N", default_value_t = 1 << 14)]
-    pub max_stacks: u32,
+    /// Most distinct call stacks recorded at once (default 16384; system-wide
+    /// 16384 to 65536, from the memory available: see the README).
+    #[arg(long, value_name = "N")]
+    pub max_stacks: Option<u32>,
 
     /// Say what is hooked where, how long each report took, and at exit
     /// what each BPF program cost (if kernel.bpf_stats_enabled=1).
@@ -244,7 +245,7 @@ impl Args {
                 format!("--min-size {min} is larger than --max-size {max}"),
             ));
         }
-        if self.max_allocs == 0 || self.max_stacks == 0 {
+        if self.max_allocs == 0 || self.max_stacks == Some(0) {
             return Err(user_error(Kind::Usage, "--max-allocs and --max-stacks must be at least 1"));
         }
         if self.pid == Some(0) {

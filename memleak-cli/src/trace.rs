@@ -336,7 +336,11 @@ fn listen(server: Option<Server>, reporter: &mut Reporter, config: &Config, link
     let probes = Arc::new(AtomicUsize::new(links.probes()));
     if let Some(server) = server {
         let shared = serve::Shared::default();
-        let capacity = serve::Capacity { blocks: config.max_allocs.into(), totals: config.totals_entries.into() };
+        let capacity = serve::Capacity {
+            blocks: config.max_allocs.into(),
+            totals: config.totals_entries.into(),
+            stacks: config.max_stacks.into(),
+        };
         reporter.serve(shared.clone(), capacity, probes.clone());
         server.spawn(shared);
     }
@@ -428,6 +432,14 @@ async fn report_loop(
                 if args.verbose {
                     // From the tick to the report's last line (`cargo xtask bench` reads it).
                     eprintln!("memleak: report {reports} took {:.6} s ({read} entries read)", tick.elapsed().as_secs_f64());
+                    let (r, capacity) = reporter.reclaimed();
+                    eprintln!(
+                        "memleak: gave back {} totals entries and {} stacks; {} stacks in use of {capacity} ({:.1}%)",
+                        r.entries,
+                        r.stacks,
+                        r.stacks_in_use,
+                        r.stacks_in_use as f64 * 100.0 / f64::from(capacity.max(1))
+                    );
                 }
             }
             _ = signals.int.recv() => return Ok(End::Signal),

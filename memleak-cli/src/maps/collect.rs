@@ -216,6 +216,33 @@ impl Recorded {
         self.allocs.get(&AllocKey { addr, tgid, _pad: 0 }, 0).ok()
     }
 
+    /// Swaps owners of totals entries (see `totals::swap`); the slots swapped.
+    pub fn swap_totals(&self, swaps: &crate::fasthash::FastMap<u32, (u64, u64)>) -> Vec<u32> {
+        totals::swap(self.totals.map().fd().as_fd(), self.totals.len(), swaps).unwrap_or_else(|e| {
+            eprintln!("warning: giving back per-stack totals: {e}");
+            Vec::new()
+        })
+    }
+
+    /// Most stacks STACKS holds.
+    pub fn stacks_capacity(&self) -> u32 {
+        self.stacks.map().info().map_or(0, |i| i.max_entries())
+    }
+
+    /// Deletes a stack; its return addresses, if it was there.
+    pub fn take_stack(&mut self, stack_id: u64) -> Option<Vec<u64>> {
+        let ips = self.stack(stack_id);
+        (!ips.is_empty() && self.stacks.remove(&stack_id).is_ok()).then_some(ips)
+    }
+
+    /// Puts a stack deleted by `take_stack` back, unless the kernel did.
+    pub fn put_stack(&mut self, stack_id: u64, ips: &[u64]) {
+        let mut stack = Stack { len: ips.len() as u64, ips: [0; MAX_STACK_DEPTH] };
+        stack.ips[..ips.len()].copy_from_slice(ips);
+        // BPF_NOEXIST (linux/bpf.h): the kernel may have put it back first.
+        let _ = self.stacks.insert(stack_id, stack, 1);
+    }
+
     /// Return addresses of a stack, innermost first (empty if it is gone).
     pub fn stack(&self, stack_id: u64) -> Vec<u64> {
         self.stacks

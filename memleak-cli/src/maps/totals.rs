@@ -11,7 +11,10 @@ use std::{
 
 use memleak_common::{CombinedKey, Totals, totals_key};
 
-use crate::maps::mapped::{Layout, atomic};
+use crate::{
+    fasthash::FastMap,
+    maps::mapped::{Layout, atomic},
+};
 
 /// Windows of 1.5 MiB; ranges on whole pages (512 entries are 6 pages).
 const LAYOUT: Layout<Totals> = Layout::new(512 * 64, 512);
@@ -58,6 +61,28 @@ pub fn read(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Vec<Entry>> {
         slot += 1;
     })?;
     Ok(found)
+}
+
+/// Swaps the owners of the entries in `swaps` (slot -> (from, to)), each
+/// with a compare-and-swap: an entry whose owner is no longer `from` is
+/// left as it is. Returns the slots swapped.
+pub fn swap(fd: BorrowedFd<'_>, entries: u32, swaps: &FastMap<u32, (u64, u64)>) -> io::Result<Vec<u32>> {
+    let mut swapped = Vec::new();
+    if swaps.is_empty() {
+        return Ok(swapped);
+    }
+    let mut slot = 0;
+    LAYOUT.for_each(fd, 0..entries, |t| {
+        if let Some(&(from, to)) = swaps.get(&slot) {
+            // SAFETY: as in `read`.
+            let owner = unsafe { atomic(&raw mut (*t).owner) };
+            if owner.compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                swapped.push(slot);
+            }
+        }
+        slot += 1;
+    })?;
+    Ok(swapped)
 }
 
 /// Gives back these processes' entries (they exited, and their blocks

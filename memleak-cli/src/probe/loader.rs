@@ -58,15 +58,18 @@ impl Config {
             trace: args.trace,
             max_allocs: args.max_allocs,
             table_buckets: table_buckets(args.max_allocs),
-            max_stacks: args.max_stacks,
+            max_stacks: args.max_stacks.unwrap_or_else(|| match args.mode() {
+                crate::cli::Mode::System { .. } => system_stacks(crate::target::proc::mem_available()),
+                _ => DEFAULT_STACKS,
+            }),
             combined_only: args.combined_only,
             shards,
             // One process has each stack once, plus the blocks without one;
             // system-wide, processes share stacks (of libc, say).
             totals_entries: totals_entries(
                 match args.mode() {
-                    crate::cli::Mode::System { .. } => args.max_stacks.saturating_mul(4).max(1024),
-                    _ => args.max_stacks.saturating_add(1),
+                    crate::cli::Mode::System { .. } => args.max_stacks.unwrap_or(DEFAULT_STACKS).saturating_mul(4).max(1024),
+                    _ => args.max_stacks.unwrap_or(DEFAULT_STACKS).saturating_add(1),
                 }
                 .saturating_mul(shards),
             ),
@@ -136,6 +139,23 @@ fn table_buckets(max_allocs: u32) -> u32 {
     }
     let buckets = max_allocs / 4 / BUCKET_SLOTS as u32;
     1 << buckets.ilog2()
+}
+
+/// `--max-stacks` with -p and -c.
+const DEFAULT_STACKS: u32 = 1 << 14;
+
+/// `--max-stacks` system-wide: STACKS is not allocated whole, but filled it
+/// holds about 1.1 KiB of kernel memory per stack (127 return addresses and
+/// the hash map's own), so at most 1/256 of the memory available goes to
+/// it: 65,536 stacks (70 MiB) from 18 GiB available, never fewer than with
+/// -p. A C build filled 16,384 within 5 s; given back as they empty (see
+/// `maps::reclaim`), 65,536 held it. The per-stack totals stay sized from
+/// 16,384 (they are allocated whole).
+fn system_stacks(mem_available: Option<u64>) -> u32 {
+    const PER_STACK: u64 = 1126;
+    let fit = mem_available.map_or(0, |bytes| bytes / 256 / PER_STACK);
+    let fit = u32::try_from(fit).unwrap_or(u32::MAX).clamp(DEFAULT_STACKS, 1 << 16);
+    1 << fit.ilog2()
 }
 
 /// Entries for this many (process, stack, part) keys: half as many again,
@@ -435,6 +455,11 @@ mod tests {
         assert_eq!(totals_entries(43690), 1 << 16);
         assert_eq!(totals_entries(43692), 1 << 17);
         assert_eq!(totals_entries(1), 1 << 10);
+        assert_eq!(system_stacks(None), 1 << 14);
+        assert_eq!(system_stacks(Some(1 << 30)), 1 << 14, "1 GiB available: as with -p");
+        assert_eq!(system_stacks(Some(9 << 30)), 1 << 15);
+        assert_eq!(system_stacks(Some(18 << 30)), 1 << 16);
+        assert_eq!(system_stacks(Some(1 << 40)), 1 << 16);
         assert_eq!(totals_entries(u32::MAX), 1 << 22);
     }
 

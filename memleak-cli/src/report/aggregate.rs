@@ -98,6 +98,11 @@ impl Aggregator {
         }
     }
 
+    /// The totals entries the blocks name, of any age.
+    pub fn slots(&self) -> std::collections::HashSet<u32> {
+        self.totals.keys().map(|&(_, slot, _)| slot).collect()
+    }
+
     /// Outstanding bytes (of blocks old enough) by process.
     pub fn process_bytes(&self) -> FastMap<u32, u64> {
         self.by_process(|t| t.bytes)

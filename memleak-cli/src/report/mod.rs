@@ -31,7 +31,10 @@ use crate::{
     clock::{self, monotonic_ns},
     export::{Exports, pprof},
     fasthash::FastMap,
-    maps::collect::{self, Recorded},
+    maps::{
+        collect::{self, Recorded},
+        reclaim::{Reclaim, Reclaimed},
+    },
     output,
     probe::exec::{Exec, Execs},
     serve,
@@ -87,6 +90,9 @@ pub struct Reporter {
     feed: Option<serve::Feed>,
     /// `-q`: reports go to the server only.
     quiet: bool,
+    /// What no block needs any more, given back to the kernel's tables.
+    reclaim: Reclaim,
+    reclaimed: Reclaimed,
 }
 
 /// Where each user stack really ends (stack_end), and which stack stands
@@ -173,6 +179,8 @@ impl Reporter {
             execs: None,
             feed: None,
             quiet: args.quiet,
+            reclaim: Reclaim::default(),
+            reclaimed: Reclaimed::default(),
         }
     }
 
@@ -193,6 +201,7 @@ impl Reporter {
             lost: lost::Lost::default(),
             blocks_read: None,
             totals_used: 0,
+            stacks_used: 0,
             duration_s: 0.0,
         };
         let meta = pprof::Meta {
@@ -318,10 +327,15 @@ impl Reporter {
             }
             all
         });
+        // The entries the blocks name: those set aside at the last report
+        // and named now are restored, the rest given back.
+        let live_slots = aggregated.as_ref().map(aggregate::Aggregator::slots);
+        let given = live_slots.as_ref().map_or(0, |live| self.reclaim.settle(&self.recorded, live));
         // After the blocks: it has every entry they name.
         let entries = self.recorded.totals();
         read += entries.len();
-        let combined = collect::add_parts(&entries);
+        let parts: Vec<_> = entries.iter().copied().chain(self.reclaim.carried()).collect();
+        let combined = collect::add_parts(&parts);
         // Stacks that differ only past where they really end are one: the
         // blocks of all are summed under one before a stack with young
         // blocks only is left out (its blocks still count in `live`).
@@ -377,14 +391,17 @@ impl Reporter {
         }
         if let Scope::System { .. } = self.scope {
             // A process that exited without freeing is not leaking any
-            // more: drop what it left, in the kernel maps too.
-            let dead: HashSet<u32> = totals
-                .iter()
-                .map(|t| t.tgid)
+            // more: drop what it left, in the kernel maps too. One that
+            // freed all it allocated still holds totals entries and their
+            // stacks: given back too (a build's compilers come and go).
+            let tgids: HashSet<u32> = totals.iter().map(|t| t.tgid).chain(entries.iter().map(|(_, k, _)| k.tgid)).collect();
+            let dead: HashSet<u32> = tgids
+                .into_iter()
                 .filter(|&tgid| !is_kernel(tgid) && !std::path::Path::new(&format!("/proc/{tgid}")).exists())
                 .collect();
             if !dead.is_empty() {
                 self.recorded.forget_processes(&dead);
+                self.reclaim.forget(&dead, &entries);
                 self.ends.forget(&dead);
                 totals.retain(|t| !dead.contains(&t.tgid));
                 since.retain(|(tgid, _), _| !dead.contains(tgid));
@@ -535,15 +552,25 @@ impl Reporter {
                     lost,
                     blocks_read: live.as_ref().map(|l| l.values().sum()),
                     totals_used: entries.len() as u64,
+                    stacks_used: entries.iter().map(|(_, k, _)| k.stack_id).collect::<HashSet<_>>().len() as u64,
                     duration_s: monotonic_ns().saturating_sub(now) as f64 / 1e9,
                 },
                 serve::Views { stacks: &stacks, json: json_out, meta, elapsed_ns },
                 &mut |pid, addr| symbolizer.mapping(pid, addr),
             );
         }
+        if let Some(live) = &live_slots {
+            self.reclaim.set_aside(&self.recorded, &entries, live);
+        }
+        self.reclaimed = Reclaimed { entries: given, ..self.reclaim.stacks(&mut self.recorded) };
         self.last = rows;
         self.last_ns = now;
         Ok(read)
+    }
+
+    /// What the last report gave back, and how full the stacks are (`-v`).
+    pub fn reclaimed(&self) -> (Reclaimed, u32) {
+        (self.reclaimed, self.recorded.stacks_capacity())
     }
 
     /// Names of the processes a report names: the traced one, or (system
@@ -623,9 +650,12 @@ fn served_stacks(
     all[first..].sort_unstable_by_key(|(k, s)| (std::cmp::Reverse(s.allocated), *k));
     all.truncate(SERVED_STACKS);
     all.into_iter()
-        .map(|((tgid, stack_id), mut s)| {
+        .filter_map(|((tgid, stack_id), mut s)| {
             s.frames = frames(&StackTotal { tgid, stack_id, ..Default::default() });
-            s
+            // A stack given back (idle, nothing outstanding: see
+            // maps::reclaim) is no longer known: its counts stay in the
+            // counters, not in the profiles.
+            (stack_id == NO_STACK || !s.frames.is_empty()).then_some(s)
         })
         .collect()
 }

@@ -18,6 +18,8 @@ pub struct Capacity {
     pub blocks: u64,
     /// Entries of the per-stack totals.
     pub totals: u64,
+    /// `--max-stacks`.
+    pub stacks: u64,
 }
 
 /// The counters last published per process: a counter must never go down
@@ -156,6 +158,7 @@ pub fn render(report: &Report<'_>, coverage: &Coverage, capacity: Capacity, prob
         fill.with_label_values(&["allocations"]).set(read as f64 / capacity.blocks.max(1) as f64);
     }
     fill.with_label_values(&["totals"]).set(report.totals_used as f64 / capacity.totals.max(1) as f64);
+    fill.with_label_values(&["stacks"]).set(report.stacks_used as f64 / capacity.stacks.max(1) as f64);
     let duration = prometheus::Gauge::new("memleak_report_duration_seconds", "How long the last report took.")
         .expect("a valid metric name");
     registry.register(Box::new(duration.clone())).expect("registered once");
@@ -204,9 +207,10 @@ mod tests {
             lost: Lost { allocations_untracked: 3, ..Lost::default() },
             blocks_read: Some(50),
             totals_used: 25,
+            stacks_used: 10,
             duration_s: 0.5,
         };
-        render(&report, &Coverage::System { top_procs: 2 }, Capacity { blocks: 100, totals: 100 }, 7, counters)
+        render(&report, &Coverage::System { top_procs: 2 }, Capacity { blocks: 100, totals: 100, stacks: 40 }, 7, counters)
     }
 
     #[test]
@@ -226,6 +230,7 @@ mod tests {
             "memleak_lost_events_total{reason=\"allocation_map_full\"} 3",
             "memleak_map_fill_ratio{map=\"allocations\"} 0.5",
             "memleak_map_fill_ratio{map=\"totals\"} 0.25",
+            "memleak_map_fill_ratio{map=\"stacks\"} 0.25",
             "memleak_attached_probes 7",
             "memleak_report_duration_seconds 0.5",
         ] {

@@ -83,6 +83,8 @@ pub struct Report<'a> {
     /// and totals entries in use: how full the maps are.
     pub blocks_read: Option<u64>,
     pub totals_used: u64,
+    /// Distinct stacks the totals entries name: how full STACKS is.
+    pub stacks_used: u64,
     pub duration_s: f64,
 }
 

@@ -105,6 +105,17 @@ pub fn pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The kernel's estimate of memory available for new work (MemAvailable
+/// in /proc/meminfo), in bytes.
+pub fn mem_available() -> Option<u64> {
+    parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().strip_suffix(" kB")?;
+    kib.trim().parse::<u64>().ok()?.checked_mul(1024)
+}
+
 /// A process's command name, or "?" once it is gone.
 pub fn comm(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm")).map_or_else(|_| "?".into(), |c| c.trim_end().to_string())
@@ -256,6 +267,14 @@ impl AsRawFd for PidFd {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn memory_available_from_meminfo() {
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20971520 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(20 << 30));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert!(mem_available().is_some_and(|b| b > 0));
+    }
+
     use super::*;
 
     #[test]
