@@ -12,8 +12,10 @@
 //!   disturbs far less than its run time.
 //! - Hold (tests/fixtures/hold.c): 1,000,000 live blocks from 10,000
 //!   stacks: time from the tick to a report's last line (memleak -v says
-//!   it), and the tracer's peak RSS; and, on the idle fixture, the time
-//!   from starting memleak to "Attaching", several times.
+//!   it), and the tracer's peak RSS, by default, with --combined-only and
+//!   with --listen (which renders each report for its server too); and, on
+//!   the idle fixture, the time from starting memleak to "Attaching",
+//!   several times.
 //!
 //! Prints a Markdown report (also written to target/xtask/bench.md) and
 //! fails if a target of the performance issue is missed.
@@ -298,7 +300,10 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
     let _ = writeln!(out, "| mode | report, median (ms) | slowest (ms) | per allocation (µs) | tracer peak RSS (MiB) |");
     let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
     let mut results = Vec::new();
-    for (name, args) in [("default", &[][..]), ("--combined-only", &["--combined-only"][..])] {
+    // --listen renders every report for the server too: metrics, the two
+    // heap profiles (1,000 stacks symbolized), the flame graph, the JSON.
+    let modes = [("default", &[][..]), ("--combined-only", &["--combined-only"][..]), ("--listen 0", &["--listen", "0"][..])];
+    for (name, args) in modes {
         let r = hold_once(memleak, hold, args, opts.reports).with_context(|| format!("reports in {name} mode"))?;
         let _ = writeln!(
             out,
@@ -330,11 +335,13 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
         median(&system_exits) * 1e3,
         system_exits.iter().copied().fold(0.0, f64::max) * 1e3
     );
-    let (full, combined) = (&results[0], &results[1]);
+    let (full, combined, served) = (&results[0], &results[1], &results[2]);
     let _ = writeln!(out, "\n| target | measured | limit | |\n| --- | ---: | ---: | --- |");
     let mut missed = check(out, "report, default mode", full.median_s, 0.2, " s");
     missed += check(out, "report, --combined-only", combined.median_s, 0.01, " s");
+    missed += check(out, "report, --listen", served.median_s, 0.2, " s");
     missed += check(out, "tracer peak RSS", full.peak_rss_kib.max(combined.peak_rss_kib) as f64 / 1024.0, 40.0, " MiB");
+    missed += check(out, "tracer peak RSS, --listen", served.peak_rss_kib as f64 / 1024.0, 40.0, " MiB");
     missed += check(out, "attach, all hooks, one process", median(&attach) * 1e3, 60.0, " ms");
     missed += check(out, "exit after SIGINT, one process", median(&exits) * 1e3, 200.0, " ms");
     missed += check(out, "exit after SIGINT, system-wide", median(&system_exits) * 1e3, 500.0, " ms");
