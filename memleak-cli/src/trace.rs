@@ -401,6 +401,8 @@ async fn stopped(command: &mut Option<Command<'_>>) {
 /// exit; `each_tick` runs before each report (and as an exec is told, with
 /// one traced process). The caller prints the last
 /// report (on a signal or exit), then detaches.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
 async fn report_loop(
     args: &Args,
     reporter: &mut Reporter,
@@ -413,6 +415,11 @@ async fn report_loop(
     let period = Duration::from_secs(args.interval);
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // System-wide, what exited processes left is given back every second
+    // (see `Reporter::housekeep`), not only at reports.
+    let mut housekeeping = interval_at(Instant::now() + HOUSEKEEPING, HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let system = exited.is_none();
     let mut reports = 0;
     // A stop that came before the loop (a command done at once).
     if let Some(c) = &mut command
@@ -453,6 +460,7 @@ async fn report_loop(
                 }
             }
             _ = trace_events(logger) => {}
+            _ = housekeeping.tick(), if system => reporter.housekeep(),
             // One traced process: its exec is handled at once, while it
             // runs (it may exit before the next report), and its new
             // program probed as soon as its allocator is mapped.
