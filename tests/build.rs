@@ -40,6 +40,9 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     // Its DWARF moved out to fibonacci-split.debug (see `split_debug`).
     ("fibonacci-split", Compiler::C, "fibonacci.c", &[]),
     ("stacks", Compiler::C, "stacks.c", &[]),
+    // Stripped of everything, its debug file apart and named by nothing
+    // but its build id (see `split_debug`).
+    ("fibonacci-stripped", Compiler::C, "fibonacci.c", &[]),
 ];
 
 fn main() {
@@ -54,20 +57,26 @@ fn main() {
             panic!("{e}: run `cargo xtask setup` (it installs libjemalloc-dev, libgoogle-perftools-dev, libmimalloc-dev)");
         }
     }
-    split_debug(&out.join("fibonacci-split"));
+    split_debug(&out.join("fibonacci-split"), false);
+    split_debug(&out.join("fibonacci-stripped"), true);
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
 }
 
 /// Moves `bin`'s DWARF to `bin.debug`, as distributions ship debug info:
 /// the binary keeps its symbol table, and names its companion in a
-/// `.gnu_debuglink` (its GNU build id names it too).
-fn split_debug(bin: &std::path::Path) {
+/// `.gnu_debuglink` (its GNU build id names it too). `all`: the symbol
+/// table goes too, and no debuglink is added (the build id is all).
+fn split_debug(bin: &std::path::Path, all: bool) {
     let debug = bin.with_extension("debug");
     let objcopy = |args: &[&std::ffi::OsStr]| {
         let status = std::process::Command::new("objcopy").args(args).status();
         assert!(status.is_ok_and(|s| s.success()), "objcopy {args:?} failed");
     };
     objcopy(&["--only-keep-debug".as_ref(), bin.as_os_str(), debug.as_os_str()]);
+    if all {
+        objcopy(&["--strip-all".as_ref(), bin.as_os_str()]);
+        return;
+    }
     let link = format!("--add-gnu-debuglink={}", debug.display());
     objcopy(&["--strip-debug".as_ref(), link.as_ref(), bin.as_os_str()]);
 }

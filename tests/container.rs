@@ -68,6 +68,20 @@ fn separate_debug_info_is_found_by_build_id_inside_the_container() {
     assert_leak_found(&reports, &stdout);
 }
 
+#[test]
+fn a_stripped_program_is_named_from_its_debug_file_by_build_id() {
+    // /app has no symbol table and no debuglink: only its build id names
+    // its debug file, which only the container holds.
+    let app = fixture("fibonacci-stripped");
+    let id = build_id(&app);
+    let inside = format!("/usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+    assert!(!Path::new(&inside).exists(), "{inside} exists on the host: the test would prove nothing");
+    let debug = app.with_extension("debug");
+    let container = Container::start_with(&app, &["100"], &[(&debug, Path::new(&inside))]);
+    let (reports, stdout) = trace(&container);
+    assert_leak_found(&reports, &stdout);
+}
+
 /// The GNU build id of an ELF file, in hex, as readelf prints it.
 fn build_id(file: &Path) -> String {
     let out = std::process::Command::new("readelf").arg("-n").arg(file).output().expect("readelf");

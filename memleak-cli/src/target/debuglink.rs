@@ -31,11 +31,12 @@ pub struct Companion {
 }
 
 /// What `file` (mapped by process `pid`) says of separate debug info; None
-/// if it names none (its own DWARF, if any, serves) or cannot be read.
+/// if it names none and is not stripped (its own symbols and DWARF, if
+/// any, serve) or cannot be read.
 pub fn split(file: &TargetFile, pid: u32) -> Option<Split> {
     let cache = ReadCache::new(file.file());
     let elf = object::File::parse(&cache).ok()?;
-    if !names_companion(&elf) {
+    if !names_companion(&elf) && !stripped(&elf) {
         return None;
     }
     let segments = elf
@@ -60,6 +61,12 @@ impl Split {
 
 fn names_companion<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> bool {
     LINKS.iter().any(|name| elf.section_by_name(name).is_some())
+}
+
+/// Whether a file has neither a symbol table nor DWARF (`strip --strip-all`
+/// with no link added): its build id alone may name its debug file.
+fn stripped<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> bool {
+    elf.section_by_name(".symtab").is_none() && elf.section_by_name(".debug_info").is_none()
 }
 
 /// The companion of build `id` inside process `pid`'s root.
