@@ -43,6 +43,8 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     // Stripped of everything, its debug file apart and named by nothing
     // but its build id (see `split_debug`).
     ("fibonacci-stripped", Compiler::C, "fibonacci.c", &[]),
+    // As most packaged code is built: optimized, no frame pointers.
+    ("deep", Compiler::C, "deep.c", &["-O2", "-fomit-frame-pointer"]),
 ];
 
 fn main() {

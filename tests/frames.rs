@@ -111,8 +111,10 @@ fn offsets_in_split_functions_are_gdbs() {
 
 #[test]
 fn a_walk_off_the_frame_chain_ends_with_a_marker_not_garbage() {
-    // push() allocates with the previous node in %rbp: the walk reads the
-    // node as a frame record, a different heap address at every call.
+    // push() allocates with the previous node in %rbp: a frame-pointer
+    // walk (`--unwind fp`; by default this program is walked by its unwind
+    // table, see tests/unwind.rs) reads the node as a frame record, a
+    // different heap address at every call.
     let app = Running::spawn(fixture("frames-nofp"), &["20"]);
     thread::sleep(Duration::from_millis(200));
     let pid = app.pid().to_string();
@@ -121,7 +123,7 @@ fn a_walk_off_the_frame_chain_ends_with_a_marker_not_garbage() {
     std::fs::create_dir_all(&dir).unwrap();
     let (folded, pprof) = (dir.join("out.folded"), dir.join("out.pb.gz"));
     let out = run_memleak(
-        &args(&["-p", &pid, "--folded", folded.to_str().unwrap(), "--pprof", pprof.to_str().unwrap(), "1", "2"]),
+        &args(&["--unwind", "fp", "-p", &pid, "--folded", folded.to_str().unwrap(), "--pprof", pprof.to_str().unwrap(), "1", "2"]),
         Duration::from_secs(30),
     );
     let stdout = text(&out.stdout);
@@ -155,7 +157,7 @@ fn a_walk_off_the_frame_chain_ends_with_a_marker_not_garbage() {
     assert!(profile.windows(marker.len()).any(|w| w == marker), "no marker function in the pprof profile");
 
     // JSON says it in the stack's "end".
-    let out = run_memleak(&args(&["-p", &pid, "--format", "json", "1", "1"]), Duration::from_secs(30));
+    let out = run_memleak(&args(&["--unwind", "fp", "-p", &pid, "--format", "json", "1", "1"]), Duration::from_secs(30));
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();

@@ -112,6 +112,18 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub max_stacks: Option<u32>,
 
+    /// How user stacks are walked: auto, by unwind tables (.eh_frame) in
+    /// objects built without frame pointers and by frame pointers in the
+    /// others; dwarf, by tables wherever an object has them; fp, by frame
+    /// pointers only (stacks stop where code was built without them).
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
+
+    /// Most memory for unwind tables, in MiB (1 to 128), shared by all
+    /// traced processes.
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    pub unwind_memory: u32,
+
     /// Say what is hooked where, how long each report took, and at exit
     /// what each BPF program cost (if kernel.bpf_stats_enabled=1).
     #[arg(short, long)]
@@ -192,6 +204,17 @@ pub struct Args {
     pub argv: Vec<String>,
 }
 
+/// `--unwind`: how user stacks are walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unwind {
+    /// Unwind tables for objects built without frame pointers.
+    Auto,
+    /// Frame pointers only.
+    Fp,
+    /// Unwind tables for every object that has them.
+    Dwarf,
+}
+
 /// `--floor`: what a probe costs with no work in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Floor {
@@ -247,6 +270,9 @@ impl Args {
         }
         if self.max_allocs == 0 || self.max_stacks == Some(0) {
             return Err(user_error(Kind::Usage, "--max-allocs and --max-stacks must be at least 1"));
+        }
+        if !(1..=128).contains(&self.unwind_memory) {
+            return Err(user_error(Kind::Usage, format!("--unwind-memory {}: give 1 to 128 (MiB)", self.unwind_memory)));
         }
         if self.pid == Some(0) {
             return Err(user_error(Kind::Usage, "PID 0 is not a process"));

@@ -15,6 +15,8 @@ pub enum Kind {
     Attach = 5,
     /// stdout could not be written (a full disk, `/dev/full`).
     Output = 6,
+    /// The traced process's unwind tables do not fit `--unwind-memory`.
+    UnwindMemory = 7,
 }
 
 /// An error whose message is meant for the user as is.

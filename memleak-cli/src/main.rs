@@ -14,6 +14,7 @@ mod stack_end;
 mod symbolize;
 mod target;
 mod trace;
+mod unwind;
 
 use std::process::ExitCode;
 

@@ -20,6 +20,8 @@ use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
 };
 
+use memleak_common::TRUNCATED_IP;
+
 use crate::{
     stack_end::{self, CALL_WINDOW, End},
     target::{
@@ -28,6 +30,10 @@ use crate::{
         proc::{self, Mapping},
     },
 };
+
+/// The frame standing for a return address that a pending return probe
+/// replaced (see `Symbolizer::is_trampoline`).
+pub const RETURN_PROBED: &str = "[caller hidden by a return probe]";
 
 /// One stack's outstanding memory, symbolized.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,7 +122,10 @@ impl Frame {
             .map(|(name, source)| with_source(format!("{name} [inlined]"), source))
             .collect();
         let main = match &self.symbol {
+            // A stand-in for a frame (`[...]`): no offset, no module.
+            Some((name, _)) if name.starts_with('[') => name.clone(),
             Some((name, offset)) => format!("{name}+{offset:#x} [{module}]"),
+            None if self.addr == TRUNCATED_IP => "[truncated]".to_string(),
             None => format!("{:#x} [{module}]", self.addr),
         };
         lines.push(with_source(main, &self.source));
@@ -329,6 +338,11 @@ impl Symbolizer {
             return (addrs.len(), None); // its mappings were never read: nothing to judge by
         }
         stack_end::kept(addrs, |addr| {
+            // The kernel's mark of a walk cut at the depth limit: it ends
+            // the stack as `[truncated]`, not as garbage.
+            if addr == TRUNCATED_IP {
+                return Ok(());
+            }
             if let Some(verdict) = self.verdicts.get(&(pid, addr)) {
                 return verdict.clone();
             }
@@ -337,11 +351,24 @@ impl Symbolizer {
                 self.refresh(pid);
                 verdict = self.judge(pid, addr);
             }
+            if verdict == Err(End::Unmapped) && self.is_trampoline(pid, addr) {
+                return Ok(());
+            }
             if verdict != Err(End::Unmapped) {
                 self.verdicts.insert((pid, addr), verdict.clone());
             }
             verdict
         })
+    }
+
+    /// Whether `addr` is the kernel's return probe trampoline, the start
+    /// of the process's `[uprobes]` mapping: a function with a return
+    /// probe (memleak's own on dlopen, any tracer's) returns there, its
+    /// real return address kept by the kernel. The walk still went on
+    /// right (by the frame's table, or its frame pointer): only that one
+    /// caller is unknown. A frame-pointer walk too reads it there.
+    fn is_trampoline(&self, pid: u32, addr: u64) -> bool {
+        self.views.get(&pid).is_some_and(|v| v.iter().any(|(m, _)| m.start == addr && m.path == "[uprobes]"))
     }
 
     fn judge(&self, pid: u32, ret: u64) -> Result<(), End> {
@@ -413,6 +440,14 @@ impl Symbolizer {
     }
 
     fn resolve(&mut self, pid: u32, addrs: &[u64]) {
+        // The end of a stack cut at the depth limit: no frame's.
+        if addrs.contains(&TRUNCATED_IP) {
+            let frame =
+                Frame { addr: TRUNCATED_IP, symbol: None, module: Some("truncated".into()), source: None, inlined: vec![], end: None };
+            self.cache.insert((pid, TRUNCATED_IP), frame);
+        }
+        let addrs: Vec<u64> = addrs.iter().copied().filter(|&a| a != TRUNCATED_IP).collect();
+        let addrs = addrs.as_slice();
         // Every address is a return address: look up the call instruction
         // before it, so the function and line are the caller's even when
         // the call is the last instruction of a function.
@@ -424,6 +459,11 @@ impl Symbolizer {
             match found {
                 Some((m, Some(module))) => {
                     by_module.entry(*module).or_default().push((addr, call - m.start + m.offset));
+                }
+                _ if self.is_trampoline(pid, addr) => {
+                    let symbol = Some((RETURN_PROBED.to_string(), 0));
+                    let frame = Frame { addr, symbol, module: None, source: None, inlined: vec![], end: None };
+                    self.cache.insert((pid, addr), frame);
                 }
                 _ => {
                     let frame = self.unresolved(pid, addr);

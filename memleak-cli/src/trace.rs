@@ -5,7 +5,7 @@ use std::{
     num::NonZeroU32,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -34,6 +34,8 @@ use crate::{
     clock::monotonic_ns,
     report::{Reporter, Scope, dump},
     serve::{self, Server},
+    error::{Kind, user_error},
+    unwind::{Added, Unwinder},
 };
 
 /// Traces as `args` say; returns the exit code (the command's with -c).
@@ -91,6 +93,11 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let planned = planned?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     let execs = Execs::follow(&mut ebpf, &links);
+    // Tables before probes: no stack recorded in between stops short.
+    let mut unwinder = unwinder(args, &mut ebpf, &links, &config)?;
+    if let Some(unwinder) = &mut unwinder {
+        fits(args.unwind_memory, unwinder.add_process(pid)?)?;
+    }
     // The run starts as the probes go in: nothing is outstanding before.
     let started = (monotonic_ns(), SystemTime::now());
     let mut probed = HashSet::new();
@@ -106,7 +113,9 @@ async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
     let mut replan = Replan::new(target, probed);
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), None, |reporter, wake| {
         replan.on(wake, reporter, &mut ebpf, &links, args);
-        Ok(())
+        // Libraries loaded since (or a new program after an exec) get
+        // their tables.
+        rescan(args, unwinder.as_mut(), pid)
     })
     .await?;
     if end == End::TargetExited {
@@ -126,15 +135,21 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let exited = watch(pid)?;
     // Before the command can stop: each stop comes as a SIGCHLD.
     let mut stops = signal(SignalKind::child())?;
-    if let Err(e) = held.hold_at_exit()
-        && args.verbose
-    {
-        eprintln!("memleak: cannot hold {} at its exit ({e}): a short command's frames may show no names", argv[0]);
-    }
+    let traced = match held.hold_at_exit() {
+        Ok(()) => true,
+        Err(e) => {
+            if args.verbose {
+                eprintln!("memleak: cannot hold {} at its exit ({e}): a short command's frames may show no names", argv[0]);
+            }
+            false
+        }
+    };
     let exports = Exports::create(args)?;
     let dump = dump::create(args)?;
     let config = Config::from_args(args);
-    let config = Config { watched_tgid: pid, ..config };
+    // Its first allocation waits for its unwind tables: only while memleak
+    // traces it (ptrace), which passes that stop on.
+    let config = Config { watched_tgid: pid, unwind_hold: traced, ..config };
     let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     let execs = Execs::follow(&mut ebpf, &links);
@@ -148,6 +163,11 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let target = Target { pid, comm: argv[0].clone(), dir: None };
     let attached = attach::attach_file(&mut ebpf, &links, &obj, NonZeroU32::new(pid).expect("child pid"))?;
     verbose(args, &attached);
+    let unwinder = unwinder(args, &mut ebpf, &links, &config)?.map(|mut unwinder| {
+        let held = if traced { unwinder.hold(pid) } else { Ok(()) };
+        held.map(|()| Arc::new(Mutex::new(unwinder)))
+    });
+    let unwinder = unwinder.transpose()?;
     let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
     // A Ctrl-C while attaching: the command is not started (`held` kills
     // and reaps it).
@@ -159,7 +179,25 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     }
     let started = (monotonic_ns(), SystemTime::now());
     held.release()?;
+    // Its tables need its mappings, libc's only there once it runs: held
+    // at its exit by ptrace, it is also stopped (the kernel's SIGSTOP) at
+    // its first allocation, its tables go in as that stop is passed on
+    // (`pass_stops`), and the signal is dropped.
+    let memory = args.unwind_memory;
+    if let Some(unwinder) = unwinder.clone().filter(|_| traced) {
+        held.on_first_stop(Box::new(move || {
+            let added = unwinder.lock().expect("unwinder poisoned").release(pid);
+            if let Err(e) = added.and_then(|added| fits(memory, added)) {
+                eprintln!("warning: {e:#}");
+            }
+        }));
+    }
     command::wait_for_exec(&held);
+    // Not traced: its tables once it runs (its first allocations are
+    // walked by frame pointers).
+    if let Some(unwinder) = unwinder.as_ref().filter(|_| !traced) {
+        fits(memory, unwinder.lock().expect("unwinder poisoned").add_process(pid)?)?;
+    }
     let scope = Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string());
     let mut reporter = Reporter::new(args, recorded, scope, exports, dump, started);
     reporter.follow(execs);
@@ -175,7 +213,10 @@ async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
     let command = Some(Command { held: &mut held, stops: &mut stops });
     let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), command, |reporter, wake| {
         replan.on(wake, reporter, &mut ebpf, &links, args);
-        Ok(())
+        match &unwinder {
+            Some(unwinder) => rescan(args, Some(&mut unwinder.lock().expect("unwinder poisoned")), pid),
+            None => Ok(()),
+        }
     })
     .await?;
     let code = if end == End::TargetExited {
@@ -210,6 +251,22 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
     let (mut ebpf, links) = loader::load(&config)?;
     let mut logger = trace_logger(args, &mut ebpf)?;
     let execs = if user { Execs::follow(&mut ebpf, &links) } else { None };
+    // Every process's tables: far too many to wait for (libLLVM's alone
+    // took 1.5 to 3.9 s), so built on a thread of their own while tracing,
+    // and again each interval for new processes; until a process has its
+    // tables, its stacks are walked by frame pointers.
+    let mut stop_tables = None;
+    if user && let Some(mut unwinder) = unwinder(args, &mut ebpf, &links, &config)? {
+        unwinder.share();
+        let (args, period) = (args.clone(), Duration::from_secs(args.interval));
+        stop_tables = Some(unwinder.stopper());
+        std::thread::spawn(move || {
+            loop {
+                rescan_all(&args, Some(&mut unwinder));
+                std::thread::sleep(period);
+            }
+        });
+    }
     let started = (monotonic_ns(), SystemTime::now());
     let mut probes = SystemProbes::default();
     let mut what = vec![];
@@ -254,6 +311,10 @@ async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Resu
         Ok(())
     })
     .await?;
+    // No table is wanted any more: the builders stop within milliseconds.
+    if let Some(stop) = stop_tables {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     announce_execs(args, &mut reporter, None);
     reporter.report()?;
     drop(probes);
@@ -345,6 +406,55 @@ fn listen(server: Option<Server>, reporter: &mut Reporter, config: &Config, link
         server.spawn(shared);
     }
     probes
+}
+
+/// The walk by unwind tables, its program chained; None with `--unwind fp`
+/// (and `--floor`, whose programs walk nothing).
+fn unwinder(args: &Args, ebpf: &mut Ebpf, links: &Links, config: &Config) -> anyhow::Result<Option<Unwinder>> {
+    if config.unwind_rows == 0 || args.floor.is_some() {
+        return Ok(None);
+    }
+    loader::chain_unwind(ebpf, links)?;
+    let every_object = args.unwind == crate::cli::Unwind::Dwarf;
+    Ok(Some(Unwinder::new(ebpf, config.unwind_rows, every_object, args.verbose)?))
+}
+
+/// The traced process's tables must all fit: its stacks would stop at
+/// the first frame without one.
+fn fits(unwind_memory: u32, added: Added) -> anyhow::Result<()> {
+    if added.not_fitting.is_empty() {
+        return Ok(());
+    }
+    let n = added.not_fitting.len();
+    let mut left_out = added.not_fitting[..n.min(3)].join(", ");
+    if n > 3 {
+        left_out += &format!(" and {} more", n - 3);
+    }
+    Err(user_error(
+        Kind::UnwindMemory,
+        format!(
+            "unwind tables do not fit --unwind-memory {unwind_memory} MiB (left out: {left_out}): raise it, or walk by frame pointers with --unwind fp"
+        ),
+    ))
+}
+
+/// At each report: tables for the libraries a process loaded since. Past
+/// attach, one that does not fit is a warning, its frames walked by frame
+/// pointers.
+fn rescan(args: &Args, unwinder: Option<&mut Unwinder>, pid: u32) -> anyhow::Result<()> {
+    let Some(unwinder) = unwinder else { return Ok(()) };
+    if let Err(e) = unwinder.add_process(pid).and_then(|added| fits(args.unwind_memory, added)) {
+        eprintln!("warning: {e:#}");
+    }
+    Ok(())
+}
+
+/// System-wide, at start and each report: tables for every process.
+fn rescan_all(args: &Args, unwinder: Option<&mut Unwinder>) {
+    let Some(unwinder) = unwinder else { return };
+    if let Err(e) = unwinder.add_all().and_then(|added| fits(args.unwind_memory, added)) {
+        eprintln!("warning: {e:#}");
+    }
 }
 
 /// A status line: on stdout, or on stderr when stdout holds JSON only.
@@ -499,7 +609,13 @@ async fn detach(args: &Args, ebpf: Ebpf, links: Links, signals: &mut Signals) {
         tokio::select! {
             _ = done.readable() => {}
             () = tokio::time::sleep(Duration::from_millis(200)) => {
-                eprintln!("memleak: detaching {probes} probes...");
+                // One write: a reader waiting for this line (a test, a
+                // script) never sees half of it, as eprintln's three
+                // writes let it.
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    format!("memleak: detaching {probes} probes...\n").as_bytes(),
+                );
                 tokio::select! {
                     _ = done.readable() => {}
                     _ = signals.int.recv() => {}

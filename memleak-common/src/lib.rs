@@ -159,6 +159,82 @@ pub const fn totals_key(owner: u64, stack_id: u64) -> Option<CombinedKey> {
     Some(CombinedKey { tgid: owner as u32, shard: (owner >> 32) as u32 & 0x7fff_ffff, stack_id })
 }
 
+/// A return address no frame has: the walk stopped at the depth limit
+/// with frames left, and this ends the stack (shown as `[truncated]`).
+pub const TRUNCATED_IP: u64 = u64::MAX;
+
+/// Unwind tables (see `memleak-cli/src/unwind`): rows of 8 bytes, the
+/// address (as the object's ELF addresses it, 32 bits) in the top half,
+/// so a table sorts as integers, and the rule from that address on in the
+/// bottom half: `UNWIND_*` in bits 0-1, [`UNWIND_RBP_SAVED`], the slot
+/// rbp is saved in (at CFA - 8 * slot) in bits 3-10, the CFA's offset
+/// from its register in bits 11-31.
+pub const UNWIND_CFA_RSP: u32 = 0;
+/// CFA = rbp + offset.
+pub const UNWIND_CFA_RBP: u32 = 1;
+/// The outermost frame (`_start`, `clone3`: the return address is undefined).
+pub const UNWIND_END: u32 = 2;
+/// No rule the walk can follow (no FDE here, a DWARF expression, a
+/// signal frame): it takes a frame-pointer step instead.
+pub const UNWIND_NONE: u32 = 3;
+/// rbp of the caller is saved at CFA - 8 * slot; else it is unchanged.
+pub const UNWIND_RBP_SAVED: u32 = 4;
+pub const UNWIND_SLOT_SHIFT: u32 = 3;
+pub const UNWIND_OFFSET_SHIFT: u32 = 11;
+
+/// `globals::UNWIND`: walk by unwind tables.
+pub const UNWIND_TABLES: u32 = 1;
+/// `globals::UNWIND`: the process named in `UNWIND_HOLD` is stopped
+/// (SIGSTOP) at the entry of an allocation, for memleak to write its
+/// tables' entry before the allocation returns, then let it go on.
+pub const UNWIND_HOLD_FIRST: u32 = 2;
+
+/// Executable mappings with a table, per process.
+pub const UNWIND_MAPPINGS: usize = 256;
+
+/// One executable mapping of a process that has an unwind table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Address in memory less the object's ELF address.
+    pub bias: u64,
+    /// The table: rows `[first, first + rows)` of `UNWIND_ROWS`.
+    pub first: u32,
+    pub rows: u32,
+}
+
+/// A process's mappings with tables, sorted by start: value of
+/// `UNWIND_PROCS` by tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UnwindProcess {
+    pub count: u64,
+    pub mappings: [UnwindMapping; UNWIND_MAPPINGS],
+}
+
+/// Where a walk by tables is, per CPU, between the runs of `unwind_step`
+/// (a tail call each few frames), and the block to record at its end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnwindState {
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub addr: u64,
+    pub size: u64,
+    pub timestamp_ns: u64,
+    pub tgid: u32,
+    /// The allocating thread (`AllocInfo::tid`).
+    pub tid: u32,
+    /// Non-zero: the block is a direct mapping's (see `REGIONS`).
+    pub mmap: u32,
+    pub _pad: u32,
+    /// The kernel's scratch (see `opaque` in memleak-ebpf/src/unwind.rs).
+    pub scratch: u64,
+}
+
 /// What an allocator entry probe leaves for its return probe, per thread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -330,6 +406,10 @@ pub mod globals {
     pub const SKIP_CALLER: &str = "SKIP_CALLER";
     /// u32: the one process whose events (`EVENTS`) are sent, 0 for all.
     pub const WATCHED_TGID: &str = "WATCHED_TGID";
+    /// u32: [`UNWIND_TABLES`](super::UNWIND_TABLES) to walk user stacks
+    /// by unwind tables where a process has them (`--unwind auto|dwarf`),
+    /// with [`UNWIND_HOLD_FIRST`](super::UNWIND_HOLD_FIRST) for `-c`.
+    pub const UNWIND: &str = "UNWIND";
 }
 
 /// Map names, written once here so both sides agree.
@@ -342,6 +422,10 @@ pub mod maps {
     pub const REGIONS: &str = "REGIONS";
     pub const UNMAP_AGAIN: &str = "UNMAP_AGAIN";
     pub const EVENTS: &str = "EVENTS";
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+    pub const UNWIND_STEP: &str = "UNWIND_STEP";
+    pub const UNWIND_HOLD: &str = "UNWIND_HOLD";
 }
 
 #[cfg(feature = "user")]
@@ -358,6 +442,7 @@ mod pod {
     unsafe impl aya::Pod for RegionKey {}
     unsafe impl aya::Pod for Region {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for UnwindProcess {}
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ static PAGE_SIZE: u64 = 4096;
 #[unsafe(no_mangle)]
 static WATCHED_TGID: u32 = 0;
 #[unsafe(no_mangle)]
+static UNWIND: u32 = 0;
+#[unsafe(no_mangle)]
 static SKIP_CALLER: [u64; 2] = [0; 2];
 
 use memleak_common::{FIELD_COUNT, Field};
@@ -75,6 +77,14 @@ pub fn field_offset(field: Field) -> usize {
 #[inline(always)]
 pub fn watched_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&WATCHED_TGID) }
+}
+#[inline(always)]
+pub fn unwind_tables() -> bool {
+    unsafe { core::ptr::read_volatile(&UNWIND) & memleak_common::UNWIND_TABLES != 0 }
+}
+#[inline(always)]
+pub fn unwind_hold_first() -> bool {
+    unsafe { core::ptr::read_volatile(&UNWIND) & memleak_common::UNWIND_HOLD_FIRST != 0 }
 }
 #[inline(always)]
 pub fn page_size() -> u64 {

@@ -52,6 +52,14 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// Not attached: the walk by unwind tables that `alloc_exit` hands a
+/// block to, a few frames per run (see `maps::UNWIND_STEP`).
+#[uprobe]
+pub fn unwind_step(ctx: ProbeContext) -> u32 {
+    record::unwind_step(&ctx);
+    0
+}
+
 /// calloc(nmemb, size). An overflowing product makes calloc return NULL, so
 /// the wrapped size is never recorded (BPF has no 128-bit multiply).
 #[uprobe]

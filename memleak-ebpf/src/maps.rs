@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use crate::task_storage::TaskStorage;
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack, Totals,
+    AllocInfo, AllocKey, Bucket, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack, Totals, UnwindProcess,
+    UnwindState,
 };
 
 /// Outstanding allocations, by the hash of (process, address): see
@@ -77,3 +78,31 @@ pub static UNMAP_AGAIN: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// Events that could not be recorded, by `memleak_common::Stat`.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Unwind tables, each a sorted run of rows (see `memleak_common::UNWIND_CFA_RSP`),
+/// shared by every process that maps the object. Mappable: the loader
+/// writes a table in place (one `bpf()` call per row took 30 ms for libc).
+/// Sized by `--unwind-memory`.
+#[map]
+pub static UNWIND_ROWS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Each traced process's executable mappings with a table, by tgid. A
+/// process without an entry is walked by frame pointers.
+#[map]
+pub static UNWIND_PROCS: HashMap<u32, UnwindProcess> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+
+/// A walk by tables between two runs of `unwind_step`, per CPU.
+#[map]
+pub static UNWIND_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
+
+/// `unwind_step`, which tail-calls itself every few frames: the verifier
+/// walks a loop of binary searches per frame, and 4 frames per program
+/// keep that small; the kernel's 33 tail calls then reach 132 frames,
+/// more than `MAX_STACK_DEPTH`.
+#[map]
+pub static UNWIND_STEP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// `-c`: the command's PID until its tables' entry is written, then 0
+/// (see `unwind::hold`).
+#[map]
+pub static UNWIND_HOLD: Array<u32> = Array::with_max_entries(1, 0);

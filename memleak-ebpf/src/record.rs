@@ -12,14 +12,14 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use memleak_common::{
     AllocInfo, AllocKey, Bucket, MAX_STACK_DEPTH, NO_SLOT, NO_STACK, PENDING_ACTIVE, PENDING_COARSE, PENDING_HAS_OLD,
-    PENDING_MMAP, PENDING_RECORD, Pending, Region, Stack, Stat, totals_owner,
+    PENDING_MMAP, PENDING_RECORD, Pending, Region, Stack, Stat, UnwindState, totals_owner,
 };
 
 use crate::{
     config, regions,
     table, totals,
-    unwind::{stack_pointer, user_stack},
-    maps::{ALLOCS, LAST_FREE, PENDING, STACK_SCRATCH, STACKS, STATS},
+    unwind::{self, stack_pointer, user_stack},
+    maps::{ALLOCS, LAST_FREE, PENDING, STACK_SCRATCH, STACKS, STATS, UNWIND_STATE, UNWIND_STEP},
 };
 
 
@@ -65,6 +65,7 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     if is_self(pid_tgid) {
         return;
     }
+    unwind::hold((pid_tgid >> 32) as u32);
     let mut traced = size >= config::min_size() && size <= config::max_size() && sampled();
     // SAFETY: a uprobe's context is the task's pt_regs.
     let sp = stack_pointer(unsafe { &*ctx.regs });
@@ -294,8 +295,22 @@ pub fn exit(ctx: &RetProbeContext) {
         if pending.flags & PENDING_RECORD == 0 {
             return;
         }
+        // By unwind tables where the process has them: `unwind_step`
+        // records the block at the walk's end (and this returns only if
+        // it does not).
+        let state = UnwindState {
+            addr,
+            size: pending.size,
+            timestamp_ns: pending.entered_ns,
+            tgid,
+            tid: pid_tgid as u32,
+            mmap: pending.flags & PENDING_MMAP,
+            ..Default::default()
+        };
+        // SAFETY: a uprobe's context is the task's pt_regs.
+        unwind::by_tables(ctx, unsafe { &*ctx.regs }, state);
         // The entry's time: one clock read per call.
-        (addr, new_block(ctx, pid_tgid, addr, pending.size, pending.entered_ns), true)
+        (addr, new_block(ctx, pid_tgid, addr, pending.size, pending.entered_ns, user_stack_slot(ctx, tgid)), true)
     } else if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
         // A failed realloc with a non-zero size leaves the old block
         // allocated (realloc(ptr, 0) freed it).
@@ -369,6 +384,29 @@ fn user_stack_slot(ctx: &RetProbeContext, tgid: u32) -> u32 {
     stack_slot(tgid, |stack| user_stack(regs, &mut stack.ips))
 }
 
+/// A run of `unwind_step`: a few frames more of a walk by tables, then, at
+/// its end, the block `alloc_exit` left to record.
+#[inline(always)]
+pub fn unwind_step(ctx: &ProbeContext) {
+    let Some(done) = unwind::walk_some() else { return };
+    if !done {
+        // SAFETY: the same program, with the same context.
+        let _ = unsafe { UNWIND_STEP.tail_call(ctx, 0) };
+        // Only if the kernel's limit of tail calls is reached.
+        unwind::truncate();
+    }
+    let Some(state) = UNWIND_STATE.get_ptr(0) else { return };
+    // SAFETY: per-CPU value, this program's alone until it ends.
+    let state = unsafe { *state };
+    let slot = stack_slot(state.tgid, |stack| stack.len as usize);
+    let pid_tgid = u64::from(state.tgid) << 32 | u64::from(state.tid);
+    let info = new_block(ctx, pid_tgid, state.addr, state.size, state.timestamp_ns, slot);
+    let mmap = state.mmap != 0;
+    if track(state.tgid, state.addr, info, true, mmap) && mmap {
+        regions::follow(state.tgid, Region { start: state.addr, timestamp_ns: info.timestamp_ns });
+    }
+}
+
 /// The kernel stack of a tracepoint.
 #[inline(always)]
 fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32) -> u32 {
@@ -380,16 +418,12 @@ fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32) -> u32 {
     })
 }
 
-/// A new block, with the caller's stack and thread.
+/// A new block, with the caller's stack (its TOTALS entry, `slot`) and
+/// thread.
 #[inline(always)]
-fn new_block(ctx: &RetProbeContext, pid_tgid: u64, addr: u64, size: u64, timestamp_ns: u64) -> AllocInfo {
+fn new_block<C: EbpfContext>(ctx: &C, pid_tgid: u64, addr: u64, size: u64, timestamp_ns: u64, slot: u32) -> AllocInfo {
     let tgid = (pid_tgid >> 32) as u32;
-    let info = AllocInfo {
-        size,
-        timestamp_ns,
-        slot: user_stack_slot(ctx, tgid),
-        tid: pid_tgid as u32,
-    };
+    let info = AllocInfo { size, timestamp_ns, slot, tid: pid_tgid as u32 };
     let slot = info.slot;
     if config::trace() {
         info!(ctx, "alloc tgid={} addr={:x} size={} totals={}", tgid, addr, size, slot);

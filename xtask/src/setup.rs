@@ -49,9 +49,8 @@ fn prometheus() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// jemalloc, tcmalloc and mimalloc, for tests/fixtures/allocators.c; gdb,
-/// whose offsets tests/frames.rs compares memleak's with.
-/// The fixtures' allocators, gdb (the frames tests compare with it) and
+/// The fixtures' allocators, gdb (tests/frames.rs compares memleak's
+/// offsets with its, tests/unwind.rs memleak's stacks with its `bt`) and
 /// chromium (tests/listen.rs loads `--listen`'s page in it, headless).
 const PACKAGES: &[&str] = &["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "gdb", "chromium"];
 

@@ -10,7 +10,7 @@ use aya::{
     maps::{Map, ProgramArray},
     programs::UProbe,
 };
-use memleak_common::{BUCKET_SLOTS, FIELD_COUNT, MAX_SHARDS, globals, maps};
+use memleak_common::{BUCKET_SLOTS, FIELD_COUNT, MAX_SHARDS, UNWIND_HOLD_FIRST, UNWIND_TABLES, globals, maps};
 
 use crate::{
     cli::Args,
@@ -46,6 +46,11 @@ pub struct Config {
     pub skip_caller: [u64; 2],
     /// The process whose execs are told (`WATCHED_TGID`), 0 for all.
     pub watched_tgid: u32,
+    /// Rows of unwind tables (8 bytes each); 0 to walk by frame pointers only.
+    pub unwind_rows: u32,
+    /// `-c`: the command is stopped at its first allocation until its
+    /// tables are in (see `Unwinder::hold`).
+    pub unwind_hold: bool,
 }
 
 impl Config {
@@ -79,6 +84,11 @@ impl Config {
                 crate::cli::Mode::Pid(pid) => pid,
                 _ => 0,
             },
+            unwind_rows: match args.unwind {
+                crate::cli::Unwind::Fp => 0,
+                _ => args.unwind_memory << 20 >> 3,
+            },
+            unwind_hold: false,
         }
     }
 }
@@ -95,6 +105,15 @@ pub fn load(config: &Config) -> anyhow::Result<(Ebpf, Links)> {
         let links = Links::new(parsed, &ebpf).context("relocating the programs for uprobe_multi links")?;
         Ok((ebpf, links))
     })
+}
+
+/// `globals::UNWIND`: what the kernel does with unwind tables.
+fn unwind_flags(config: &Config) -> u32 {
+    match (config.unwind_rows > 0, config.unwind_hold) {
+        (false, _) => 0,
+        (true, false) => UNWIND_TABLES,
+        (true, true) => UNWIND_TABLES | UNWIND_HOLD_FIRST,
+    }
 }
 
 fn load_object(config: &Config) -> anyhow::Result<Ebpf> {
@@ -114,6 +133,8 @@ fn load_object(config: &Config) -> anyhow::Result<Ebpf> {
         .override_global(globals::PAGE_SIZE, &page_size(), true)
         .override_global(globals::SKIP_CALLER, &config.skip_caller, true)
         .override_global(globals::WATCHED_TGID, &config.watched_tgid, true)
+        .override_global(globals::UNWIND, &unwind_flags(config), true)
+        .map_max_entries(maps::UNWIND_ROWS, config.unwind_rows.max(1))
         .override_global(globals::TABLE_SHIFT, &table_shift(config.table_buckets), true)
         .override_global(globals::TOTALS_BITS, &config.totals_entries.ilog2(), true)
         .map_max_entries(maps::ALLOC_TABLE, config.table_buckets.max(1))
@@ -206,17 +227,32 @@ fn without_kernel_btf<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// tail-calling itself through UNMAP_AGAIN: put it there (before it is
 /// attached).
 pub fn chain_unmap(ebpf: &mut Ebpf, links: &Links) -> anyhow::Result<()> {
-    let (name, _) = Shape::Munmap.programs();
+    chain(ebpf, links, maps::UNMAP_AGAIN, Shape::Munmap.programs().0)
+}
+
+/// The program that walks user stacks by unwind tables, a few frames per
+/// run: loaded (not attached), and put where alloc_exit and itself
+/// tail-call it. Until it is, stacks are walked by frame pointers.
+pub fn chain_unwind(ebpf: &mut Ebpf, links: &Links) -> anyhow::Result<()> {
+    const NAME: &str = "unwind_step";
     if links.multi() {
-        let map = ebpf.map(maps::UNMAP_AGAIN).context("map UNMAP_AGAIN missing")?;
-        let Map::ProgramArray(map) = map else { anyhow::bail!("map UNMAP_AGAIN is not a program array") };
-        return links
-            .with_program(name, |prog| multi::set_program(map.fd().as_fd(), 0, prog))
-            .context("chaining the munmap program");
+        links.load(NAME).with_context(|| format!("loading program {NAME}"))?;
     }
-    let fd = uprobe(ebpf, name)?.fd()?.try_clone().context("duplicating the munmap program's fd")?;
-    let map = ebpf.map_mut(maps::UNMAP_AGAIN).context("map UNMAP_AGAIN missing")?;
-    ProgramArray::try_from(map)?.set(0, &fd, 0).context("chaining the munmap program")?;
+    chain(ebpf, links, maps::UNWIND_STEP, NAME)
+}
+
+/// Puts program `name` (loaded) at index 0 of the program array `map`.
+fn chain(ebpf: &mut Ebpf, links: &Links, map: &str, name: &str) -> anyhow::Result<()> {
+    if links.multi() {
+        let array = ebpf.map(map).with_context(|| format!("map {map} missing"))?;
+        let Map::ProgramArray(array) = array else { anyhow::bail!("map {map} is not a program array") };
+        return links
+            .with_program(name, |prog| multi::set_program(array.fd().as_fd(), 0, prog))
+            .with_context(|| format!("chaining program {name}"));
+    }
+    let fd = uprobe(ebpf, name)?.fd()?.try_clone().with_context(|| format!("duplicating program {name}'s fd"))?;
+    let array = ebpf.map_mut(map).with_context(|| format!("map {map} missing"))?;
+    ProgramArray::try_from(array)?.set(0, &fd, 0).with_context(|| format!("chaining program {name}"))?;
     Ok(())
 }
 

@@ -135,7 +135,18 @@ impl Programs {
         };
         let n = name.len().min(15);
         attr.prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        bpf(BPF_PROG_LOAD, &mut attr)
+        bpf(BPF_PROG_LOAD, &mut attr).or_else(|e| {
+            // Again with the verifier's log, whose last lines say why.
+            let mut log = vec![0u8; 1 << 24];
+            attr.log_level = 1;
+            attr.log_size = log.len() as u32;
+            attr.log_buf = log.as_mut_ptr() as u64;
+            bpf(BPF_PROG_LOAD, &mut attr).map_err(|_| {
+                let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned();
+                let tail: Vec<&str> = text.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+                io::Error::new(e.kind(), format!("{e}; the verifier said: {}", tail.join(" | ")))
+            })
+        })
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Held {
     go: Option<OwnedFd>,
     /// Its exit code, once reaped (`Some(None)`: reaped, code unknown).
     reaped: Option<Option<i32>>,
+    /// Run at its first SIGSTOP, which is then dropped (see `on_first_stop`).
+    first_stop: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// How long a command has to exit after SIGTERM before SIGKILL.
@@ -80,7 +82,7 @@ impl Held {
             pid => {
                 // SAFETY: closing our copy of the child's end; `go` is ours.
                 unsafe { libc::close(wait) };
-                Ok(Self { pid: pid as u32, go: Some(unsafe { OwnedFd::from_raw_fd(go) }), reaped: None })
+                Ok(Self { pid: pid as u32, go: Some(unsafe { OwnedFd::from_raw_fd(go) }), reaped: None, first_stop: None })
             }
         }
     }
@@ -109,6 +111,14 @@ impl Held {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Held at its exit (`hold_at_exit`), the command's first SIGSTOP is
+    /// memleak's own (the kernel's, at its first allocation: see
+    /// memleak-ebpf's `unwind::hold`): `then` runs while it is stopped,
+    /// and the signal is not delivered.
+    pub fn on_first_stop(&mut self, then: Box<dyn FnOnce() + Send>) {
+        self.first_stop = Some(then);
     }
 
     /// Whether the command waits in a stop memleak has not seen yet (its
@@ -170,6 +180,13 @@ impl Held {
                     (libc::PTRACE_LISTEN, 0)
                 }
                 libc::PTRACE_EVENT_STOP => (libc::PTRACE_CONT, 0),
+                // memleak's own stop (`on_first_stop`): not the command's.
+                0 if signal == libc::SIGSTOP && self.first_stop.is_some() => {
+                    if let Some(then) = self.first_stop.take() {
+                        then();
+                    }
+                    (libc::PTRACE_CONT, 0)
+                }
                 // A signal on its way: delivered as if nobody traced it.
                 _ => (libc::PTRACE_CONT, signal as usize),
             };

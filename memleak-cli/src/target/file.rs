@@ -113,6 +113,11 @@ impl TargetFile {
         (libc::major(self.dev), libc::minor(self.dev))
     }
 
+    /// The file's size now.
+    pub fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
     /// `buf.len()` bytes at `offset`, or an error.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
