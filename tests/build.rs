@@ -39,7 +39,9 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("libquick.so", Compiler::C, "quick_lib.c", &["-shared", "-fPIC"]),
     // Its DWARF moved out to fibonacci-split.debug (see `split_debug`).
     ("fibonacci-split", Compiler::C, "fibonacci.c", &[]),
-    ("stacks", Compiler::C, "stacks.c", &[]),
+    // Its own malloc: traced alone with -O, whatever else the machine runs;
+    // position-independent: each process's stacks are its own (ASLR).
+    ("stacks-static", Compiler::C, "stacks.c", &["-static-pie"]),
     // Stripped of everything, its debug file apart and named by nothing
     // but its build id (see `split_debug`).
     ("fibonacci-stripped", Compiler::C, "fibonacci.c", &[]),

@@ -274,7 +274,7 @@ impl Symbolizer {
     /// Returns how many processes and files it let go of.
     pub fn forget_exited(&mut self) -> (usize, usize) {
         let dead: HashSet<u32> =
-            self.views.keys().copied().filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).collect();
+            self.views.keys().copied().filter(|pid| !proc::exists(*pid)).collect();
         if dead.is_empty() {
             return (0, 0);
         }

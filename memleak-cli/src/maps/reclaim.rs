@@ -26,6 +26,7 @@ use memleak_common::{CombinedKey, NO_STACK, TOTALS_BUSY, totals_owner};
 use crate::{
     fasthash::FastMap,
     maps::{collect::Recorded, totals::{CombinedAlloc, Entry}},
+    target::proc,
 };
 
 #[derive(Default)]
@@ -64,14 +65,19 @@ impl Reclaim {
             swaps.insert(slot, (TOTALS_BUSY, to));
         }
         let swapped: HashSet<u32> = recorded.swap_totals(&swaps).into_iter().collect();
+        // Counts of a process that exited meanwhile are not carried: with
+        // all its entries given back, nothing would tell to forget them.
+        let mut alive: FastMap<u32, bool> = FastMap::default();
         let mut given = 0;
         for (slot, (key, sums)) in self.aside.drain() {
             if swaps[&slot].1 == 0 && swapped.contains(&slot) {
                 given += 1;
                 self.freed.insert(key.stack_id);
-                let c = self.carried.entry((key.tgid, key.stack_id)).or_default();
-                c.allocs += sums.allocs;
-                c.allocated += sums.allocated;
+                if *alive.entry(key.tgid).or_insert_with(|| proc::exists(key.tgid)) {
+                    let c = self.carried.entry((key.tgid, key.stack_id)).or_default();
+                    c.allocs += sums.allocs;
+                    c.allocated += sums.allocated;
+                }
             }
         }
         given

@@ -114,7 +114,7 @@ pub fn attach(ebpf: &mut Ebpf, links: &Links, planned: TargetPlan) -> anyhow::Re
 
 /// An error on a process that has exited since is that it exited.
 fn exited(pid: u32, e: anyhow::Error) -> anyhow::Error {
-    if Path::new(&format!("/proc/{pid}")).exists() {
+    if crate::target::proc::exists(pid) {
         e
     } else {
         user_error(Kind::NoProcess, format!("process {pid} exited"))
@@ -402,7 +402,7 @@ impl SystemProbes {
                     }
                     // The process may be gone by now; its file is retried if
                     // another process maps it.
-                    Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {
+                    Err(_) if !crate::target::proc::exists(pid) => {
                         self.files.remove(&id);
                     }
                     Err(e) => eprintln!("warning: {e:#}"),

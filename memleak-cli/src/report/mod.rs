@@ -573,7 +573,7 @@ impl Reporter {
         let tgids: HashSet<u32> = tgids.chain(entries.iter().map(|(_, k, _)| k.tgid)).collect();
         let dead: HashSet<u32> = tgids
             .into_iter()
-            .filter(|&tgid| !is_kernel(tgid) && !std::path::Path::new(&format!("/proc/{tgid}")).exists())
+            .filter(|&tgid| !is_kernel(tgid) && !proc::exists(tgid))
             .collect();
         if !dead.is_empty() {
             self.recorded.forget_processes(&dead);

@@ -105,6 +105,11 @@ pub fn pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Whether process `pid` still exists (a zombie does, until reaped).
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// The kernel's estimate of memory available for new work (MemAvailable
 /// in /proc/meminfo), in bytes.
 pub fn mem_available() -> Option<u64> {
