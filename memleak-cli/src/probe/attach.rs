@@ -112,9 +112,10 @@ pub fn attach(ebpf: &mut Ebpf, links: &Links, planned: TargetPlan) -> anyhow::Re
     Ok(plans.into_iter().map(|plan| plan.attached).collect())
 }
 
-/// An error on a process that has exited since is that it exited.
+/// An error on a process that has exited since is that it exited (a
+/// zombie too: its files are gone, and opening them fails).
 fn exited(pid: u32, e: anyhow::Error) -> anyhow::Error {
-    if crate::target::proc::exists(pid) {
+    if crate::target::proc::running(pid) {
         e
     } else {
         user_error(Kind::NoProcess, format!("process {pid} exited"))
@@ -459,6 +460,26 @@ mod tests {
 7f20-7f30 r-xp 00002000 00:2a 14 /usr/lib/libjemalloc.so.2
 7f40-7f50 rw-p 00000000 00:00 0 
 ";
+
+    #[test]
+    fn an_error_on_a_zombie_is_that_it_exited() {
+        // Exited and not reaped yet: its /proc entry is there, its files
+        // are not (map_files is empty).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let start = std::time::Instant::now();
+        while crate::target::proc::running(pid) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(crate::target::proc::exists(pid), "a zombie until reaped");
+        let err = exited(pid, anyhow::anyhow!("cannot open the allocator object: No such file or directory"));
+        assert_eq!(crate::error::exit_code(&err), Kind::NoProcess as u8);
+        assert_eq!(err.to_string(), format!("process {pid} exited"));
+        child.wait().unwrap();
+        let err = exited(std::process::id(), anyhow::anyhow!("other"));
+        assert_eq!(err.to_string(), "other", "a running process's error is its own");
+    }
 
     #[test]
     fn allocator_libraries_serve_malloc_before_libc() {

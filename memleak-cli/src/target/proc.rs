@@ -110,6 +110,12 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether process `pid` still runs: it exists and is no zombie (whose
+/// mappings are gone already).
+pub fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| Stat::parse(&s)).is_some_and(|s| s.state != 'Z')
+}
+
 /// The kernel's estimate of memory available for new work (MemAvailable
 /// in /proc/meminfo), in bytes.
 pub fn mem_available() -> Option<u64> {
