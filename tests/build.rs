@@ -47,6 +47,11 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("fibonacci-stripped", Compiler::C, "fibonacci.c", &[]),
     // As most packaged code is built: optimized, no frame pointers.
     ("deep", Compiler::C, "deep.c", &["-O2", "-fomit-frame-pointer"]),
+    // Deeper than memleak walks, walked by tables and by frame pointers.
+    ("recurse", Compiler::C, "recurse.c", &["-O2", "-fomit-frame-pointer"]),
+    ("recurse-fp", Compiler::C, "recurse.c", &["-O2", "-fno-omit-frame-pointer"]),
+    // C++ the same way, leaking through libstdc++ (packaged without).
+    ("deep-cpp", Compiler::Cxx, "deep.cpp", &["-O2", "-fomit-frame-pointer"]),
 ];
 
 fn main() {

@@ -143,3 +143,138 @@ fn system_wide_too() {
     let out = run_memleak(&args(&["--user-only", "--top-procs", "50", "-T", "5", "1", "4"]), Duration::from_secs(90));
     assert_gdbs(longest_stacks(&out, Some(app.pid())));
 }
+
+/// recurse.c's stacks from 200 calls deep and from 20, traced with
+/// `extra` arguments: the deep one is cut at the depth limit and says so
+/// in every format; the other is whole.
+fn cut_at_the_depth_limit(program: &str, extra: &[&str]) {
+    let app = Running::spawn(fixture(program), &["200"]);
+    thread::sleep(Duration::from_millis(200));
+    let pid = app.pid().to_string();
+    let dir = std::env::temp_dir().join(format!("memleak-truncated-{program}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (folded, pprof) = (dir.join("out.folded"), dir.join("out.pb.gz"));
+    let mut all = args(extra);
+    all.extend(args(&["-p", &pid, "--folded", folded.to_str().unwrap(), "--pprof", pprof.to_str().unwrap(), "1", "1"]));
+    let out = run_memleak(&all, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports = parse_reports(&stdout);
+    let stacks = &reports.last().unwrap_or_else(|| panic!("no report:\n{stdout}")).stacks;
+    let of = |size: u64| {
+        let found: Vec<&Stack> = stacks.iter().filter(|s| s.count > 0 && s.bytes == size * s.count).collect();
+        assert_eq!(found.len(), 1, "one stack of {size}-byte blocks:\n{stdout}");
+        found[0].frames.clone()
+    };
+    // 127 frames: leak, 125 of down, and the marker; not merged with the
+    // stack 20 calls deep, which is whole.
+    let deep = of(1111);
+    assert_eq!(deep.len(), 127, "{deep:#?}");
+    assert!(deep[0].starts_with("leak+"), "{deep:#?}");
+    assert!(deep[1..126].iter().all(|f| f.starts_with("down+")), "{deep:#?}");
+    assert_eq!(deep[126], "[truncated]");
+    let shallow = of(2222);
+    assert_eq!(shallow.iter().filter(|f| f.starts_with("down+")).count(), 21, "{shallow:#?}");
+    assert!(shallow.iter().any(|f| f.starts_with("main+")), "{shallow:#?}");
+    assert!(!shallow.iter().any(|f| f == "[truncated]"), "{shallow:#?}");
+
+    // The exit files: the outermost function of the cut stack.
+    let folded = std::fs::read_to_string(&folded).unwrap();
+    let cut: Vec<&str> = folded.lines().filter(|l| l.contains("leak")).filter(|l| l.starts_with("[truncated];down;")).collect();
+    assert_eq!(cut.len(), 1, "{folded}");
+    let mut profile = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(std::fs::File::open(&pprof).unwrap()), &mut profile).unwrap();
+    assert!(profile.windows(11).any(|w| w == b"[truncated]"), "no [truncated] function in the pprof profile");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // JSON: the last frame's symbol.
+    let mut all = args(extra);
+    all.extend(args(&["-p", &pid, "--format", "json", "1", "1"]));
+    let out = run_memleak(&all, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let stacks = report["processes"][0]["stacks"].as_array().unwrap();
+    let deep: Vec<_> = stacks.iter().filter(|s| s["frames"].as_array().unwrap().len() == 127).collect();
+    assert_eq!(deep.len(), 1, "{stdout}");
+    assert_eq!(deep[0]["frames"][126]["symbol"], "[truncated]", "{stdout}");
+}
+
+#[test]
+fn a_stack_deeper_than_the_walk_ends_truncated() {
+    // By tables (the program keeps no frame pointers).
+    cut_at_the_depth_limit("recurse", &[]);
+}
+
+#[test]
+fn a_frame_pointer_walk_too() {
+    cut_at_the_depth_limit("recurse-fp", &["--unwind", "fp"]);
+}
+
+/// A function's name without its parameters: `copy_line`, `operator new`
+/// (gdb names C++ functions with debug info without them, memleak with).
+fn bare(name: &str) -> String {
+    name.split('(').next().unwrap_or("").trim().to_string()
+}
+
+/// The functions of gdb's stack at a breakpoint in `program`, innermost
+/// first to main, without inlined frames (gdb's Python API tells them).
+fn gdb_real_frames(program: &str, location: &str, condition: &str) -> Vec<String> {
+    let script = "python\nf = gdb.newest_frame()\nwhile f is not None:\n    if f.type() != gdb.INLINE_FRAME:\n        print('frame:', f.name())\n    f = f.older()\nend";
+    let out = Command::new("timeout")
+        .args(["60", "gdb", "-batch", "-nx", "-ex", "set breakpoint pending on"])
+        .args(["-ex", &format!("break {location} if {condition}"), "-ex", "run", "-ex", script, "-ex", "kill"])
+        .args(["--args", program, "1"])
+        .output()
+        .expect("cannot run gdb: `cargo xtask setup` installs it");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let frames: Vec<String> = text.lines().filter_map(|l| l.strip_prefix("frame: ")).map(bare).collect();
+    assert!(frames.last().map(String::as_str) == Some("main"), "gdb's frames:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    frames
+}
+
+/// deep.cpp's stack of its `size`-byte blocks (5001: the string copies;
+/// 7001: the lines std::getline reads), traced with `--no-source` (no
+/// inlined frames) and `unwind`: its functions to main.
+fn cpp_stack(size: u64, unwind: &str) -> Vec<String> {
+    let app = Running::spawn(fixture("deep-cpp"), &["20"]);
+    thread::sleep(Duration::from_millis(200));
+    let out = run_memleak(&args(&["--no-source", "--unwind", unwind, "-p", &app.pid().to_string(), "1", "2"]), Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports = parse_reports(&stdout);
+    let stacks = reports.iter().flat_map(|r| &r.stacks).filter(|s| s.count > 0 && s.bytes == size * s.count);
+    let longest = stacks.map(functions).max_by_key(Vec::len);
+    longest.unwrap_or_else(|| panic!("no stack of {size}-byte blocks:\n{stdout}")).iter().map(|f| bare(f)).collect()
+}
+
+#[test]
+fn cpp_through_libstdcxx_is_gdbs_backtrace() {
+    let program = fixture("deep-cpp");
+    let gdb = gdb_real_frames(program.to_str().unwrap(), "'operator new(unsigned long)'", "$rdi == 5001");
+    // The leak is what it says: from libstdc++'s operator new to main.
+    // memleak hooks operator new itself: its stacks start at its caller.
+    assert_eq!(gdb, ["operator new", "copy_line", "store", "serve", "main"]);
+    assert_eq!(cpp_stack(5001, "auto"), gdb[1..]);
+    // The control: frame pointers alone lose the callers.
+    let fp = cpp_stack(5001, "fp");
+    assert!(!fp.iter().any(|f| f == "store" || f == "main"), "{fp:?}");
+}
+
+#[test]
+fn a_leak_inside_libstdcxx_is_walked_by_its_tables() {
+    let program = fixture("deep-cpp");
+    let gdb = gdb_real_frames(program.to_str().unwrap(), "'operator new(unsigned long)'", "$rdi == 7001");
+    // Three frames of Debian's libstdc++ (no frame pointers) between
+    // operator new and the program: only libstdc++'s .eh_frame leads
+    // from them back to read_line.
+    let inside = |f: &String| f.contains("::_M_mutate") || f.contains("::_M_append") || f.contains("std::getline");
+    assert_eq!(gdb.iter().filter(|f| inside(f)).count(), 3, "{gdb:#?}");
+    assert_eq!(gdb[gdb.len() - 3..], ["read_line[abi:cxx11]", "parse", "main"], "{gdb:#?}");
+    assert_eq!(cpp_stack(7001, "auto"), gdb[1..]);
+    // The control: from _M_mutate, frame pointers alone never reach the
+    // program.
+    let fp = cpp_stack(7001, "fp");
+    assert!(fp[0].contains("::_M_mutate"), "{fp:?}");
+    assert!(!fp.iter().any(|f| f == "parse" || f == "main"), "{fp:?}");
+}

@@ -35,6 +35,9 @@ use crate::{
 /// replaced (see `Symbolizer::is_trampoline`).
 pub const RETURN_PROBED: &str = "[caller hidden by a return probe]";
 
+/// The frame that ends a stack cut at the depth limit (`TRUNCATED_IP`).
+pub const TRUNCATED: &str = "[truncated]";
+
 /// One stack's outstanding memory, symbolized.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StackProfile {
@@ -125,7 +128,6 @@ impl Frame {
             // A stand-in for a frame (`[...]`): no offset, no module.
             Some((name, _)) if name.starts_with('[') => name.clone(),
             Some((name, offset)) => format!("{name}+{offset:#x} [{module}]"),
-            None if self.addr == TRUNCATED_IP => "[truncated]".to_string(),
             None => format!("{:#x} [{module}]", self.addr),
         };
         lines.push(with_source(main, &self.source));
@@ -440,10 +442,12 @@ impl Symbolizer {
     }
 
     fn resolve(&mut self, pid: u32, addrs: &[u64]) {
-        // The end of a stack cut at the depth limit: no frame's.
+        // The end of a stack cut at the depth limit: no frame's, named as
+        // a function so that every format shows it (JSON's symbol, the
+        // folded and pprof function).
         if addrs.contains(&TRUNCATED_IP) {
-            let frame =
-                Frame { addr: TRUNCATED_IP, symbol: None, module: Some("truncated".into()), source: None, inlined: vec![], end: None };
+            let symbol = Some((TRUNCATED.to_string(), 0));
+            let frame = Frame { addr: TRUNCATED_IP, symbol, module: None, source: None, inlined: vec![], end: None };
             self.cache.insert((pid, TRUNCATED_IP), frame);
         }
         let addrs: Vec<u64> = addrs.iter().copied().filter(|&a| a != TRUNCATED_IP).collect();

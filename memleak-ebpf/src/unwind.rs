@@ -23,13 +23,14 @@ use crate::{
 };
 
 /// Fills `ips` with the return addresses, innermost first (the first is
-/// where the allocator returns to); returns how many.
+/// where the allocator returns to); returns how many. A stack with more
+/// frames than `ips` holds ends with TRUNCATED_IP in its last slot.
 #[inline(always)]
 pub fn user_stack(regs: &pt_regs, ips: &mut [u64; MAX_STACK_DEPTH]) -> usize {
     let (ip, mut fp) = ip_and_fp(regs);
     ips[0] = ip;
     let mut depth = 1;
-    while depth < MAX_STACK_DEPTH {
+    while depth <= MAX_STACK_DEPTH {
         if fp == 0 || fp & 7 != 0 {
             break;
         }
@@ -39,6 +40,12 @@ pub fn user_stack(regs: &pt_regs, ips: &mut [u64; MAX_STACK_DEPTH]) -> usize {
             break;
         };
         if ret == 0 {
+            break;
+        }
+        if depth == MAX_STACK_DEPTH {
+            // A frame more than there is room for: cut, and said so (else
+            // it reads as a stack that ends there).
+            ips[MAX_STACK_DEPTH - 1] = TRUNCATED_IP;
             break;
         }
         ips[depth] = ret;

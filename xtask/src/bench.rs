@@ -48,7 +48,7 @@ pub struct Options {
     /// Reports timed per mode at a million outstanding allocations.
     #[arg(long, default_value_t = 5)]
     reports: usize,
-    /// Run only this half.
+    /// Run only this part.
     #[arg(long, value_enum)]
     part: Option<Part>,
 }
@@ -57,6 +57,10 @@ pub struct Options {
 enum Part {
     Churn,
     Reports,
+    /// Only what unwinding by tables costs: the deep churn without frame
+    /// pointers, the frame-pointer churn by default and with `--unwind
+    /// fp`, attach with and without tables.
+    Unwind,
 }
 
 /// How the churn fixture runs.
@@ -109,11 +113,15 @@ pub fn run(memleak: &Path, opts: &Options) -> anyhow::Result<()> {
     let hold = fixtures::build("hold", Compiler::C, "hold.c", &[])?;
     let mut out = header()?;
     let mut missed = 0;
-    if opts.part != Some(Part::Reports) {
+    if matches!(opts.part, None | Some(Part::Churn)) {
         missed += churn_bench(memleak, &churn, opts, &mut out)?;
     }
-    if opts.part != Some(Part::Churn) {
+    if matches!(opts.part, None | Some(Part::Reports)) {
         missed += report_bench(memleak, &hold, opts, &mut out)?;
+    }
+    if matches!(opts.part, None | Some(Part::Unwind)) {
+        let deep = fixtures::build("churn-deep", Compiler::C, "churn.c", &["-O2", "-fomit-frame-pointer", "-DDEPTH=8"])?;
+        missed += unwind_bench(memleak, &deep, &churn, &hold, opts, &mut out)?;
     }
     print!("{out}");
     let file = crate::workspace_root().join("target/xtask/bench.md");
@@ -194,6 +202,98 @@ fn churn_bench(memleak: &Path, churn: &Path, opts: &Options, out: &mut String) -
     Ok(missed)
 }
 
+/// What unwinding by tables costs. `deep`: the churn built without frame
+/// pointers, its pairs 8 calls deep: the walk by unwind tables (memleak's
+/// default there) against the frame-pointer walk (`--unwind fp`, which
+/// stops after the first frame) and the optimized floor. `churn`: the
+/// frame-pointer churn, whose stacks must cost what they cost with the
+/// frame-pointer walk alone (only libc's start_thread and clone3 need
+/// tables there). Both in interleaved rounds, then the BPF programs' own
+/// time as the kernel counts it (far less disturbed by other load), then
+/// attach with and without tables.
+fn unwind_bench(memleak: &Path, deep: &Path, churn: &Path, hold: &Path, opts: &Options, out: &mut String) -> anyhow::Result<usize> {
+    type Variants<'a> = [(&'a str, Option<&'a [&'a str]>)];
+    const DEEP: [(&str, Option<&[&str]>); 4] = [
+        ("untraced", None),
+        ("optimized floor", Some(&["--floor", "placed"])),
+        ("memleak (unwind tables)", Some(&[])),
+        ("memleak --unwind fp", Some(&["--unwind", "fp"])),
+    ];
+    const FP: [(&str, Option<&[&str]>); 4] = [
+        ("untraced", None),
+        ("optimized floor", Some(&["--floor", "placed"])),
+        ("memleak (default: tables where needed)", Some(&[])),
+        ("memleak --unwind fp", Some(&["--unwind", "fp"])),
+    ];
+    let pairs = (opts.threads as u64 * opts.pairs) as f64;
+    let interleaved = |program: &Path, variants: &Variants, more: &[&str], rounds: usize| -> anyhow::Result<Vec<f64>> {
+        let mut per_pair: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        for round in 0..rounds {
+            for k in 0..variants.len() {
+                let i = (k + round) % variants.len();
+                let (run, lines) = churn_traced(memleak, program, variants[i].1, more, opts)
+                    .with_context(|| format!("churn under {}", variants[i].0))?;
+                per_pair[i].push(if more.is_empty() {
+                    run.cpu_ns / pairs
+                } else {
+                    lines.iter().filter_map(|l| parse_program_cost(l)).map(|(_, ns)| ns).sum::<u64>() as f64 / pairs
+                });
+            }
+            eprintln!("bench: unwind round {}/{rounds} done", round + 1);
+        }
+        Ok(per_pair.iter().map(|v| median(v)).collect())
+    };
+    let table = |out: &mut String, title: &str, variants: &Variants, cpu: &[f64], programs: &[f64]| {
+        let _ = writeln!(out, "\n### {title}\n");
+        let _ = writeln!(
+            out,
+            "| variant | CPU per pair (ns) | overhead per pair (ns) | vs optimized floor | BPF programs per pair (ns) |"
+        );
+        let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let (ratio, bpf) = if i == 0 {
+                (String::new(), String::new())
+            } else {
+                (format!("{:.2}x", (cpu[i] - cpu[0]) / (cpu[1] - cpu[0])), format!("{:.0}", programs[i - 1]))
+            };
+            let _ = writeln!(out, "| {name} | {:.0} | {:.0} | {ratio} | {bpf} |", cpu[i], cpu[i] - cpu[0]);
+        }
+    };
+    let deep_cpu = interleaved(deep, &DEEP, &[], opts.rounds)?;
+    let fp_cpu = interleaved(churn, &FP, &[], opts.rounds)?;
+    let (deep_bpf, fp_bpf) = {
+        let _stats = BpfStats::enable()?;
+        let rounds = opts.rounds.min(3);
+        (interleaved(deep, &DEEP[1..], &["-v"], rounds)?, interleaved(churn, &FP[1..], &["-v"], rounds)?)
+    };
+    let _ = writeln!(out, "\n## Unwinding by tables, median of {} interleaved rounds ({} threads × {} pairs)", opts.rounds, opts.threads, opts.pairs);
+    let _ = writeln!(
+        out,
+        "\nCPU per pair: the fixture's CPU time over the pairs made. BPF programs per pair: their run time as the kernel counts it (`kernel.bpf_stats_enabled`, {} rounds of their own).",
+        opts.rounds.min(3)
+    );
+    table(out, "Churn without frame pointers, pairs 8 calls deep (`-O2 -fomit-frame-pointer -DDEPTH=8`)", &DEEP, &deep_cpu, &deep_bpf);
+    table(out, "Churn with frame pointers (the churn above)", &FP, &fp_cpu, &fp_bpf);
+
+    let (attach, _) = attach_times(memleak, hold, &[], ATTACHES)?;
+    let (attach_fp, _) = attach_times(memleak, hold, &["--unwind", "fp"], ATTACHES)?;
+    let _ = writeln!(
+        out,
+        "\nAttach to the idle hold fixture (to \"Attaching\"), {ATTACHES} runs each: median {:.1} ms with tables (the program's and libc's), {:.1} ms with `--unwind fp` (none). What `-v` says of the tables:\n",
+        median(&attach) * 1e3,
+        median(&attach_fp) * 1e3
+    );
+    for line in table_lines(memleak, hold)? {
+        let _ = writeln!(out, "- `{line}`");
+    }
+    let _ = writeln!(out, "\n| target | measured | limit | |\n| --- | ---: | ---: | --- |");
+    let over = |cpu: &[f64], i: usize| (cpu[i] - cpu[0]) / (cpu[1] - cpu[0]);
+    let mut missed = check(out, "unwind tables / optimized floor, 8 deep", over(&deep_cpu, 2), 1.5, "x");
+    missed += check(out, "frame-pointer churn: default / --unwind fp", (fp_cpu[2] - fp_cpu[0]) / (fp_cpu[3] - fp_cpu[0]), 1.15, "x");
+    missed += check(out, "attach with tables", median(&attach) * 1e3, 100.0, " ms");
+    Ok(missed)
+}
+
 /// Variants whose BPF programs' own run time is measured.
 const TIMED: [Variant; 4] = [Variant::PlacedFloor, Variant::Default, Variant::Sampled, Variant::CombinedOnly];
 
@@ -208,7 +308,7 @@ fn program_time(memleak: &Path, churn: &Path, opts: &Options, out: &mut String) 
     for round in 0..rounds {
         for k in 0..TIMED.len() {
             let i = (k + round) % TIMED.len();
-            let (_, lines) = churn_traced(memleak, churn, TIMED[i], &["-v"], opts)
+            let (_, lines) = churn_traced(memleak, churn, TIMED[i].args(), &["-v"], opts)
                 .with_context(|| format!("timing the programs of {}", TIMED[i].name()))?;
             let total: u64 = lines.iter().filter_map(|l| parse_program_cost(l)).map(|(_, ns)| ns).sum();
             ns[i].push(total as f64 / (opts.threads as u64 * opts.pairs) as f64);
@@ -264,21 +364,21 @@ struct Run {
 
 /// One run of the churn fixture.
 fn churn_once(memleak: &Path, churn: &Path, variant: Variant, opts: &Options) -> anyhow::Result<Run> {
-    churn_traced(memleak, churn, variant, &[], opts).map(|(run, _)| run)
+    churn_traced(memleak, churn, variant.args(), &[], opts).map(|(run, _)| run)
 }
 
-/// One run of the churn fixture, memleak given `more` options; what memleak
-/// wrote to stderr after attaching.
+/// One run of the churn fixture, traced by memleak with `args` and `more`
+/// options (untraced: None); what memleak wrote to stderr after attaching.
 fn churn_traced(
     memleak: &Path,
     churn: &Path,
-    variant: Variant,
+    args: Option<&[&str]>,
     more: &[&str],
     opts: &Options,
 ) -> anyhow::Result<(Run, Vec<String>)> {
     let mut app = Running::spawn(&churn.to_path_buf(), &[&opts.threads.to_string(), &opts.pairs.to_string()], true)?;
     wait_until_reading(app.pid())?;
-    let tracer = match variant.args() {
+    let tracer = match args {
         Some(args) => Some(Tracer::attach(memleak, app.pid(), &[args, more].concat(), &["3600"])?),
         None => None,
     };
@@ -315,7 +415,7 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
         );
         results.push(r);
     }
-    let (attach, exits) = attach_times(memleak, hold, ATTACHES)?;
+    let (attach, exits) = attach_times(memleak, hold, &[], ATTACHES)?;
     let _ = writeln!(
         out,
         "\nAttach (all hooks, one idle process; from starting memleak to its \"Attaching\" line), {ATTACHES} runs: median {:.1} ms, fastest {:.1} ms.",
@@ -351,20 +451,31 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
 const ATTACHES: usize = 7;
 const SYSTEM_EXITS: usize = 3;
 
-/// Attaches to an idle hold fixture `runs` times; returns each time to
-/// "Attaching", and from SIGINT to exit. A pause between runs lets the
-/// kernel finish the previous detach.
-fn attach_times(memleak: &Path, hold: &Path, runs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+/// Attaches (memleak given `args`) to an idle hold fixture `runs` times;
+/// returns each time to "Attaching", and from SIGINT to exit. A pause
+/// between runs lets the kernel finish the previous detach.
+fn attach_times(memleak: &Path, hold: &Path, args: &[&str], runs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let app = Running::spawn(&hold.to_path_buf(), &[], true)?;
     wait_until_reading(app.pid())?;
     let (mut times, mut exits) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         thread::sleep(Duration::from_millis(500));
-        let tracer = Tracer::attach(memleak, app.pid(), &[], &["3600"])?;
+        let tracer = Tracer::attach(memleak, app.pid(), args, &["3600"])?;
         times.push(tracer.attach_s);
         exits.push(tracer.interrupt(Duration::from_secs(60))?);
     }
     Ok((times, exits))
+}
+
+/// What `memleak -v` says of each unwind table it builds for the idle
+/// hold fixture: rows, bytes, bytes per MiB of text, time to build.
+fn table_lines(memleak: &Path, hold: &Path) -> anyhow::Result<Vec<String>> {
+    let app = Running::spawn(&hold.to_path_buf(), &[], true)?;
+    wait_until_reading(app.pid())?;
+    thread::sleep(Duration::from_millis(500));
+    let tracer = Tracer::attach(memleak, app.pid(), &["-v"], &["3600"])?;
+    let lines = tracer.finish(Duration::from_secs(60))?;
+    Ok(lines.into_iter().filter_map(|l| l.contains(": unwind table of ").then(|| l.trim_start_matches("memleak: ").to_string())).collect())
 }
 
 /// Starts system-wide memleak `runs` times; returns the time from SIGINT

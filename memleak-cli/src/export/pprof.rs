@@ -314,7 +314,6 @@ impl Builder {
             frame.inlined.iter().map(|(name, source)| line(self, name, source.as_ref())).collect();
         let name = match &frame.symbol {
             Some((name, _)) => name.clone(),
-            None if frame.addr == memleak_common::TRUNCATED_IP => "[truncated]".to_string(),
             None => format!("{:#x} [{}]", frame.addr, frame.module.as_deref().unwrap_or("unknown")),
         };
         lines.push(line(self, &name, frame.source.as_ref()));
