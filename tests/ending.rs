@@ -313,7 +313,7 @@ fn an_old_export_file_outlives_a_run_that_never_traced() {
     let out = run_memleak(&args(&list), Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(&std::fs::read(&pprof).unwrap()[..2], &[0x1f, 0x8b]);
-    assert!(std::fs::read_to_string(&folded).unwrap().contains("child;fibonacci "));
+    assert!(std::fs::read_to_string(&folded).unwrap().contains("child;fibonacci;calloc "));
 }
 
 #[test]

@@ -150,7 +150,7 @@ fn a_walk_off_the_frame_chain_ends_with_a_marker_not_garbage() {
     let folded = std::fs::read_to_string(&folded).unwrap();
     let push: Vec<&str> = folded.lines().filter(|l| l.contains("push")).collect();
     assert_eq!(push.len(), 1, "{folded}");
-    assert!(push[0].starts_with("[stack ends: next address in heap, not code];push "), "{folded}");
+    assert!(push[0].starts_with("[stack ends: next address in heap, not code];push;malloc "), "{folded}");
     let mut profile = Vec::new();
     flate2::read::GzDecoder::new(std::fs::File::open(&pprof).unwrap()).read_to_end(&mut profile).unwrap();
     let marker = b"[stack ends: next address in heap, not code]";

@@ -119,7 +119,7 @@ fn by_thread_groups_the_report_by_thread_name() {
     // "of its ..." in the parenthesis), then its frames.
     let h = header("handler x6");
     assert_eq!(lines[h], "handler x6: 6048 bytes in 63 allocations", "{stdout}");
-    assert!(lines[h + 1].starts_with("    6048 bytes in 63 allocations from stack  (+6048 B since last, "), "{stdout}");
+    assert!(lines[h + 1].starts_with("    6048 bytes in 63 allocations from stack via malloc  (+6048 B since last, "), "{stdout}");
     assert!(lines[h + 2].trim_start().starts_with("leak_request+"), "{stdout}");
     assert!(lines[h + 3].trim_start().starts_with("handler+"), "{stdout}");
     assert_eq!(lines[header("io x2")], "io x2: 0 bytes in 0 allocations", "{stdout}");

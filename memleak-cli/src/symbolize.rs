@@ -42,6 +42,8 @@ pub const TRUNCATED: &str = "[truncated]";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StackProfile {
     pub tgid: u32,
+    /// The hooked function that made its blocks.
+    pub kind: memleak_common::Kind,
     /// Outstanding bytes and blocks.
     pub bytes: u64,
     pub count: u64,

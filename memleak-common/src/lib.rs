@@ -94,8 +94,99 @@ pub struct Stack {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CombinedKey {
     pub tgid: u32,
-    pub shard: u32,
+    pub shard: u16,
+    /// The hooked function that made its blocks ([`Kind`], as a number).
+    pub kind: u8,
+    pub _pad: u8,
     pub stack_id: u64,
+}
+
+/// The hooked function that made a block. Part of the key of its totals
+/// entry (with its process and stack), so a block names it through
+/// `AllocInfo::slot` at no cost per block. A stack reached through two
+/// functions (a call through a pointer that is malloc or calloc) is two
+/// entries, each exact: a mask per stack would merge heap and mapping
+/// bytes, which the report keeps apart.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Not known: the block's totals entry is gone or was never had.
+    #[default]
+    Unknown = 0,
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    Reallocarray = 4,
+    AlignedAlloc = 5,
+    Memalign = 6,
+    PosixMemalign = 7,
+    Valloc = 8,
+    Pvalloc = 9,
+    /// A direct mmap: a mapping, not a heap block.
+    Mmap = 10,
+    /// C++ operator new.
+    New = 11,
+    /// C++ operator new[].
+    NewArray = 12,
+    Kmalloc = 13,
+    KmemCacheAlloc = 14,
+    Pages = 15,
+    Percpu = 16,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 17] = [
+        Kind::Unknown,
+        Kind::Malloc,
+        Kind::Calloc,
+        Kind::Realloc,
+        Kind::Reallocarray,
+        Kind::AlignedAlloc,
+        Kind::Memalign,
+        Kind::PosixMemalign,
+        Kind::Valloc,
+        Kind::Pvalloc,
+        Kind::Mmap,
+        Kind::New,
+        Kind::NewArray,
+        Kind::Kmalloc,
+        Kind::KmemCacheAlloc,
+        Kind::Pages,
+        Kind::Percpu,
+    ];
+
+    /// The kind numbered `n`; [`Kind::Unknown`] for a number that is none.
+    pub const fn from_u8(n: u8) -> Kind {
+        if (n as usize) < Self::ALL.len() { Self::ALL[n as usize] } else { Kind::Unknown }
+    }
+
+    /// The function's name, as reports show it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Unknown => "unknown",
+            Kind::Malloc => "malloc",
+            Kind::Calloc => "calloc",
+            Kind::Realloc => "realloc",
+            Kind::Reallocarray => "reallocarray",
+            Kind::AlignedAlloc => "aligned_alloc",
+            Kind::Memalign => "memalign",
+            Kind::PosixMemalign => "posix_memalign",
+            Kind::Valloc => "valloc",
+            Kind::Pvalloc => "pvalloc",
+            Kind::Mmap => "mmap",
+            Kind::New => "new",
+            Kind::NewArray => "new[]",
+            Kind::Kmalloc => "kmalloc",
+            Kind::KmemCacheAlloc => "kmem_cache_alloc",
+            Kind::Pages => "alloc_pages",
+            Kind::Percpu => "percpu",
+        }
+    }
+
+    /// A mapping (direct mmap), not a heap block.
+    pub const fn is_mapping(self) -> bool {
+        matches!(self, Kind::Mmap)
+    }
 }
 
 /// Most parts a stack's totals are kept in (see [`CombinedKey`]).
@@ -146,9 +237,11 @@ pub const TOTALS_PROBES: u32 = 32;
 /// `AllocInfo::slot` of a block whose totals had no entry.
 pub const NO_SLOT: u32 = u32::MAX;
 
-/// `Totals::owner` of (process, part): never 0 or [`TOTALS_BUSY`].
-pub const fn totals_owner(tgid: u32, shard: u32) -> u64 {
-    1 << 63 | (shard as u64) << 32 | tgid as u64
+/// `Totals::owner` of (process, part, kind): the tgid in bits 0-31, the
+/// part in 32-39, the [`Kind`] in 40-47, bit 63 set: never 0 or
+/// [`TOTALS_BUSY`].
+pub const fn totals_owner(tgid: u32, shard: u32, kind: u8) -> u64 {
+    1 << 63 | (kind as u64) << 40 | ((shard & 0xff) as u64) << 32 | tgid as u64
 }
 
 /// The key of an entry; None while it is free or being claimed.
@@ -156,7 +249,7 @@ pub const fn totals_key(owner: u64, stack_id: u64) -> Option<CombinedKey> {
     if owner == 0 || owner == TOTALS_BUSY {
         return None;
     }
-    Some(CombinedKey { tgid: owner as u32, shard: (owner >> 32) as u32 & 0x7fff_ffff, stack_id })
+    Some(CombinedKey { tgid: owner as u32, shard: (owner >> 32) as u16 & 0xff, kind: (owner >> 40) as u8, _pad: 0, stack_id })
 }
 
 /// A return address no frame has: the walk stopped at the depth limit
@@ -230,7 +323,8 @@ pub struct UnwindState {
     pub tid: u32,
     /// Non-zero: the block is a direct mapping's (see `REGIONS`).
     pub mmap: u32,
-    pub _pad: u32,
+    /// Its [`Kind`].
+    pub kind: u32,
     /// The kernel's scratch (see `opaque` in memleak-ebpf/src/unwind.rs).
     pub scratch: u64,
 }
@@ -255,7 +349,8 @@ pub struct Pending {
     /// the outermost call owns the allocation and the caller's stack.
     pub depth: u32,
     /// [`PENDING_ACTIVE`], [`PENDING_RECORD`], [`PENDING_HAS_OLD`],
-    /// [`PENDING_MMAP`], [`PENDING_COARSE`].
+    /// [`PENDING_MMAP`], [`PENDING_COARSE`]; the call's [`Kind`] from bit
+    /// [`PENDING_KIND_SHIFT`] on.
     pub flags: u32,
 }
 
@@ -293,6 +388,8 @@ pub const PENDING_MMAP: u32 = 8;
 pub const PENDING_HAS_OLD: u32 = 2;
 /// `Pending::entered_ns` holds jiffies, not CLOCK_MONOTONIC ns.
 pub const PENDING_COARSE: u32 = 16;
+/// Where `Pending::flags` keeps the call's [`Kind`] (8 bits).
+pub const PENDING_KIND_SHIFT: u32 = 8;
 
 /// `AllocKey::tgid` of kernel allocations: kmalloc and slab objects (by
 /// address), whole pages (by page frame number), per-CPU chunks (by address).
@@ -462,11 +559,17 @@ mod tests {
 
     #[test]
     fn a_totals_owner_is_never_free_or_busy_and_gives_its_key_back() {
-        for (tgid, shard) in [(0, 0), (1, 7), (u32::MAX, MAX_SHARDS - 1)] {
-            let owner = totals_owner(tgid, shard);
+        for (tgid, shard, kind) in [(0, 0, Kind::Unknown), (1, 7, Kind::Mmap), (u32::MAX, MAX_SHARDS - 1, Kind::Percpu)] {
+            let owner = totals_owner(tgid, shard, kind as u8);
             assert!(owner != 0 && owner != TOTALS_BUSY);
-            assert_eq!(totals_key(owner, 9), Some(CombinedKey { tgid, shard, stack_id: 9 }));
+            let key = CombinedKey { tgid, shard: shard as u16, kind: kind as u8, _pad: 0, stack_id: 9 };
+            assert_eq!(totals_key(owner, 9), Some(key));
         }
+        // Every kind has its number back.
+        for (i, kind) in Kind::ALL.iter().enumerate() {
+            assert_eq!(Kind::from_u8(i as u8), *kind);
+        }
+        assert_eq!(Kind::from_u8(200), Kind::Unknown);
         assert_eq!(totals_key(0, 9), None);
         assert_eq!(totals_key(TOTALS_BUSY, 9), None);
     }

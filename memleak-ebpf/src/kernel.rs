@@ -2,7 +2,7 @@
 //! needed). Field offsets come from the running kernel's tracefs formats.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use memleak_common::{Field, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB};
+use memleak_common::{Field, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, Kind};
 
 use crate::{
     config::{field_offset, page_size, skipped_caller},
@@ -24,7 +24,7 @@ pub fn kmalloc(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let ptr: u64 = field(&ctx, Field::KmallocPtr);
-    record_kernel(&ctx, KERNEL_SLAB, ptr, field(&ctx, Field::KmallocBytes));
+    record_kernel(&ctx, KERNEL_SLAB, Kind::Kmalloc, ptr, field(&ctx, Field::KmallocBytes));
     0
 }
 
@@ -40,7 +40,7 @@ pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let ptr: u64 = field(&ctx, Field::CacheAllocPtr);
-    record_kernel(&ctx, KERNEL_SLAB, ptr, field(&ctx, Field::CacheAllocBytes));
+    record_kernel(&ctx, KERNEL_SLAB, Kind::KmemCacheAlloc, ptr, field(&ctx, Field::CacheAllocBytes));
     0
 }
 
@@ -55,7 +55,7 @@ pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
 pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
     let pfn: u64 = field(&ctx, Field::PageAllocPfn);
     let order: u32 = field(&ctx, Field::PageAllocOrder);
-    record_kernel(&ctx, KERNEL_PAGES, pfn, page_size() << (order & 31));
+    record_kernel(&ctx, KERNEL_PAGES, Kind::Pages, pfn, page_size() << (order & 31));
     0
 }
 
@@ -68,7 +68,7 @@ pub fn mm_page_free(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn percpu_alloc_percpu(ctx: TracePointContext) -> u32 {
     let ptr: u64 = field(&ctx, Field::PercpuAllocPtr);
-    record_kernel(&ctx, KERNEL_PERCPU, ptr, field(&ctx, Field::PercpuAllocBytes));
+    record_kernel(&ctx, KERNEL_PERCPU, Kind::Percpu, ptr, field(&ctx, Field::PercpuAllocBytes));
     0
 }
 

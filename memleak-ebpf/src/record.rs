@@ -6,13 +6,14 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     EbpfContext,
-    helpers::generated::{bpf_get_smp_processor_id, bpf_get_stack, bpf_jiffies64},
+    helpers::generated::{bpf_get_attach_cookie, bpf_get_smp_processor_id, bpf_get_stack, bpf_jiffies64},
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::info;
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, MAX_STACK_DEPTH, NO_SLOT, NO_STACK, PENDING_ACTIVE, PENDING_COARSE, PENDING_HAS_OLD,
-    PENDING_MMAP, PENDING_RECORD, Pending, Region, Stack, Stat, UnwindState, totals_owner,
+    AllocInfo, AllocKey, Bucket, Kind, MAX_STACK_DEPTH, NO_SLOT, NO_STACK, PENDING_ACTIVE, PENDING_COARSE,
+    PENDING_HAS_OLD, PENDING_KIND_SHIFT, PENDING_MMAP, PENDING_RECORD, Pending, Region, Stack, Stat, UnwindState,
+    totals_owner,
 };
 
 use crate::{
@@ -58,7 +59,9 @@ fn is_self(pid_tgid: u64) -> bool {
 /// Entry of an allocator call (or of mmap, `kind` [`PENDING_MMAP`]): note
 /// the request for the return probe. Every call is noted, recorded or not:
 /// a call made inside it (malloc -> mmap of a new arena) belongs to it, and
-/// its return must not be taken for the outer call's.
+/// its return must not be taken for the outer call's. Which function was
+/// called ([`Kind`]) is the probe's cookie: programs are shared by the
+/// functions of one shape (malloc's serves valloc and operator new).
 #[inline(always)]
 pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u32) {
     let pid_tgid = thread_id();
@@ -103,7 +106,9 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     pending.entered_ns = entered;
     pending.sp = sp;
     pending.depth = 0;
-    pending.flags = PENDING_ACTIVE | kind | coarse | if traced { PENDING_RECORD } else { 0 };
+    // SAFETY: the helper reads the probe's cookie from the context.
+    let function = (unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32 & 0xff) << PENDING_KIND_SHIFT;
+    pending.flags = PENDING_ACTIVE | kind | coarse | function | if traced { PENDING_RECORD } else { 0 };
     if old_addr == 0 {
         return;
     }
@@ -305,12 +310,14 @@ pub fn exit(ctx: &RetProbeContext) {
             tgid,
             tid: pid_tgid as u32,
             mmap: pending.flags & PENDING_MMAP,
+            kind: pending.flags >> PENDING_KIND_SHIFT & 0xff,
             ..Default::default()
         };
         // SAFETY: a uprobe's context is the task's pt_regs.
         unwind::by_tables(ctx, unsafe { &*ctx.regs }, state);
         // The entry's time: one clock read per call.
-        (addr, new_block(ctx, pid_tgid, addr, pending.size, pending.entered_ns, user_stack_slot(ctx, tgid)), true)
+        let kind = (pending.flags >> PENDING_KIND_SHIFT) as u8;
+        (addr, new_block(ctx, pid_tgid, addr, pending.size, pending.entered_ns, user_stack_slot(ctx, tgid, kind)), true)
     } else if pending.flags & PENDING_HAS_OLD != 0 && pending.size != 0 {
         // A failed realloc with a non-zero size leaves the old block
         // allocated (realloc(ptr, 0) freed it).
@@ -326,10 +333,12 @@ pub fn exit(ctx: &RetProbeContext) {
 }
 
 /// The TOTALS entry of (tgid, the stack `fill` writes into a per-CPU
-/// scratch buffer, returning its depth); the stack is stored in STACKS
-/// under a hash of its frames. [`NO_SLOT`] if TOTALS has no room.
+/// scratch buffer, returning its depth, the hooked function `kind`); the
+/// stack is stored in STACKS under a hash of its frames. Without room
+/// there, the entry of (tgid, no stack, kind): the block still tells its
+/// process and function. [`NO_SLOT`] if TOTALS has no room.
 #[inline(always)]
-fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u32 {
+fn stack_slot(tgid: u32, kind: u8, fill: impl FnOnce(&mut Stack) -> usize) -> u32 {
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
         return NO_SLOT;
     };
@@ -352,7 +361,7 @@ fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u32 {
         id = if hash == NO_STACK { 1 } else { hash };
     }
     // SAFETY: a helper without arguments.
-    let owner = totals_owner(tgid, unsafe { bpf_get_smp_processor_id() } & config::shard_mask());
+    let owner = totals_owner(tgid, unsafe { bpf_get_smp_processor_id() } & config::shard_mask(), kind);
     let Some(hint) = totals::hint(owner, id) else {
         return NO_SLOT;
     };
@@ -378,10 +387,10 @@ fn stack_slot(tgid: u32, fill: impl FnOnce(&mut Stack) -> usize) -> u32 {
 
 /// The user stack at an allocator's return (see `unwind`).
 #[inline(always)]
-fn user_stack_slot(ctx: &RetProbeContext, tgid: u32) -> u32 {
+fn user_stack_slot(ctx: &RetProbeContext, tgid: u32, kind: u8) -> u32 {
     // SAFETY: a uprobe's context is the task's pt_regs.
     let regs = unsafe { &*ctx.regs };
-    stack_slot(tgid, |stack| user_stack(regs, &mut stack.ips))
+    stack_slot(tgid, kind, |stack| user_stack(regs, &mut stack.ips))
 }
 
 /// A run of `unwind_step`: a few frames more of a walk by tables, then, at
@@ -398,7 +407,7 @@ pub fn unwind_step(ctx: &ProbeContext) {
     let Some(state) = UNWIND_STATE.get_ptr(0) else { return };
     // SAFETY: per-CPU value, this program's alone until it ends.
     let state = unsafe { *state };
-    let slot = stack_slot(state.tgid, |stack| stack.len as usize);
+    let slot = stack_slot(state.tgid, state.kind as u8, |stack| stack.len as usize);
     let pid_tgid = u64::from(state.tgid) << 32 | u64::from(state.tid);
     let info = new_block(ctx, pid_tgid, state.addr, state.size, state.timestamp_ns, slot);
     let mmap = state.mmap != 0;
@@ -409,8 +418,8 @@ pub fn unwind_step(ctx: &ProbeContext) {
 
 /// The kernel stack of a tracepoint.
 #[inline(always)]
-fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32) -> u32 {
-    stack_slot(space, |stack| {
+fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32, kind: Kind) -> u32 {
+    stack_slot(space, kind as u8, |stack| {
         let bytes = unsafe {
             bpf_get_stack(ctx.as_ptr(), stack.ips.as_mut_ptr().cast(), (MAX_STACK_DEPTH * 8) as u32, 0)
         };
@@ -433,14 +442,14 @@ fn new_block<C: EbpfContext>(ctx: &C, pid_tgid: u64, addr: u64, size: u64, times
 
 /// A kernel allocation (tracepoints): recorded with the kernel stack.
 #[inline(always)]
-pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, addr: u64, size: u64) {
+pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, kind: Kind, addr: u64, size: u64) {
     if addr == 0 {
         return;
     }
     let info = AllocInfo {
         size,
         timestamp_ns: now(),
-        slot: kernel_stack_slot(ctx, space),
+        slot: kernel_stack_slot(ctx, space, kind),
         tid: thread_id() as u32,
     };
     track(space, addr, info, true, false);

@@ -95,6 +95,9 @@ pub struct Stack {
     /// System-wide reports: the process ("PID COMM") or kernel allocator
     /// ("kernel slab") the stack belongs to.
     pub process: Option<String>,
+    /// The hooked function that made its blocks, after "from stack via"
+    /// (`malloc`, `mmap`, ...); None if the line names none.
+    pub kind: Option<String>,
     /// The trend after "from stack", without its parentheses:
     /// `+16384 B since last, 8192 B/s, oldest 2.1s, 5 allocs/0 frees, growing`.
     pub trend: String,
@@ -154,6 +157,13 @@ pub fn parse_reports(text: &str) -> Vec<Report> {
             && head.contains(" bytes in ")
         {
             let words: Vec<&str> = head.split_whitespace().collect();
+            let (kind, trend) = match trend.trim().strip_prefix("via ") {
+                Some(rest) => {
+                    let (kind, trend) = rest.split_once(' ').unwrap_or((rest, ""));
+                    (Some(kind.to_string()), trend)
+                }
+                None => (None, trend),
+            };
             let trend = trend.trim().trim_start_matches('(').trim_end_matches(')').to_string();
             report.stacks.push(Stack {
                 bytes: words[0].parse().unwrap_or(0),
@@ -161,6 +171,7 @@ pub fn parse_reports(text: &str) -> Vec<Report> {
                 blocks: std::mem::take(&mut blocks),
                 frames: vec![],
                 process: process.clone(),
+                kind,
                 growing: trend.split(", ").any(|part| part == "growing"),
                 trend,
                 peeks: vec![],

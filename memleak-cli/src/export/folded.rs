@@ -3,14 +3,23 @@
 
 use std::collections::BTreeMap;
 
+use memleak_common::Kind;
+
 use crate::symbolize::{Frame, StackProfile};
 
 /// The folded lines of `stacks`, sorted; stacks that fold to the same
-/// names (the same functions, called from other offsets) are summed.
+/// names (the same functions, called from other offsets) are summed. The
+/// hooked function that made the blocks is the leaf frame (`main;f;malloc`),
+/// as allocation profilers put what was allocated: folded lines have no
+/// labels.
 pub fn lines(stacks: &[StackProfile]) -> Vec<String> {
     let mut bytes: BTreeMap<String, u64> = BTreeMap::new();
     for stack in stacks.iter().filter(|s| s.bytes > 0) {
-        *bytes.entry(names(&stack.frames).join(";")).or_default() += stack.bytes;
+        let mut names = names(&stack.frames);
+        if stack.kind != Kind::Unknown {
+            names.push(stack.kind.name().to_string());
+        }
+        *bytes.entry(names.join(";")).or_default() += stack.bytes;
     }
     bytes.into_iter().map(|(names, bytes)| format!("{names} {bytes}")).collect()
 }

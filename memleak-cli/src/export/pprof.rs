@@ -7,6 +7,7 @@ use std::{collections::HashMap, io::Write as _};
 
 use flate2::{Compression, write::GzEncoder};
 use prost::Message as _;
+use memleak_common::Kind;
 
 use crate::symbolize::{Frame, MappingInfo, StackProfile};
 
@@ -182,7 +183,7 @@ pub fn build(
     sample_type.push(value_type(&mut b, "inuse_objects", "count"));
     sample_type.push(value_type(&mut b, "inuse_space", "bytes"));
     let period_type = Some(value_type(&mut b, "space", "bytes"));
-    let (pid, comm_key) = (b.string("pid"), b.string("comm"));
+    let (pid, comm_key, kind_key) = (b.string("pid"), b.string("comm"), b.string("kind"));
     let samples = stacks
         .iter()
         .filter(|s| s.bytes > 0 || s.count > 0 || (values != Values::Inuse && s.allocs > 0))
@@ -190,6 +191,10 @@ pub fn build(
             let mut label = vec![proto::Label { key: pid, num: s.tgid.into(), ..Default::default() }];
             if let Some(name) = comm(s.tgid) {
                 label.push(proto::Label { key: comm_key, str: b.string(&name), ..Default::default() });
+            }
+            // The hooked function that made the blocks (`pprof -tagfocus kind=mmap`).
+            if s.kind != Kind::Unknown {
+                label.push(proto::Label { key: kind_key, str: b.string(s.kind.name()), ..Default::default() });
             }
             let mut value = Vec::with_capacity(4);
             if let Values::Heap { .. } = values {

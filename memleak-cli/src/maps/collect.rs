@@ -270,11 +270,11 @@ impl Recorded {
 /// none.
 pub fn add_parts(entries: &[totals::Entry]) -> Vec<(CombinedKey, CombinedAlloc)> {
     let mut parts: Vec<(CombinedKey, CombinedAlloc)> = entries.iter().map(|&(_, k, v)| (k, v)).collect();
-    parts.sort_unstable_by_key(|(k, _)| (k.tgid, k.stack_id));
+    parts.sort_unstable_by_key(|(k, _)| (k.tgid, k.stack_id, k.kind));
     let mut totals: Vec<(CombinedKey, CombinedAlloc)> = Vec::with_capacity(parts.len());
     for (key, part) in parts {
         match totals.last_mut() {
-            Some((k, sum)) if (k.tgid, k.stack_id) == (key.tgid, key.stack_id) => {
+            Some((k, sum)) if (k.tgid, k.stack_id, k.kind) == (key.tgid, key.stack_id, key.kind) => {
                 sum.total_size = sum.total_size.wrapping_add(part.total_size);
                 sum.count = sum.count.wrapping_add(part.count);
                 sum.allocs = sum.allocs.wrapping_add(part.allocs);
@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn parts_of_a_stack_add_up_even_below_zero() {
-        let key = |tgid, shard, stack_id| CombinedKey { tgid, shard, stack_id };
+        let key = |tgid, shard, stack_id| CombinedKey { tgid, shard, stack_id, ..Default::default() };
         let part = |bytes: i64, count: i64, allocs| CombinedAlloc {
             total_size: bytes as u64,
             count: count as u64,

@@ -35,8 +35,9 @@ pub struct Reclaim {
     seen: FastMap<u32, (u64, u64, u64)>,
     /// Entries set aside at the last report: slot -> (key, sums then).
     aside: FastMap<u32, (CombinedKey, CombinedAlloc)>,
-    /// Counts since attach of the entries given back, by (process, stack).
-    carried: FastMap<(u32, u64), CombinedAlloc>,
+    /// Counts since attach of the entries given back, by (process, stack,
+    /// kind).
+    carried: FastMap<(u32, u64, u8), CombinedAlloc>,
     /// Stacks deleted at the last pass, their frames: put back if an entry
     /// names one.
     deleted: FastMap<u64, Vec<u64>>,
@@ -60,7 +61,7 @@ impl Reclaim {
     pub fn settle(&mut self, recorded: &Recorded, live: &HashSet<u32>) -> usize {
         let mut swaps = FastMap::default();
         for (&slot, (key, _)) in &self.aside {
-            let owner = totals_owner(key.tgid, key.shard);
+            let owner = totals_owner(key.tgid, key.shard.into(), key.kind);
             let to = if live.contains(&slot) { owner } else { 0 };
             swaps.insert(slot, (TOTALS_BUSY, to));
         }
@@ -74,7 +75,7 @@ impl Reclaim {
                 given += 1;
                 self.freed.insert(key.stack_id);
                 if *alive.entry(key.tgid).or_insert_with(|| proc::exists(key.tgid)) {
-                    let c = self.carried.entry((key.tgid, key.stack_id)).or_default();
+                    let c = self.carried.entry((key.tgid, key.stack_id, key.kind)).or_default();
                     c.allocs += sums.allocs;
                     c.allocated += sums.allocated;
                 }
@@ -85,7 +86,9 @@ impl Reclaim {
 
     /// The counts of entries given back, as more parts of their stacks'.
     pub fn carried(&self) -> impl Iterator<Item = Entry> + '_ {
-        self.carried.iter().map(|(&(tgid, stack_id), &c)| (u32::MAX, CombinedKey { tgid, shard: 0, stack_id }, c))
+        self.carried
+            .iter()
+            .map(|(&(tgid, stack_id, kind), &c)| (u32::MAX, CombinedKey { tgid, kind, stack_id, ..Default::default() }, c))
     }
 
     /// Sets aside the entries (`entries`, just read) that no block names
@@ -94,7 +97,7 @@ impl Reclaim {
         let mut swaps = FastMap::default();
         let mut seen = FastMap::with_capacity_and_hasher(entries.len(), Default::default());
         for &(slot, key, sums) in entries {
-            let owner = totals_owner(key.tgid, key.shard);
+            let owner = totals_owner(key.tgid, key.shard.into(), key.kind);
             seen.insert(slot, (owner, key.stack_id, sums.allocs));
             if !live.contains(&slot) && self.seen.get(&slot) == Some(&(owner, key.stack_id, sums.allocs)) {
                 swaps.insert(slot, (owner, TOTALS_BUSY));
@@ -111,7 +114,7 @@ impl Reclaim {
     /// These processes exited and their entries were given back: forgets
     /// what is carried for them, and their stacks become free to delete.
     pub fn forget(&mut self, dead: &HashSet<u32>, entries: &[Entry]) {
-        self.carried.retain(|(tgid, _), _| !dead.contains(tgid));
+        self.carried.retain(|(tgid, ..), _| !dead.contains(tgid));
         self.freed.extend(entries.iter().filter(|(_, k, _)| dead.contains(&k.tgid)).map(|(_, k, _)| k.stack_id));
     }
 

@@ -12,14 +12,14 @@ use std::{collections::HashSet, num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf,
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{UProbe, uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope}},
 };
 
 use crate::{
     cli::Floor,
     target::elf,
     error::{Kind, user_error},
-    probe::hooks::{C_API, CXX_API, Shape},
+    probe::hooks::{self, C_API, CXX_API, Shape},
     probe::loader,
     probe::multi::Links,
     probe::placement::{self, Placement},
@@ -155,8 +155,9 @@ struct Plan {
     /// descriptor's file, whatever its name leads to by then.
     file: TargetFile,
     attached: Attached,
-    /// (program, function, file offset) of each probe.
-    probes: Vec<(&'static str, &'static str, u64)>,
+    /// (program, function, file offset, cookie: the function's `Kind`)
+    /// of each probe.
+    probes: Vec<(&'static str, &'static str, u64, u64)>,
 }
 
 /// The probes for the hooks the object defines.
@@ -195,12 +196,13 @@ fn plan(file: TargetFile, object: &str, serves_malloc: bool, dlopen: bool, floor
             Some(Floor::Naive) => Placement { delta: 0, why: "entry (--floor naive)" },
             _ => place(shape, exit.is_some(), &code.code),
         };
-        plan.probes.push((entry, function, offset + placement.delta));
-        plan.probes.extend(exit.map(|exit| (exit, function, offset)));
+        let kind = hooks::kind(function, shape) as u64;
+        plan.probes.push((entry, function, offset + placement.delta, kind));
+        plan.probes.extend(exit.map(|exit| (exit, function, offset, kind)));
         plan.attached.functions.push((function, offset, placement));
     }
     if let Some(code) = functions.get(DLOPEN.0).filter(|_| dlopen) {
-        plan.probes.push((DLOPEN.1, DLOPEN.0, code.offset));
+        plan.probes.push((DLOPEN.1, DLOPEN.0, code.offset, 0));
         plan.attached.functions.push((DLOPEN.0, code.offset, Placement { delta: 0, why: "return probe only" }));
     }
     Ok(plan)
@@ -239,13 +241,15 @@ fn attach_plans(
         };
         let attach_program = |name: &str| {
             for plan in plans {
-                let (functions, offsets): (Vec<&str>, Vec<u64>) =
-                    plan.probes.iter().filter(|(p, ..)| *p == name).map(|&(_, function, at)| (function, at)).unzip();
-                if offsets.is_empty() {
+                let probes: Vec<_> = plan.probes.iter().filter(|(p, ..)| *p == name).collect();
+                if probes.is_empty() {
                     continue;
                 }
+                let functions: Vec<&str> = probes.iter().map(|p| p.1).collect();
+                let offsets: Vec<u64> = probes.iter().map(|p| p.2).collect();
+                let cookies: Vec<u64> = probes.iter().map(|p| p.3).collect();
                 links
-                    .attach(name, &plan.file.path(), &offsets, pid, is_return(name))
+                    .attach(name, &plan.file.path(), &offsets, &cookies, pid, is_return(name))
                     .map_err(|e| cannot(&functions.join(", "), &plan.attached.object, &e))?;
             }
             anyhow::Ok(())
@@ -263,8 +267,9 @@ fn attach_plans(
     let attach_program = |name: &str, program: &mut UProbe| {
         for plan in plans {
             let object = &plan.attached.object;
-            for &(_, function, at) in plan.probes.iter().filter(|(p, ..)| *p == name) {
-                program.attach(at, plan.file.path(), scope).map_err(|e| cannot(function, object, &e))?;
+            for &(_, function, at, cookie) in plan.probes.iter().filter(|(p, ..)| *p == name) {
+                let point = UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(at), cookie: Some(cookie) };
+                program.attach(point, plan.file.path(), scope).map_err(|e| cannot(function, object, &e))?;
                 links.count_probes(1);
             }
         }

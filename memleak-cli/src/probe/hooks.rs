@@ -3,6 +3,8 @@
 //! mimalloc) and C++ operator new/delete. Calls of one shape (same
 //! arguments, same result) share a pair of programs.
 
+use memleak_common::Kind;
+
 /// The arguments and result of an allocator call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shape {
@@ -44,6 +46,31 @@ impl Shape {
 }
 
 use Shape::*;
+
+/// The kind of block a hooked function makes, as reports name it: the C
+/// function it stands for (je_malloc, mallocx and tc_malloc are malloc;
+/// operator new is `new`). Given to the entry probe as its cookie. glibc's
+/// memalign is aligned_alloc (one function, probed once under the first
+/// name: see `attach::plan`).
+pub fn kind(function: &str, shape: Shape) -> Kind {
+    match function {
+        "valloc" | "je_valloc" | "tc_valloc" => Kind::Valloc,
+        "pvalloc" | "tc_pvalloc" => Kind::Pvalloc,
+        "aligned_alloc" | "je_aligned_alloc" | "mi_malloc_aligned" => Kind::AlignedAlloc,
+        f if f.starts_with("_Znw") || f == "tc_new" || f == "tc_new_nothrow" => Kind::New,
+        f if f.starts_with("_Zna") || f == "tc_newarray" || f == "tc_newarray_nothrow" => Kind::NewArray,
+        _ => match shape {
+            Malloc => Kind::Malloc,
+            Calloc => Kind::Calloc,
+            Realloc => Kind::Realloc,
+            ReallocArray => Kind::Reallocarray,
+            Memalign => Kind::Memalign,
+            PosixMemalign => Kind::PosixMemalign,
+            Mmap => Kind::Mmap,
+            Free | Munmap => Kind::Unknown,
+        },
+    }
+}
 
 /// The C allocator API. Allocators that override malloc export these names
 /// too; prefixed builds (je_, tc_, mi_) and extended APIs come after.
@@ -136,6 +163,18 @@ pub const CXX_API: &[(&str, Shape)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_allocating_function_has_its_kind_and_free_none() {
+        for &(f, shape) in C_API.iter().chain(CXX_API) {
+            let k = kind(f, shape);
+            assert_eq!(k == Kind::Unknown, matches!(shape, Free | Munmap), "{f}: {k:?}");
+        }
+        assert_eq!(kind("_ZnamSt11align_val_t", Malloc), Kind::NewArray);
+        assert_eq!(kind("tc_new_nothrow", Malloc), Kind::New);
+        assert_eq!(kind("pvalloc", Malloc), Kind::Pvalloc);
+        assert_eq!(kind("je_mallocx", Malloc), Kind::Malloc);
+    }
 
     #[test]
     fn names_are_unique_and_programs_exist_in_the_object() {

@@ -171,7 +171,7 @@ fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
 /// Puts program `prog` on each of `offsets` in the file at `path` (valid
 /// on the host), at entry or at return, for process `pid` (0: every
 /// process): one link, whose fd removes them all when closed.
-pub fn attach(prog: BorrowedFd<'_>, path: &Path, offsets: &[u64], pid: u32, ret: bool) -> io::Result<OwnedFd> {
+pub fn attach(prog: BorrowedFd<'_>, path: &Path, offsets: &[u64], cookies: &[u64], pid: u32, ret: bool) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt as _;
     let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut attr = LinkCreateAttr {
@@ -179,6 +179,7 @@ pub fn attach(prog: BorrowedFd<'_>, path: &Path, offsets: &[u64], pid: u32, ret:
         attach_type: BPF_TRACE_UPROBE_MULTI,
         path: path.as_ptr() as u64,
         offsets: offsets.as_ptr() as u64,
+        cookies: if cookies.len() == offsets.len() { cookies.as_ptr() as u64 } else { 0 },
         cnt: offsets.len() as u32,
         multi_flags: if ret { BPF_F_UPROBE_MULTI_RETURN } else { 0 },
         pid,
@@ -291,10 +292,10 @@ impl Links {
     }
 
     /// Attaches loaded program `name`: see [`attach`].
-    pub fn attach(&self, name: &str, path: &Path, offsets: &[u64], pid: u32, ret: bool) -> io::Result<()> {
+    pub fn attach(&self, name: &str, path: &Path, offsets: &[u64], cookies: &[u64], pid: u32, ret: bool) -> io::Result<()> {
         // Dup'd out of the lock: attaching takes a while, other threads load.
         let prog = self.with_program(name, |fd| fd.try_clone_to_owned())?;
-        let link = attach(prog.as_fd(), path, offsets, pid, ret)?;
+        let link = attach(prog.as_fd(), path, offsets, cookies, pid, ret)?;
         self.links.lock().expect("links").push(link);
         self.count_probes(offsets.len());
         Ok(())

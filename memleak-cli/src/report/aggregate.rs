@@ -3,7 +3,7 @@
 
 use std::collections::hash_map::Entry;
 
-use memleak_common::{AllocInfo, AllocKey, CombinedKey, NO_STACK};
+use memleak_common::{AllocInfo, AllocKey, CombinedKey, Kind, NO_STACK};
 
 use super::peek::Peek;
 use crate::{fasthash::FastMap, maps::totals::CombinedAlloc};
@@ -26,10 +26,14 @@ pub struct ThreadTotal {
     pub bytes: u64,
 }
 
-/// Outstanding memory of one call stack of one process.
+/// Outstanding memory of one call stack of one process, made by one
+/// hooked function.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StackTotal {
     pub tgid: u32,
+    /// The function that made its blocks (malloc, mmap, ...): in the 4
+    /// bytes after `tgid`, so the row stays 152 bytes.
+    pub kind: Kind,
     pub stack_id: u64,
     pub bytes: u64,
     pub count: u64,
@@ -166,14 +170,16 @@ impl Aggregator {
     }
 
     /// The stacks with blocks old enough, in no order (a report sorts them
-    /// by `--sort`), their blocks by address. `stack_of` names the stack of
-    /// a totals entry; a block whose entry it does not know (or that had
-    /// none, the totals being full) counts as one without a stack.
-    pub fn finish(self, stack_of: impl Fn(u32) -> Option<u64>) -> Vec<StackTotal> {
-        let mut by_stack: FastMap<(u32, u64), (Part, Vec<ThreadTotal>)> = FastMap::default();
+    /// by `--sort`), their blocks by address. `stack_of` names the stack
+    /// and kind of a totals entry; a block whose entry it does not know (or
+    /// that had none, the totals being full) counts as one without a stack,
+    /// of no known kind.
+    pub fn finish(self, stack_of: impl Fn(u32) -> Option<(u64, Kind)>) -> Vec<StackTotal> {
+        let mut by_stack: FastMap<(u32, u64, Kind), (Part, Vec<ThreadTotal>)> = FastMap::default();
         for ((tgid, slot, tid), part) in self.parts {
             let thread = (part.count > 0).then_some(ThreadTotal { tid, count: part.count, bytes: part.bytes });
-            match by_stack.entry((tgid, stack_of(slot).unwrap_or(NO_STACK))) {
+            let (stack_id, kind) = stack_of(slot).unwrap_or((NO_STACK, Kind::Unknown));
+            match by_stack.entry((tgid, stack_id, kind)) {
                 Entry::Vacant(e) => {
                     e.insert((part, thread.into_iter().collect()));
                 }
@@ -188,11 +194,12 @@ impl Aggregator {
         by_stack
             .into_iter()
             .filter(|(_, (part, _))| part.count > 0)
-            .map(|((tgid, stack_id), (mut part, threads))| {
+            .map(|((tgid, stack_id, kind), (mut part, threads))| {
                 part.blocks.sort_unstable_by_key(|b| b.addr);
                 part.oldest.sort_unstable_by_key(|b| (b.born_ns, b.addr));
                 StackTotal {
                     tgid,
+                    kind,
                     stack_id,
                     bytes: part.bytes,
                     count: part.count,
@@ -240,10 +247,10 @@ fn keep_oldest(oldest: &mut Vec<Block>, block: Block, n: usize) {
 /// maps to one summed into it: stacks that differ only past where they
 /// really end (see stack_end).
 pub fn merge_stacks(totals: Vec<StackTotal>, mut same: impl FnMut(u32, u64) -> u64) -> Vec<StackTotal> {
-    let mut by_stack: FastMap<(u32, u64), StackTotal> = FastMap::default();
+    let mut by_stack: FastMap<(u32, u64, Kind), StackTotal> = FastMap::default();
     for mut total in totals {
         total.stack_id = same(total.tgid, total.stack_id);
-        match by_stack.entry((total.tgid, total.stack_id)) {
+        match by_stack.entry((total.tgid, total.stack_id, total.kind)) {
             Entry::Vacant(e) => {
                 e.insert(total);
             }
@@ -270,7 +277,7 @@ pub fn by_stack(
 ) -> Vec<StackTotal> {
     let mut aggregator = Aggregator::new(now_ns, min_age_ns, keep_blocks, 0, 0);
     allocs.into_iter().for_each(|(key, info)| aggregator.add(key, info));
-    let mut totals = aggregator.finish(|slot| Some(u64::from(slot)));
+    let mut totals = aggregator.finish(|slot| Some((u64::from(slot), Kind::Malloc)));
     sort(&mut totals);
     totals
 }
@@ -282,6 +289,7 @@ pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAll
         .filter(|(_, c)| c.count != 0)
         .map(|(k, c)| StackTotal {
             tgid: k.tgid,
+            kind: Kind::from_u8(k.kind),
             stack_id: k.stack_id,
             bytes: c.total_size,
             count: c.count,
@@ -349,7 +357,7 @@ pub mod tests {
         // on a third CPU has no other).
         let (key, info) = alloc(0x50, 8, 10, 3);
         aggregator.add(key, info);
-        let mut totals = aggregator.finish(|slot| [3, 4, 5].contains(&slot).then_some(40));
+        let mut totals = aggregator.finish(|slot| [3, 4, 5].contains(&slot).then_some((40, Kind::Malloc)));
         totals.sort_by_key(|t| t.stack_id);
         assert_eq!(totals.iter().map(|t| (t.stack_id, t.count, t.live)).collect::<Vec<_>>(), [(NO_STACK, 2, 2), (40, 2, 3)]);
         assert_eq!(totals[1].blocks, [Block { addr: 0x10, size: 8, born_ns: 1 }, Block { addr: 0x20, size: 8, born_ns: 1 }]);
@@ -365,7 +373,7 @@ pub mod tests {
             info.tid = tid;
             aggregator.add(key, info);
         }
-        let totals = aggregator.finish(|_| Some(40));
+        let totals = aggregator.finish(|_| Some((40, Kind::Malloc)));
         assert_eq!(totals.len(), 1);
         assert_eq!((totals[0].count, totals[0].live), (3, 5));
         assert_eq!(totals[0].threads, [ThreadTotal { tid: 1, count: 1, bytes: 8 }, ThreadTotal { tid: 2, count: 2, bytes: 16 }]);
@@ -378,7 +386,7 @@ pub mod tests {
 
     #[test]
     fn combined_drops_empty_stacks() {
-        let k = |s| CombinedKey { tgid: 1, shard: 0, stack_id: s };
+        let k = |s| CombinedKey { tgid: 1, stack_id: s, ..Default::default() };
         let mut totals = from_combined([
             (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1, allocated: 0 }),
             (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4, allocated: 0 }),
@@ -390,7 +398,7 @@ pub mod tests {
 
     #[test]
     fn stacks_that_stand_for_one_are_summed() {
-        let k = |tgid, s| CombinedKey { tgid, shard: 0, stack_id: s };
+        let k = |tgid, s| CombinedKey { tgid, stack_id: s, ..Default::default() };
         let c = |n| CombinedAlloc { total_size: 10 * n, count: n, allocs: n, allocated: 0 };
         let totals = from_combined([(k(1, 1), c(1)), (k(1, 2), c(2)), (k(1, 3), c(4)), (k(2, 2), c(8))]);
         // Process 1's stack 2 is stack 1 cut short: summed into it.
@@ -426,7 +434,7 @@ mod properties {
             }
             let [mut merged, second] = halves;
             merged.merge(second);
-            let mut merged = merged.finish(|slot| Some(u64::from(slot)));
+            let mut merged = merged.finish(|slot| Some((u64::from(slot), Kind::Malloc)));
             sort(&mut merged);
             // Each stack's three oldest blocks, whichever part read them.
             for t in &mut merged {

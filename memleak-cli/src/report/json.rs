@@ -45,7 +45,11 @@ pub struct Process {
     /// Outstanding bytes and blocks over all of its stacks.
     pub bytes: u64,
     pub count: u64,
-    /// Its stacks with outstanding blocks; `stacks` holds the top ones.
+    /// The part of `bytes` and `count` in direct mappings (`kind` mmap).
+    pub mapped_bytes: u64,
+    pub mapped_count: u64,
+    /// Its stacks with outstanding blocks; `stacks` holds the top ones:
+    /// the top heap stacks, then the top mappings.
     pub stacks_total: usize,
     pub stacks: Vec<Stack>,
     /// Its outstanding blocks by thread name, with `--by-thread` only.
@@ -57,6 +61,10 @@ pub struct Process {
 pub struct Stack {
     pub bytes: u64,
     pub count: u64,
+    /// The hooked function that made its blocks (`malloc`, `calloc`,
+    /// `new`, `mmap`, `kmalloc`, ...; `unknown` for blocks whose totals
+    /// entry the kernel had no room for).
+    pub kind: &'static str,
     pub trend: TrendJson,
     /// False when the kernel could not record the stack (`frames` is empty).
     pub stack_recorded: bool,
@@ -174,6 +182,8 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
         comm: ctx.comms.get(&pid).cloned(),
         bytes: 0,
         count: 0,
+        mapped_bytes: 0,
+        mapped_count: 0,
         stacks_total: 0,
         stacks: vec![],
         by_thread: ctx.by_thread.map(|groups| {
@@ -194,6 +204,8 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
     traced.sort_unstable();
     let mut processes: Vec<Process> = traced.iter().map(|&pid| process(pid)).collect();
     let mut index: HashMap<u32, usize> = traced.iter().enumerate().map(|(i, &pid)| (pid, i)).collect();
+    // Stacks listed of each process's heap and mappings.
+    let mut listed: HashMap<(usize, bool), usize> = HashMap::new();
     for Row { total, trend } in rows {
         let p = *index.entry(total.tgid).or_insert_with(|| {
             processes.push(process(total.tgid));
@@ -203,14 +215,22 @@ pub fn interval(ctx: &Context<'_>, rows: &[Row], frames: &mut dyn FnMut(&StackTo
         process.bytes += total.bytes;
         process.count += total.count;
         process.stacks_total += 1;
-        if process.stacks.len() >= ctx.top {
+        let mapping = total.kind.is_mapping();
+        if mapping {
+            process.mapped_bytes += total.bytes;
+            process.mapped_count += total.count;
+        }
+        let n = listed.entry((p, mapping)).or_default();
+        if *n >= ctx.top {
             continue;
         }
+        *n += 1;
         let recorded = total.stack_id != memleak_common::NO_STACK;
         let frames = if recorded { frames(total) } else { vec![] };
         process.stacks.push(Stack {
             bytes: total.bytes,
             count: total.count,
+            kind: total.kind.name(),
             trend: trend_json(trend),
             stack_recorded: recorded,
             end: frames.iter().find_map(|f| f.end.clone()),
@@ -514,8 +534,29 @@ mod tests {
         let v = encode(&[], 10, false);
         assert_eq!(
             v["processes"],
-            serde_json::json!([{"pid": 42, "comm": "app", "bytes": 0, "count": 0, "stacks_total": 0, "stacks": []}])
+            serde_json::json!([{"pid": 42, "comm": "app", "bytes": 0, "count": 0, "mapped_bytes": 0, "mapped_count": 0,
+                                "stacks_total": 0, "stacks": []}])
         );
+    }
+
+    #[test]
+    fn each_stack_has_its_kind_and_mappings_have_their_own_top() {
+        use memleak_common::Kind;
+        let mut rows = vec![row(42, 1, 8192 * 3), row(42, 2, 8192 * 2), row(42, 3, 8192 * 8), row(42, 4, 8192)];
+        let kinds = [Kind::Malloc, Kind::Calloc, Kind::Mmap, Kind::Mmap];
+        for (r, k) in rows.iter_mut().zip(kinds) {
+            r.total.kind = k;
+        }
+        crate::report::sort::sort(&mut rows, crate::report::sort::SortKey::Size);
+        let v = encode(&rows, 1, false);
+        let p = &v["processes"][0];
+        assert_eq!((p["bytes"].as_u64(), p["mapped_bytes"].as_u64(), p["mapped_count"].as_u64()), (Some(8192 * 14), Some(8192 * 9), Some(9)));
+        // The heap's top one, then the mappings' top one, though the
+        // biggest stack is a mapping.
+        let listed: Vec<(&str, u64)> =
+            p["stacks"].as_array().unwrap().iter().map(|s| (s["kind"].as_str().unwrap(), s["bytes"].as_u64().unwrap())).collect();
+        assert_eq!(listed, [("malloc", 8192 * 3), ("mmap", 8192 * 8)]);
+        assert_eq!(p["stacks_total"], 4);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use memleak_common::{NO_STACK, is_kernel};
+use memleak_common::{Kind, NO_STACK, is_kernel};
 
 use self::{
     aggregate::{Block, StackTotal},
@@ -374,21 +374,23 @@ impl Reporter {
                 if self.feed.is_some() {
                     live = Some(all.live_by_process());
                 }
-                let stacks: FastMap<u32, u64> =
-                    entries.iter().map(|&(slot, key, _)| (slot, same(key.tgid, key.stack_id))).collect();
+                let stacks: FastMap<u32, (u64, Kind)> = entries
+                    .iter()
+                    .map(|&(slot, key, _)| (slot, (same(key.tgid, key.stack_id), Kind::from_u8(key.kind))))
+                    .collect();
                 all.finish(|slot| stacks.get(&slot).copied())
             }
         };
-        let mut allocs: FastMap<(u32, u64), u64> = FastMap::default();
-        for ((tgid, id), n) in trend::allocs(&combined) {
-            *allocs.entry((tgid, same(tgid, id))).or_default() += n;
+        let mut allocs: FastMap<trend::Key, u64> = FastMap::default();
+        for ((tgid, id, kind), n) in trend::allocs(&combined) {
+            *allocs.entry((tgid, same(tgid, id), kind)).or_default() += n;
         }
         // --listen's heap profiles: blocks and bytes since attach, by stack.
-        let mut since: FastMap<(u32, u64), (u64, u64)> = FastMap::default();
+        let mut since: FastMap<trend::Key, (u64, u64)> = FastMap::default();
         if self.feed.is_some() {
             for (k, c) in &combined {
                 if judged.as_ref().is_none_or(|procs| procs.contains(&k.tgid) || is_kernel(k.tgid)) {
-                    let s = since.entry((k.tgid, same(k.tgid, k.stack_id))).or_default();
+                    let s = since.entry((k.tgid, same(k.tgid, k.stack_id), Kind::from_u8(k.kind))).or_default();
                     (s.0, s.1) = (s.0 + c.allocs, s.1 + c.allocated);
                 }
             }
@@ -401,7 +403,7 @@ impl Reporter {
             let dead = self.forget_dead(totals.iter().map(|t| t.tgid), &entries);
             if !dead.is_empty() {
                 totals.retain(|t| !dead.contains(&t.tgid));
-                since.retain(|(tgid, _), _| !dead.contains(tgid));
+                since.retain(|(tgid, ..), _| !dead.contains(tgid));
             }
             // Gone too: those that freed all they had, whose files memleak
             // still holds.
@@ -636,6 +638,7 @@ impl Reporter {
             .iter()
             .map(|Row { total, .. }| StackProfile {
                 tgid: total.tgid,
+                kind: total.kind,
                 bytes: total.bytes,
                 count: total.count,
                 frames: frames_of(recorded, symbolizer, ends, total),
@@ -661,25 +664,25 @@ impl Reporter {
 /// bytes allocated since attach, at most [`SERVED_STACKS`]; each with both.
 fn served_stacks(
     rows: &[Row],
-    since: &FastMap<(u32, u64), (u64, u64)>,
+    since: &FastMap<trend::Key, (u64, u64)>,
     mut frames: impl FnMut(&StackTotal) -> Vec<Frame>,
 ) -> Vec<StackProfile> {
-    let mut stacks: FastMap<(u32, u64), StackProfile> = FastMap::default();
+    let mut stacks: FastMap<trend::Key, StackProfile> = FastMap::default();
     for Row { total, .. } in rows {
-        let s = stacks.entry((total.tgid, total.stack_id)).or_default();
-        (s.tgid, s.bytes, s.count) = (total.tgid, s.bytes + total.bytes, s.count + total.count);
+        let s = stacks.entry((total.tgid, total.stack_id, total.kind)).or_default();
+        (s.tgid, s.kind, s.bytes, s.count) = (total.tgid, total.kind, s.bytes + total.bytes, s.count + total.count);
     }
-    for (&(tgid, stack_id), &(allocs, allocated)) in since {
-        let s = stacks.entry((tgid, stack_id)).or_default();
-        (s.tgid, s.allocs, s.allocated) = (tgid, allocs, allocated);
+    for (&(tgid, stack_id, kind), &(allocs, allocated)) in since {
+        let s = stacks.entry((tgid, stack_id, kind)).or_default();
+        (s.tgid, s.kind, s.allocs, s.allocated) = (tgid, kind, allocs, allocated);
     }
-    let mut all: Vec<((u32, u64), StackProfile)> = stacks.into_iter().collect();
+    let mut all: Vec<(trend::Key, StackProfile)> = stacks.into_iter().collect();
     all.sort_unstable_by_key(|(k, s)| (std::cmp::Reverse(s.bytes), std::cmp::Reverse(s.allocated), *k));
     let first = all.len().min(SERVED_STACKS / 2);
     all[first..].sort_unstable_by_key(|(k, s)| (std::cmp::Reverse(s.allocated), *k));
     all.truncate(SERVED_STACKS);
     all.into_iter()
-        .filter_map(|((tgid, stack_id), mut s)| {
+        .filter_map(|((tgid, stack_id, _), mut s)| {
             s.frames = frames(&StackTotal { tgid, stack_id, ..Default::default() });
             // A stack given back (idle, nothing outstanding: see
             // maps::reclaim) is no longer known: its counts stay in the
@@ -695,13 +698,14 @@ fn served_stacks(
 const SERVED_STACKS: usize = 1000;
 
 /// The rows of user processes a report shows (each process's first
-/// `top`), whose blocks `--peek` and `--dump` read: the kernel's cannot be.
+/// `top` of its heap and of its mappings), whose blocks `--peek` and
+/// `--dump` read: the kernel's cannot be.
 fn shown(rows: &[Row], top: usize) -> Vec<usize> {
-    let mut ranks: HashMap<u32, usize> = HashMap::new();
+    let mut ranks: HashMap<(u32, bool), usize> = HashMap::new();
     (0..rows.len())
         .filter(|&i| {
             let tgid = rows[i].total.tgid;
-            let rank = ranks.entry(tgid).or_default();
+            let rank = ranks.entry((tgid, rows[i].total.kind.is_mapping())).or_default();
             *rank += 1;
             *rank <= top && !is_kernel(tgid)
         })

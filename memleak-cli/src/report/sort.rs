@@ -28,11 +28,14 @@ impl SortKey {
     }
 }
 
-/// Sorts `rows` by `key`, biggest first; ties go to the bigger stack, then
-/// to the lower (process, stack id), so the order is stable across reports.
+/// Sorts `rows` by `key`, biggest first, the heap before direct mappings
+/// (a program's mapped files and thread stacks are not what a leak hunt
+/// looks for first: see the README); ties go to the bigger stack, then to
+/// the lower (process, stack id), so the order is stable across reports.
 pub fn sort(rows: &mut [Row], key: SortKey) {
     let size = |r: &Row| (r.total.bytes, r.total.count);
     rows.sort_unstable_by(|a, b| {
+        let part = a.total.kind.is_mapping().cmp(&b.total.kind.is_mapping());
         let first = match key {
             SortKey::Size => Ordering::Equal,
             SortKey::Count => b.total.count.cmp(&a.total.count),
@@ -40,9 +43,9 @@ pub fn sort(rows: &mut [Row], key: SortKey) {
             // Unknown ages (--combined-only) last.
             SortKey::Age => b.trend.oldest_age_ns.cmp(&a.trend.oldest_age_ns),
         };
-        first
+        part.then(first)
             .then_with(|| size(b).cmp(&size(a)))
-            .then_with(|| (a.total.tgid, a.total.stack_id).cmp(&(b.total.tgid, b.total.stack_id)))
+            .then_with(|| (a.total.tgid, a.total.stack_id, a.total.kind).cmp(&(b.total.tgid, b.total.stack_id, b.total.kind)))
     });
 }
 

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, io::Write};
 
-use memleak_common::{KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, NO_STACK, is_kernel};
+use memleak_common::{KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, Kind, NO_STACK, is_kernel};
 
 use super::{aggregate::StackTotal, lost::Lost, peek, threads::ByThread, trend::Row};
 
@@ -156,6 +156,8 @@ fn plural(count: u64) -> &'static str {
     if count == 1 { "allocation" } else { "allocations" }
 }
 
+/// The heap's first `top` stacks, then, under a line of their own, the
+/// first `top` direct mappings (rows come sorted heap first).
 fn write_stacks(
     out: &mut impl Write,
     top: usize,
@@ -164,8 +166,17 @@ fn write_stacks(
     threads: &ThreadsLine<'_>,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
-    for Row { total, trend } in rows.iter().take(top) {
+    let heap = rows.iter().take_while(|r| !r.total.kind.is_mapping()).count();
+    for Row { total, trend } in rows[..heap].iter().take(top) {
         write_stack(out, total, &trend.summary(), show_allocs, threads, frames)?;
+    }
+    let mappings = &rows[heap..];
+    if !mappings.is_empty() {
+        let (bytes, count) = mappings.iter().fold((0, 0), |(b, c), r| (b + r.total.bytes, c + r.total.count));
+        writeln!(out, "    direct mappings (mmap): {bytes} bytes in {count} {}", plural(count))?;
+        for Row { total, trend } in mappings.iter().take(top) {
+            write_stack(out, total, &trend.summary(), show_allocs, threads, frames)?;
+        }
     }
     Ok(())
 }
@@ -185,7 +196,13 @@ fn write_stack(
             writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
         }
     }
-    writeln!(out, "    {} bytes in {} {} from stack  {summary}", total.bytes, total.count, plural(total.count))?;
+    // The function that made the blocks: one word (two with `via`) that
+    // parsers of bcc's line, which read up to "from stack", pass over.
+    let via = match total.kind {
+        Kind::Unknown => String::new(),
+        kind => format!(" via {}", kind.name()),
+    };
+    writeln!(out, "    {} bytes in {} {} from stack{via}  {summary}", total.bytes, total.count, plural(total.count))?;
     if total.stack_id == NO_STACK {
         writeln!(out, "        [stack not recorded: stack map full, raise --max-stacks]")?;
     } else {
@@ -224,7 +241,7 @@ mod tests {
             let (key, info) = alloc(addr, 16, ts, 4);
             aggregator.add(key, info);
         }
-        let mut totals = aggregator.finish(|slot| Some(u64::from(slot)));
+        let mut totals = aggregator.finish(|slot| Some((u64::from(slot), memleak_common::Kind::Malloc)));
         // 0x40 is too young to count; of the others, the two oldest.
         let born = |addr, born_ns| Block { addr, size: 16, born_ns };
         assert_eq!(totals[0].oldest, [born(0x20, 100), born(0x50, 100)]);
@@ -247,7 +264,7 @@ mod tests {
             "[03:00:41] Top 10 stacks with outstanding allocations:\n\
              \x20   addr = 7f8f70861210 size = 8192\n\
              \x20   addr = 7f8f70863220 size = 8192\n\
-             \x20   16384 bytes in 2 allocations from stack  (+16384 B since last, 8192 B/s, oldest 2.0s)\n\
+             \x20   16384 bytes in 2 allocations from stack via malloc  (+16384 B since last, 8192 B/s, oldest 2.0s)\n\
              \x20       fibonacci+0x1f [app]\n\
              \x20       child+0x4f [app]\n"
         );
@@ -265,9 +282,35 @@ mod tests {
             Some("lost since attach: 27 allocations not tracked (allocation map full, raise --max-allocs), 3 mmap'd blocks not followed for a partial munmap"),
             "{text}"
         );
-        assert!(text.contains("30 bytes in 1 allocation from stack  (+30 B since last, 15 B/s, oldest 2.0s)\n        [stack not recorded"), "{text}");
+        assert!(text.contains("30 bytes in 1 allocation from stack via malloc  (+30 B since last, 15 B/s, oldest 2.0s)\n        [stack not recorded"), "{text}");
         assert!(text.contains("20 bytes in 1 allocation"));
         assert!(!text.contains("10 bytes"), "{text}");
+    }
+
+    #[test]
+    fn each_stack_says_its_function_and_mappings_come_after_the_heap() {
+        let mut totals = by_stack([alloc(0x10, 100, 0, 1), alloc(0x20, 40000, 0, 2), alloc(0x30, 8192, 0, 3), alloc(0x40, 30, 0, 4)], 1, 0, false);
+        for t in &mut totals {
+            t.kind = match t.stack_id {
+                1 => Kind::Calloc,
+                2 | 3 => Kind::Mmap,
+                _ => Kind::Unknown,
+            };
+        }
+        let mut rows = rows(totals);
+        crate::report::sort::sort(&mut rows, crate::report::sort::SortKey::Size);
+        let mut out = Vec::new();
+        let mut frames = |t: &StackTotal| vec![format!("f{}+0x1 [m]", t.stack_id)];
+        write(&mut out, "00:00:00", 1, &rows, &Lost::default(), false, &|_| None, &mut frames).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[00:00:00] Top 1 stacks with outstanding allocations:\n\
+             \x20   100 bytes in 1 allocation from stack via calloc  (+100 B since last, 50 B/s, oldest 2.0s)\n\
+             \x20       f1+0x1 [m]\n\
+             \x20   direct mappings (mmap): 48192 bytes in 2 allocations\n\
+             \x20   40000 bytes in 1 allocation from stack via mmap  (+40000 B since last, 20000 B/s, oldest 2.0s)\n\
+             \x20       f2+0x1 [m]\n"
+        );
     }
 
     #[test]
@@ -302,12 +345,12 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "[01:02:03] Top 10 stacks with outstanding allocations, by thread:\n\
              handler x1: 250 bytes in 3 allocations\n\
-             \x20   200 bytes in 2 allocations from stack  (of its 300 bytes in 3 allocations; +300 B since last, 150 B/s, oldest 2.0s)\n\
+             \x20   200 bytes in 2 allocations from stack via malloc  (of its 300 bytes in 3 allocations; +300 B since last, 150 B/s, oldest 2.0s)\n\
              \x20       f1+0x1 [m]\n\
-             \x20   50 bytes in 1 allocation from stack  (+50 B since last, 25 B/s, oldest 2.0s)\n\
+             \x20   50 bytes in 1 allocation from stack via malloc  (+50 B since last, 25 B/s, oldest 2.0s)\n\
              \x20       f2+0x1 [m]\n\
              io x1: 100 bytes in 1 allocation\n\
-             \x20   100 bytes in 1 allocation from stack  (of its 300 bytes in 3 allocations; +300 B since last, 150 B/s, oldest 2.0s)\n\
+             \x20   100 bytes in 1 allocation from stack via malloc  (of its 300 bytes in 3 allocations; +300 B since last, 150 B/s, oldest 2.0s)\n\
              \x20       f1+0x1 [m]\n\
              main x1: 0 bytes in 0 allocations\n"
         );
@@ -337,10 +380,10 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "[01:02:03] Top 1 stacks with outstanding allocations, by process:\n\
              9 app9: 500 bytes in 1 allocation\n\
-             \x20   500 bytes in 1 allocation from stack  (+500 B since last, 250 B/s, oldest 2.0s)\n\
+             \x20   500 bytes in 1 allocation from stack via malloc  (+500 B since last, 250 B/s, oldest 2.0s)\n\
              \x20       f+0x1 [m]\n\
              kernel slab: 64 bytes in 1 allocation\n\
-             \x20   64 bytes in 1 allocation from stack  (+64 B since last, 32 B/s, oldest 2.0s)\n\
+             \x20   64 bytes in 1 allocation from stack via malloc  (+64 B since last, 32 B/s, oldest 2.0s)\n\
              \x20       f+0x1 [m]\n"
         );
     }

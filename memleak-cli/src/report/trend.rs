@@ -4,12 +4,13 @@
 //! every report (`growing`). Pure: it gets totals and times, keeps what the
 //! next report needs.
 
-use memleak_common::CombinedKey;
+use memleak_common::{CombinedKey, Kind};
 
 use crate::{fasthash::FastMap, report::aggregate::StackTotal, maps::totals::CombinedAlloc};
 
 /// (process, stack).
-type Key = (u32, u64);
+/// (process, stack, kind): what a row is.
+pub type Key = (u32, u64, Kind);
 
 /// How a stack's outstanding memory moves.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,9 +45,9 @@ pub struct Row {
 }
 
 /// Each stack's allocations since attach, from `TOTALS`, by (process,
-/// stack).
+/// stack, kind).
 pub fn allocs(combined: &[(CombinedKey, CombinedAlloc)]) -> FastMap<Key, u64> {
-    combined.iter().map(|(k, c)| ((k.tgid, k.stack_id), c.allocs)).collect()
+    combined.iter().map(|(k, c)| ((k.tgid, k.stack_id, Kind::from_u8(k.kind)), c.allocs)).collect()
 }
 
 struct Seen {
@@ -83,7 +84,7 @@ impl Tracker {
         let rows = totals
             .into_iter()
             .map(|total| {
-                let key = (total.tgid, total.stack_id);
+                let key = (total.tgid, total.stack_id, total.kind);
                 let (before, reports, rising) = match self.last.get(&key) {
                     Some(seen) => (seen.bytes, seen.reports + 1, seen.rising && total.bytes > seen.bytes),
                     // Appearing is rising from nothing.
@@ -166,7 +167,7 @@ mod tests {
     #[test]
     fn change_rate_age_and_counts() {
         let mut tracker = Tracker::new(10 * S, S / 2);
-        let allocs = FastMap::from_iter([((7, 1), 9)]);
+        let allocs = FastMap::from_iter([((7, 1, Kind::Unknown), 9)]);
         // 3 blocks old enough, 2 younger: 4 of 9 freed.
         let rows = tracker.update(vec![total(1, 24576, Some(11 * S))], 12 * S, &allocs);
         let t = &rows[0].trend;
@@ -242,7 +243,7 @@ mod tests {
 
     #[test]
     fn allocs_by_process_and_stack() {
-        let c = allocs(&[(CombinedKey { tgid: 3, shard: 0, stack_id: 4 }, CombinedAlloc { total_size: 8, count: 1, allocs: 6, allocated: 0 })]);
-        assert_eq!(c[&(3, 4)], 6);
+        let c = allocs(&[(CombinedKey { tgid: 3, stack_id: 4, ..Default::default() }, CombinedAlloc { total_size: 8, count: 1, allocs: 6, allocated: 0 })]);
+        assert_eq!(c[&(3, 4, Kind::Unknown)], 6);
     }
 }

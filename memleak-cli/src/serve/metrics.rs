@@ -194,7 +194,7 @@ mod tests {
     }
 
     fn combined(tgid: u32, allocs: u64) -> (CombinedKey, CombinedAlloc) {
-        (CombinedKey { tgid, shard: 0, stack_id: 1 }, CombinedAlloc { total_size: 0, count: allocs, allocs, allocated: allocs * 100 })
+        (CombinedKey { tgid, stack_id: 1, ..Default::default() }, CombinedAlloc { total_size: 0, count: allocs, allocs, allocated: allocs * 100 })
     }
 
     fn system(rows: &[Row], combined: &[(CombinedKey, CombinedAlloc)], live: &FastMap<u32, u64>, counters: &mut Counters) -> String {
