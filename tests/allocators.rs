@@ -79,6 +79,9 @@ fn cpp_new_is_attributed_to_the_caller_demangled() {
     assert!(nodes.frames[0].starts_with("shop::leak_nodes()+0x"), "{nodes:?}");
     assert_eq!(nodes.count, 25);
     assert_eq!(through(&report, "shop::leak_nodes()"), (25 * 200 + 10 * 100, 35), "{report:?}");
+    // Each line names the operator: new, and new[] for the arrays.
+    let arrays = report.stacks.iter().find(|s| s.bytes == 10 * 100).unwrap_or_else(|| panic!("{report:?}"));
+    assert_eq!((nodes.kind.as_deref(), arrays.kind.as_deref()), (Some("new"), Some("new[]")), "{report:?}");
 }
 
 #[test]

@@ -83,6 +83,15 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
         pending.depth += 1;
         return;
     }
+    // A hooked function that jumps to another (operator new[] to operator
+    // new, a tail call) is one call, in one frame: its kind is the first
+    // function's.
+    let function = if pending.flags & PENDING_ACTIVE != 0 && pending.sp == sp && fresh(pending) {
+        pending.flags & (0xff << PENDING_KIND_SHIFT)
+    } else {
+        // SAFETY: the helper reads the probe's cookie from the context.
+        (unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32 & 0xff) << PENDING_KIND_SHIFT
+    };
     if traced && kind & PENDING_MMAP != 0 && in_free(pid_tgid, sp) {
         // free's (see `note_free`): noted as the outer call of what it
         // calls, not recorded.
@@ -106,8 +115,6 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     pending.entered_ns = entered;
     pending.sp = sp;
     pending.depth = 0;
-    // SAFETY: the helper reads the probe's cookie from the context.
-    let function = (unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32 & 0xff) << PENDING_KIND_SHIFT;
     pending.flags = PENDING_ACTIVE | kind | coarse | function | if traced { PENDING_RECORD } else { 0 };
     if old_addr == 0 {
         return;
@@ -129,9 +136,12 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
 /// for: the new call replaces it.
 #[inline(always)]
 fn inside(outer: &Pending, sp: u64) -> bool {
-    if outer.flags & PENDING_ACTIVE == 0 || sp >= outer.sp {
-        return false;
-    }
+    outer.flags & PENDING_ACTIVE != 0 && sp < outer.sp && fresh(outer)
+}
+
+/// Whether a noted call's return is still waited for (see `inside`).
+#[inline(always)]
+fn fresh(outer: &Pending) -> bool {
     if outer.flags & PENDING_COARSE != 0 {
         // SAFETY: a helper without arguments.
         unsafe { bpf_jiffies64() }.wrapping_sub(outer.entered_ns) < STALE_JIFFIES
