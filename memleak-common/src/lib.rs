@@ -303,8 +303,36 @@ pub struct UnwindMapping {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct UnwindProcess {
-    pub count: u64,
+    pub count: u32,
+    /// Different in every entry memleak writes (never 0): the kernel's
+    /// cache of rules (`UnwindCache`) knows a rule by it and the pc, so a
+    /// rewritten entry (an exec, a library loaded at a freed address)
+    /// never finds the rules of the one before.
+    pub generation: u32,
     pub mappings: [UnwindMapping; UNWIND_MAPPINGS],
+}
+
+/// Rules in the kernel's cache, per CPU (a power of two).
+pub const UNWIND_CACHE_SLOTS: usize = 1024;
+
+/// One rule found by a binary search (see `UnwindCache`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnwindCached {
+    /// The address looked up (a return address less one).
+    pub pc: u64,
+    /// `UnwindProcess::generation` of the entry it was found in.
+    pub generation: u32,
+    pub rule: u32,
+}
+
+/// The rules found last, per CPU, by pc and process entry, direct-mapped:
+/// most allocations come from a few call paths, whose return addresses
+/// it holds, so a frame costs one lookup instead of two binary searches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UnwindCache {
+    pub slots: [UnwindCached; UNWIND_CACHE_SLOTS],
 }
 
 /// Where a walk by tables is, per CPU, between the runs of `unwind_step`

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use crate::task_storage::TaskStorage;
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack, Totals, UnwindProcess,
-    UnwindState,
+    AllocInfo, AllocKey, Bucket, MAX_REGIONS, Pending, Region, RegionKey, STAT_COUNT, Stack, Totals, UnwindCache,
+    UnwindProcess, UnwindState,
 };
 
 /// Outstanding allocations, by the hash of (process, address): see
@@ -94,6 +94,10 @@ pub static UNWIND_PROCS: HashMap<u32, UnwindProcess> = HashMap::with_max_entries
 /// A walk by tables between two runs of `unwind_step`, per CPU.
 #[map]
 pub static UNWIND_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
+
+/// The rules the walk by tables found last, per CPU (see `UnwindCache`).
+#[map]
+pub static UNWIND_CACHE: PerCpuArray<UnwindCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// `unwind_step`, which tail-calls itself every few frames: the verifier
 /// walks a loop of binary searches per frame, and 4 frames per program

@@ -13,13 +13,13 @@ use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_send_signal},
 };
 use memleak_common::{
-    MAX_STACK_DEPTH, TRUNCATED_IP, UNWIND_CFA_RBP, UNWIND_END, UNWIND_MAPPINGS, UNWIND_NONE, UNWIND_OFFSET_SHIFT,
-    UNWIND_RBP_SAVED, UNWIND_SLOT_SHIFT, UnwindProcess, UnwindState,
+    MAX_STACK_DEPTH, TRUNCATED_IP, UNWIND_CACHE_SLOTS, UNWIND_CFA_RBP, UNWIND_END, UNWIND_MAPPINGS, UNWIND_NONE,
+    UNWIND_OFFSET_SHIFT, UNWIND_RBP_SAVED, UNWIND_SLOT_SHIFT, UnwindCache, UnwindProcess, UnwindState,
 };
 
 use crate::{
     config,
-    maps::{STACK_SCRATCH, UNWIND_HOLD, UNWIND_PROCS, UNWIND_ROWS, UNWIND_STATE, UNWIND_STEP},
+    maps::{STACK_SCRATCH, UNWIND_CACHE, UNWIND_HOLD, UNWIND_PROCS, UNWIND_ROWS, UNWIND_STATE, UNWIND_STEP},
 };
 
 /// Fills `ips` with the return addresses, innermost first (the first is
@@ -127,10 +127,11 @@ pub fn walk_some() -> Option<bool> {
     let stack = unsafe { &mut *STACK_SCRATCH.get_ptr_mut(0)? };
     // Gone since the walk started: the process exited (or was forgotten).
     let Some(process) = (unsafe { UNWIND_PROCS.get(&state.tgid) }) else { return Some(true) };
+    let cache = unsafe { &mut *UNWIND_CACHE.get_ptr_mut(0)? };
     let mut len = stack.len as usize;
     let mut done = false;
     for _ in 0..FRAMES_PER_RUN {
-        if !step(state, process) {
+        if !step(state, process, cache) {
             done = true;
             break;
         }
@@ -167,11 +168,11 @@ pub fn truncate() {
 /// From one frame's registers to its caller's; false at the end of the
 /// stack (or where the memory read fails).
 #[inline(always)]
-fn step(s: &mut UnwindState, process: &UnwindProcess) -> bool {
+fn step(s: &mut UnwindState, process: &UnwindProcess, cache: &mut UnwindCache) -> bool {
     // pc is a return address: the call before it is what the caller runs
     // (the rule at the call instruction holds after the return too, and
     // after a call to a noreturn function pc is past the caller's end).
-    let rule = rule_at(s, process, s.pc.wrapping_sub(1));
+    let rule = cached_rule_at(s, process, cache, s.pc.wrapping_sub(1));
     let kind = rule & 3;
     if kind == UNWIND_END {
         return false;
@@ -229,6 +230,25 @@ fn opaque(s: &mut UnwindState, v: u64) -> u64 {
         core::ptr::write_volatile(&mut s.scratch, v);
         core::ptr::read_volatile(&s.scratch)
     }
+}
+
+/// `rule_at`, from the per-CPU cache when it holds the rule for `pc` in
+/// this entry of the process (its generation), else searched and kept
+/// there.
+#[inline(always)]
+fn cached_rule_at(s: &mut UnwindState, p: &UnwindProcess, cache: &mut UnwindCache, pc: u64) -> u32 {
+    // Return addresses of nearby calls differ in the low bits; the
+    // generation spreads processes that run the same code.
+    let hash = pc ^ pc >> 10 ^ u64::from(p.generation).wrapping_mul(0x9e37_79b9);
+    let slot = &mut cache.slots[hash as usize & (UNWIND_CACHE_SLOTS - 1)];
+    if slot.pc == pc && slot.generation == p.generation {
+        return slot.rule;
+    }
+    let rule = rule_at(s, p, pc);
+    slot.pc = pc;
+    slot.generation = p.generation;
+    slot.rule = rule;
+    rule
 }
 
 /// The rule for address `pc` of a process: its mapping's table's last row

@@ -55,6 +55,8 @@ pub struct Unwinder {
     tables: HashMap<(String, u64), Option<Placed>>,
     /// What each process's entry holds now.
     written: HashMap<u32, Vec<UnwindMapping>>,
+    /// The last entry's `UnwindProcess::generation`.
+    generation: u32,
     /// Tables for objects that keep frame pointers too (`--unwind dwarf`).
     every_object: bool,
     verbose: bool,
@@ -98,6 +100,7 @@ impl Unwinder {
             held,
             tables: HashMap::new(),
             written: HashMap::new(),
+            generation: 0,
             every_object,
             verbose,
             stop: Arc::new(AtomicBool::new(false)),
@@ -244,7 +247,14 @@ impl Unwinder {
         if entries.is_empty() || self.written.get(&pid) == Some(&entries) {
             return Ok(added);
         }
-        let mut value = UnwindProcess { count: entries.len() as u64, mappings: [UnwindMapping::default(); UNWIND_MAPPINGS] };
+        // Rules the kernel cached for the entry this one replaces are not
+        // this one's (see `UnwindProcess::generation`).
+        self.generation = self.generation.checked_add(1).unwrap_or(1);
+        let mut value = UnwindProcess {
+            count: entries.len() as u32,
+            generation: self.generation,
+            mappings: [UnwindMapping::default(); UNWIND_MAPPINGS],
+        };
         value.mappings[..entries.len()].copy_from_slice(&entries);
         self.procs.insert(pid, value, 0).context("writing a process's unwind mappings")?;
         self.written.insert(pid, entries);
