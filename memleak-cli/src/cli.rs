@@ -1,23 +1,19 @@
-//! Command-line options: bcc memleak's, plus map sizes and `-v`.
+//! Command-line options: bcc memleak's, plus map sizes and `-v`; and the
+//! one place they are read: `Args::settings` turns them into what each
+//! component is given (the kernel side's sizes, the report's options, the
+//! files to write, the tracing flow's own), so no other module sees a flag.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
 use crate::{
     error::{Kind, user_error},
-    report::{peek, sort::SortKey},
+    export,
+    probe::{attach::Floor, loader},
+    report::{self, Format, dump, peek, sort::SortKey},
+    unwind::Unwind,
 };
-
-/// `--format`: how reports are printed on stdout.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// bcc's report, with each stack's trend.
-    #[default]
-    Text,
-    /// One JSON object per report, one per line.
-    Json,
-}
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -92,7 +88,7 @@ pub struct Args {
     pub percpu: bool,
 
     /// System-wide: show at most this many processes, most outstanding bytes first.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u64).range(1..), |n| n as usize))]
     pub top_procs: usize,
 
     /// System-wide: trace only kernel allocators (kmalloc, slab, pages).
@@ -104,12 +100,12 @@ pub struct Args {
     pub user_only: bool,
 
     /// Most outstanding allocations tracked at once.
-    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_allocs: u32,
 
     /// Most distinct call stacks recorded at once (default 16384; system-wide
     /// 16384 to 65536, from the memory available: see the README).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_stacks: Option<u32>,
 
     /// How user stacks are walked: auto, by unwind tables (.eh_frame) in
@@ -121,7 +117,7 @@ pub struct Args {
 
     /// Most memory for unwind tables, in MiB (1 to 128), shared by all
     /// traced processes.
-    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=128))]
     pub unwind_memory: u32,
 
     /// Say what is hooked where, how long each report took, and at exit
@@ -204,26 +200,6 @@ pub struct Args {
     pub argv: Vec<String>,
 }
 
-/// `--unwind`: how user stacks are walked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Unwind {
-    /// Unwind tables for objects built without frame pointers.
-    Auto,
-    /// Frame pointers only.
-    Fp,
-    /// Unwind tables for every object that has them.
-    Dwarf,
-}
-
-/// `--floor`: what a probe costs with no work in it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Floor {
-    /// Entry probes at function entries, as other tracers put them.
-    Naive,
-    /// Entry probes where memleak puts them (see `placement`).
-    Placed,
-}
-
 /// What to trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
@@ -235,7 +211,91 @@ pub enum Mode {
     System { user: bool, kernel: bool },
 }
 
+/// The options resolved once, for the components that use them.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    /// The kernel side's filters and map sizes.
+    pub load: loader::Asked,
+    pub report: report::Options,
+    pub exports: export::Paths,
+    pub dump: Option<dump::Options>,
+    pub run: Run,
+}
+
+/// What the tracing flow itself is asked (`trace.rs`).
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub interval: Duration,
+    /// Reports, then exit.
+    pub count: Option<u64>,
+    pub verbose: bool,
+    /// `-t`: each call, as it happens.
+    pub trace: bool,
+    /// Status lines go to stderr: stdout holds JSON only.
+    pub json: bool,
+    pub listen: Option<SocketAddr>,
+    /// `-O`: the allocator's object.
+    pub obj: Option<PathBuf>,
+    pub percpu: bool,
+    pub top_procs: usize,
+    pub floor: Option<Floor>,
+    pub unwind: Unwind,
+    /// `--unwind-memory`, in MiB.
+    pub unwind_memory: u32,
+}
+
 impl Args {
+    /// Checks the options (see `validate`) and resolves them.
+    pub fn settings(self) -> anyhow::Result<Settings> {
+        self.validate()?;
+        let mode = self.mode();
+        let system = matches!(mode, Mode::System { .. });
+        let load = loader::Asked {
+            min_size: self.min_size,
+            max_size: self.max_size,
+            sample_every: self.sample_rate,
+            trace: self.trace,
+            max_allocs: self.max_allocs,
+            max_stacks: self.max_stacks,
+            combined_only: self.combined_only,
+            system,
+            watched_tgid: self.pid.unwrap_or(0),
+            unwind_mib: if self.unwind == Unwind::Fp { 0 } else { self.unwind_memory },
+        };
+        let report = report::Options {
+            verbose: self.verbose,
+            top: self.top,
+            min_age_ns: self.older.saturating_mul(1_000_000),
+            show_allocs: self.show_allocs,
+            peek: self.peek,
+            by_thread: self.by_thread,
+            combined_only: self.combined_only,
+            sort: self.sort,
+            format: self.format,
+            sample_rate: self.sample_rate,
+            quiet: self.quiet,
+            source: !self.no_source,
+        };
+        let exports = export::Paths { folded: self.folded, flamegraph: self.flamegraph, pprof: self.pprof };
+        let dump = self.dump.map(|dir| dump::Options { dir, budget: self.dump_budget, force: self.force });
+        let run = Run {
+            interval: Duration::from_secs(self.interval),
+            count: self.count,
+            verbose: self.verbose,
+            trace: self.trace,
+            json: self.format == Format::Json,
+            listen: self.listen,
+            obj: self.obj,
+            percpu: self.percpu,
+            top_procs: self.top_procs,
+            floor: self.floor,
+            unwind: self.unwind,
+            unwind_memory: self.unwind_memory,
+        };
+        Ok(Settings { mode, load, report, exports, dump, run })
+    }
+
     pub fn mode(&self) -> Mode {
         if let Some(pid) = self.pid {
             Mode::Pid(pid)
@@ -248,8 +308,9 @@ impl Args {
         }
     }
 
-    /// Checks what clap cannot: value combinations, and options that belong
-    /// to modes not built yet (refused, never silently ignored).
+    /// Checks what clap does not: value combinations, and values whose
+    /// one-line messages scripts and tests know (the interval, -T, -z/-Z).
+    /// Ranges clap checks are declared on the options.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.interval == 0 {
             return Err(user_error(Kind::Usage, "interval must be at least 1 second"));
@@ -268,17 +329,8 @@ impl Args {
                 format!("--min-size {min} is larger than --max-size {max}"),
             ));
         }
-        if self.max_allocs == 0 || self.max_stacks == Some(0) {
-            return Err(user_error(Kind::Usage, "--max-allocs and --max-stacks must be at least 1"));
-        }
-        if !(1..=128).contains(&self.unwind_memory) {
-            return Err(user_error(Kind::Usage, format!("--unwind-memory {}: give 1 to 128 (MiB)", self.unwind_memory)));
-        }
         if self.pid == Some(0) {
             return Err(user_error(Kind::Usage, "PID 0 is not a process"));
-        }
-        if self.top_procs == 0 {
-            return Err(user_error(Kind::Usage, "--top-procs must be at least 1"));
         }
         let system_only = [("--kernel-only", self.kernel_only), ("--user-only", self.user_only), ("--percpu", self.percpu)];
         let command = self.command.is_some() || !self.argv.is_empty();
@@ -372,6 +424,17 @@ mod tests {
             let err = parse(args).unwrap().validate().unwrap_err();
             assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8, "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn ranges_are_clap_usage_errors() {
+        for args in [&["--unwind-memory", "0"][..], &["--unwind-memory", "129"], &["--top-procs", "0"],
+                     &["--max-allocs", "0"], &["--max-stacks", "0"]] {
+            assert_eq!(parse(args).unwrap_err().exit_code(), 2, "{args:?}");
+        }
+        let a = parse(&["--unwind-memory", "128", "--top-procs", "1", "--max-allocs", "1", "--max-stacks", "1"]).unwrap();
+        assert_eq!((a.unwind_memory, a.top_procs, a.max_allocs, a.max_stacks), (128, 1, 1, Some(1)));
+        a.validate().unwrap();
     }
 
     #[test]

@@ -30,3 +30,8 @@ mod tests {
         assert_eq!(c.as_bytes()[2], b':');
     }
 }
+
+/// CLOCK_MONOTONIC and the wall clock, read together (a run's start).
+pub fn now() -> (u64, std::time::SystemTime) {
+    (monotonic_ns(), std::time::SystemTime::now())
+}

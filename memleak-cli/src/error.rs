@@ -48,3 +48,12 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         .find_map(|e| e.downcast_ref::<UserError>())
         .map_or(1, |e| e.kind as u8)
 }
+
+/// A warning on stderr, with the `memleak: warning:` prefix every warning
+/// has, as every error has `memleak:`.
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => {
+        eprintln!("memleak: warning: {}", format_args!($($arg)*))
+    };
+}

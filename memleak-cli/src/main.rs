@@ -25,12 +25,11 @@ fn main() -> ExitCode {
     // the kernel then detaches the probes.
     // SAFETY: restoring the default disposition of SIGPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let args = cli::Args::parse();
-    let result = args.validate().and_then(|()| {
+    let result = cli::Args::parse().settings().and_then(|settings| {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(trace::run(args))
+            .block_on(trace::run(settings))
     });
     // What is queued for stdout goes out before memleak's last word.
     let drained = output::finish(output::DRAIN);

@@ -96,7 +96,7 @@ pub fn write(message: Vec<u8>) -> anyhow::Result<()> {
     if !idle && queue.bytes + message.len() > LIMIT {
         queue.dropped += 1;
         if queue.dropped == 1 {
-            eprintln!("warning: stdout is not being read: output dropped until it is");
+            crate::warn!("stdout is not being read: output dropped until it is");
         }
         return Ok(());
     }
@@ -120,8 +120,7 @@ pub fn finish(limit: Duration) -> anyhow::Result<()> {
     while queue.error.is_none() && (queue.busy || !queue.messages.is_empty()) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            eprintln!(
-                "warning: stdout is not being read: {} bytes of output not written{}",
+            crate::warn!("stdout is not being read: {} bytes of output not written{}",
                 queue.bytes,
                 if queue.busy { ", and a write under way" } else { "" }
             );
@@ -133,7 +132,7 @@ pub fn finish(limit: Duration) -> anyhow::Result<()> {
         return Err(failed(e));
     }
     if queue.dropped > 1 {
-        eprintln!("warning: stdout was not read for a while: {} reports or lines dropped", queue.dropped);
+        crate::warn!("stdout was not read for a while: {} reports or lines dropped", queue.dropped);
     }
     Ok(())
 }

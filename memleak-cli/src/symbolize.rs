@@ -10,8 +10,6 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    fs::File,
-    os::unix::fs::FileExt as _,
     path::PathBuf,
 };
 
@@ -209,7 +207,7 @@ impl Symbolizer {
     /// still symbolizes after the process exits.
     pub fn refresh(&mut self, pid: u32) {
         self.fresh.insert(pid);
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
+        let Ok(text) = proc::maps_text(pid) else { return };
         let maps = proc::parse_maps(&text);
         if maps.is_empty() {
             return; // exited: keep what we had
@@ -249,7 +247,7 @@ impl Symbolizer {
             Ok(file) => file,
             Err(e) => {
                 if self.warned.insert(m.path.clone()) {
-                    eprintln!("warning: cannot open {} of process {pid} ({e}): its frames show as addresses", m.path);
+                    crate::warn!("cannot open {} of process {pid} ({e}): its frames show as addresses", m.path);
                 }
                 return None;
             }
@@ -588,7 +586,7 @@ impl Symbolizer {
         if let Some((m, Some(_))) = found
             && self.warned.insert(m.path.clone())
         {
-            eprintln!("warning: no symbols for some frames in {} of process {pid} (stripped?)", m.path);
+            crate::warn!("no symbols for some frames in {} of process {pid} (stripped?)", m.path);
         }
         Frame { addr, symbol: None, module: Some(module), source: None, inlined: vec![], end: None }
     }
@@ -603,7 +601,7 @@ fn code_before(pid: u32, m: &Mapping, file: Option<&TargetFile>, ret: u64, buf: 
     let dst = &mut buf[CALL_WINDOW - n as usize..];
     let read = match file {
         Some(f) => f.read_exact_at(dst, m.offset + (ret - m.start) - n),
-        None => File::open(format!("/proc/{pid}/mem")).and_then(|f| f.read_exact_at(dst, ret - n)),
+        None => crate::target::memory::read_exact_at(pid, dst, ret - n),
     };
     if read.is_ok() { n as usize } else { 0 }
 }

@@ -1,4 +1,6 @@
-//! The tool's one flow: load, attach, report every interval, clean up.
+//! The tool's one flow: open what is traced, load, attach, report every
+//! interval, clean up. What differs by mode (-p, -c, system-wide) is the
+//! attach step and what is done before each report (`Ticks`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -6,7 +8,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -20,30 +22,406 @@ use tokio::{
 };
 
 use crate::{
-    probe::attach::{self, Attached, SystemProbes},
-    probe::exec::{self, Execs},
-    cli::{Args, Format, Mode},
-    maps::collect::Recorded,
-    target::command::{self, Held},
+    cli::{Mode, Run, Settings},
+    clock,
+    error::{Kind, user_error},
     export::Exports,
-    probe::kernel,
-    probe::loader::{self, Config},
-    probe::multi::Links,
+    maps::collect::Recorded,
     output,
-    target::proc::{PidFd, Target},
-    clock::monotonic_ns,
+    probe::{
+        attach::{self, Attached, SystemProbes, TargetPlan},
+        exec::{self, Execs},
+        kernel,
+        loader::{self, Config},
+        multi::Links,
+    },
     report::{Reporter, Scope, dump},
     serve::{self, Server},
-    error::{Kind, user_error},
-    unwind::{Added, Unwinder},
+    target::{
+        command::{self, Held},
+        proc::{PidFd, Target},
+    },
+    unwind::{Added, Unwind, Unwinder},
+    warn,
 };
 
-/// Traces as `args` say; returns the exit code (the command's with -c).
-pub async fn run(args: Args) -> anyhow::Result<u8> {
-    match args.mode() {
-        Mode::Pid(pid) => trace_pid(&args, pid).await.map(|()| 0),
-        Mode::Command(argv) => trace_command(&args, &argv).await,
-        Mode::System { user, kernel } => trace_system(&args, user, kernel).await.map(|()| 0),
+/// Traces as `settings` say; returns the exit code (the command's with -c).
+///
+/// One flow for every mode: open what is traced, create the output files,
+/// load the programs, attach (the step that differs by mode), then report
+/// every interval until the end, print the last report, detach, write the
+/// files.
+pub async fn run(settings: Settings) -> anyhow::Result<u8> {
+    let Settings { mode, load, report, exports, dump, run } = settings;
+    let mut signals = Signals::catch()?;
+    let server = run.listen.map(Server::bind).transpose()?;
+    let (opened, config) = open(mode, &load, &run)?;
+    let exports = Exports::create(&exports)?;
+    let dump = dump::create(dump.as_ref())?;
+    let (mut loaded, planned) = self::load(&opened, config, &run)?;
+    let attached = match opened {
+        Opened::Process { target, exited } => attach_process(&run, &mut loaded, target, exited, planned)?,
+        Opened::Command { held, argv, exited, stops, traced } => {
+            match attach_command(&run, &mut loaded, held, argv, exited, stops, traced, &mut signals).await? {
+                Ok(attached) => attached,
+                Err(code) => {
+                    detach(&run, loaded.ebpf, loaded.links, &mut signals).await;
+                    return Ok(code);
+                }
+            }
+        }
+        Opened::System { user, kernel } => attach_system(&run, &mut loaded, user, kernel)?,
+    };
+    let Tracing { scope, banner, started, exited, mut command, mut ticks } = attached;
+    let Loaded { mut ebpf, links, config, mut logger, execs } = loaded;
+    let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
+    let mut reporter = Reporter::new(&report, recorded, scope, exports, dump, started);
+    reporter.follow(execs);
+    let probes = Arc::new(AtomicUsize::new(links.probes()));
+    listen(server, &mut reporter, &config, probes.clone());
+    let pid = ticks.pid();
+    if command.is_some()
+        && let Some(pid) = pid
+        && reporter.forget_execs().get(&pid).is_some_and(|exec| exec.count > 1)
+    {
+        // The command's own exec, from memleak's fork: what the fork
+        // allocated before it is gone, and is not told. One after it (the
+        // command exec'd another program at once) is.
+        eprintln!("memleak: PID {pid} exec'd {}", exec::program(pid));
+    }
+    say(&run, &banner)?;
+    let end = report_loop(&run, &mut reporter, &mut signals, &mut logger, exited.as_ref(), command.as_mut(), |reporter, wake| {
+        ticks.on(wake, reporter, &mut ebpf, &links, &run, &probes)
+    })
+    .await?;
+    let code = match (end, &mut command, pid) {
+        (End::TargetExited, Some(c), _) => {
+            let code = c.held.reap();
+            eprintln!("memleak: {} exited{}", c.comm, code.map(|c| format!(" with {c}")).unwrap_or_default());
+            code
+        }
+        (End::TargetExited, None, Some(pid)) => {
+            eprintln!("memleak: process {pid} ({}) exited", reporter.comm().unwrap_or_default());
+            None
+        }
+        _ => None,
+    };
+    ticks.stop();
+    announce_execs(&run, &mut reporter, pid);
+    reporter.report()?;
+    if end != End::TargetExited
+        && let Some(c) = &mut command
+    {
+        // After the last report: memleak ends, and its command with it.
+        c.held.end(command::GRACE);
+    }
+    drop(ticks);
+    detach(&run, ebpf, links, &mut signals).await;
+    reporter.finish()?;
+    Ok(code.map_or(0, |c| c as u8))
+}
+
+/// What is traced, opened before anything is loaded: a bad PID or command
+/// fails first.
+enum Opened {
+    /// -p: the process, and its pidfd that says when it exits.
+    Process { target: Target, exited: AsyncFd<PidFd> },
+    /// -c: the command, forked and held before its exec; `traced` when
+    /// memleak holds it at its exit (ptrace).
+    Command { held: Held, argv: Vec<String>, exited: AsyncFd<PidFd>, stops: tokio::signal::unix::Signal, traced: bool },
+    /// Every process (`user`), the kernel (`kernel`).
+    System { user: bool, kernel: bool },
+}
+
+/// Opens what `mode` traces, and sizes the kernel side for it.
+fn open(mode: Mode, load: &loader::Asked, run: &Run) -> anyhow::Result<(Opened, Config)> {
+    let mut config = Config::new(load);
+    let opened = match mode {
+        Mode::Pid(pid) => {
+            let target = Target::open(pid)?;
+            let exited = watch(pid)?;
+            // The pidfd pins the process from here on; make sure it is the
+            // one we looked at, not a newcomer that took the PID in between.
+            target.check_same()?;
+            Opened::Process { target, exited }
+        }
+        Mode::Command(argv) => {
+            let mut held = Held::spawn(&argv)?;
+            let pid = held.pid;
+            let exited = watch(pid)?;
+            // Before the command can stop: each stop comes as a SIGCHLD.
+            let stops = signal(SignalKind::child())?;
+            let traced = match held.hold_at_exit() {
+                Ok(()) => true,
+                Err(e) => {
+                    if run.verbose {
+                        eprintln!("memleak: cannot hold {} at its exit ({e}): a short command's frames may show no names", argv[0]);
+                    }
+                    false
+                }
+            };
+            // Its first allocation waits for its unwind tables: only while
+            // memleak traces it (ptrace), which passes that stop on.
+            config.watched_tgid = pid;
+            config.unwind_hold = traced;
+            Opened::Command { held, argv, exited, stops, traced }
+        }
+        Mode::System { user, kernel: kernel_too } => {
+            if kernel_too {
+                kernel::ensure_tracefs()?;
+                config.field_offsets = kernel::field_offsets()?;
+                config.skip_caller = kernel::bpf_refill_range();
+            }
+            Opened::System { user, kernel: kernel_too }
+        }
+    };
+    Ok((opened, config))
+}
+
+/// The programs, loaded, and what reads from them as they run.
+struct Loaded {
+    ebpf: Ebpf,
+    links: Links,
+    config: Config,
+    /// `-t`'s event log.
+    logger: Option<TraceLogger>,
+    /// The kernel's word on execs.
+    execs: Option<Execs>,
+}
+
+/// Loads the programs. With -p, the probes are worked out while they load:
+/// both take time.
+fn load(opened: &Opened, config: Config, run: &Run) -> anyhow::Result<(Loaded, Option<TargetPlan>)> {
+    let (loading, planned) = match opened {
+        Opened::Process { target, .. } => std::thread::scope(|scope| {
+            let loading = scope.spawn(|| loader::load(&config));
+            let planned = attach::plan_target(target, run.obj.as_deref(), run.floor);
+            (loading.join().expect("loader thread panicked"), Some(planned))
+        }),
+        _ => (loader::load(&config), None),
+    };
+    let (mut ebpf, links) = loading?;
+    let planned = planned.transpose()?;
+    let logger = trace_logger(run, &mut ebpf)?;
+    let execs = match opened {
+        Opened::System { user: false, .. } => None,
+        _ => Execs::follow(&mut ebpf, &links),
+    };
+    Ok((Loaded { ebpf, links, config, logger, execs }, planned))
+}
+
+/// What the attach step leaves for the rest of the flow.
+struct Tracing {
+    scope: Scope,
+    /// The line that says tracing started.
+    banner: String,
+    /// CLOCK_MONOTONIC and wall clock as the probes went in: nothing is
+    /// outstanding before.
+    started: (u64, SystemTime),
+    /// -p, -c: says when the process exited.
+    exited: Option<AsyncFd<PidFd>>,
+    /// -c.
+    command: Option<Command>,
+    ticks: Ticks,
+}
+
+/// -p: tables, then probes on the allocator the process maps.
+fn attach_process(
+    run: &Run,
+    loaded: &mut Loaded,
+    target: Target,
+    exited: AsyncFd<PidFd>,
+    planned: Option<TargetPlan>,
+) -> anyhow::Result<Tracing> {
+    let pid = target.pid;
+    let Loaded { ebpf, links, config, .. } = loaded;
+    // Tables before probes: no stack recorded in between stops short.
+    let tables = unwinder(run, ebpf, links, config)?;
+    if let Some(unwinder) = &tables {
+        fits(run.unwind_memory, unwinder.lock().expect("unwinder poisoned").add_process(pid)?)?;
+    }
+    let started = clock::now();
+    let mut probed = HashSet::new();
+    for attached in attach::attach(ebpf, links, planned.expect("planned while loading"))? {
+        verbose(run, &attached);
+        probed.insert(attached.id);
+    }
+    Ok(Tracing {
+        scope: Scope::Process(pid, target.comm.clone()),
+        banner: format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm),
+        started,
+        exited: Some(exited),
+        command: None,
+        ticks: Ticks::Process { pid, replan: Replan::new(target, probed), tables },
+    })
+}
+
+/// -c: probes on the libc the command will map (memleak's own, or -O's),
+/// for its PID, then the command is let go; Err(exit code) if a signal
+/// came first (the command is killed and reaped, never started).
+async fn attach_command(
+    run: &Run,
+    loaded: &mut Loaded,
+    mut held: Held,
+    argv: Vec<String>,
+    exited: AsyncFd<PidFd>,
+    stops: tokio::signal::unix::Signal,
+    traced: bool,
+    signals: &mut Signals,
+) -> anyhow::Result<Result<Tracing, u8>> {
+    let pid = held.pid;
+    let Loaded { ebpf, links, config, .. } = loaded;
+    // The kernel puts the breakpoints into the new program's mappings
+    // when it execs.
+    let obj = match &run.obj {
+        Some(obj) => obj.clone(),
+        None => own_libc()?,
+    };
+    let attached = attach::attach_file(ebpf, links, &obj, NonZeroU32::new(pid).expect("child pid"))?;
+    verbose(run, &attached);
+    let tables = unwinder(run, ebpf, links, config)?;
+    if traced && let Some(unwinder) = &tables {
+        unwinder.lock().expect("unwinder poisoned").hold(pid)?;
+    }
+    if let Some(signal) = signals.caught().await {
+        eprintln!("memleak: interrupted before {} started", argv[0]);
+        drop(held);
+        return Ok(Err(128 + signal as u8));
+    }
+    let started = clock::now();
+    held.release()?;
+    // Its tables need its mappings, libc's only there once it runs: held
+    // at its exit by ptrace, it is also stopped (the kernel's SIGSTOP) at
+    // its first allocation, its tables go in as that stop is passed on
+    // (`pass_stops`), and the signal is dropped.
+    let memory = run.unwind_memory;
+    if let Some(unwinder) = tables.clone().filter(|_| traced) {
+        held.on_first_stop(Box::new(move || {
+            let added = unwinder.lock().expect("unwinder poisoned").release(pid);
+            if let Err(e) = added.and_then(|added| fits(memory, added)) {
+                warn!("{e:#}");
+            }
+        }));
+    }
+    command::wait_for_exec(&held);
+    // Not traced: its tables once it runs (its first allocations are
+    // walked by frame pointers).
+    if let Some(unwinder) = tables.as_ref().filter(|_| !traced) {
+        fits(memory, unwinder.lock().expect("unwinder poisoned").add_process(pid)?)?;
+    }
+    let comm = argv[0].clone();
+    let target = Target { pid, comm: comm.clone(), dir: None };
+    Ok(Ok(Tracing {
+        scope: Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string()),
+        banner: format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")),
+        started,
+        exited: Some(exited),
+        command: Some(Command { held, stops, comm }),
+        ticks: Ticks::Process { pid, replan: Replan::new(target, HashSet::from([attached.id])), tables },
+    }))
+}
+
+/// System-wide: probes on every allocator file any process maps (or -O's),
+/// and the kernel's tracepoints.
+fn attach_system(run: &Run, loaded: &mut Loaded, user: bool, kernel_too: bool) -> anyhow::Result<Tracing> {
+    let Loaded { ebpf, links, config, .. } = loaded;
+    // Every process's tables: far too many to wait for (libLLVM's alone
+    // took 1.5 to 3.9 s), so built on a thread of their own while tracing,
+    // and again each interval for new processes; until a process has its
+    // tables, its stacks are walked by frame pointers.
+    let mut stop_tables = None;
+    if user && let Some(unwinder) = unwinder(run, ebpf, links, config)? {
+        let mut unwinder = Arc::into_inner(unwinder).expect("one owner").into_inner().expect("unwinder poisoned");
+        unwinder.share();
+        let (memory, period) = (run.unwind_memory, run.interval);
+        stop_tables = Some(unwinder.stopper());
+        std::thread::spawn(move || {
+            loop {
+                rescan_all(memory, &mut unwinder);
+                std::thread::sleep(period);
+            }
+        });
+    }
+    let started = clock::now();
+    let mut probes = SystemProbes::default();
+    let mut what = vec![];
+    if user {
+        match &run.obj {
+            Some(obj) => probes.object(ebpf, links, obj)?,
+            None => {
+                probes.scan(ebpf, links)?;
+            }
+        }
+        for attached in &probes.objects {
+            verbose(run, attached);
+        }
+        what.push(format!("all processes ({} allocator files)", probes.objects.len()));
+    }
+    if kernel_too {
+        let events = kernel::attach(ebpf, links, run.percpu)?;
+        if run.verbose {
+            eprintln!("memleak: kernel tracepoints: {}", events.join(", "));
+        }
+        what.push("kernel allocators".to_string());
+    }
+    Ok(Tracing {
+        scope: Scope::System { top_procs: run.top_procs },
+        banner: format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")),
+        started,
+        exited: None,
+        command: None,
+        ticks: Ticks::System { probes, rescan: user && run.obj.is_none(), stop_tables },
+    })
+}
+
+/// What is done before each report (and as an exec is told), by mode.
+enum Ticks {
+    /// -p, -c: the probes of a program it exec'd, and tables for the
+    /// libraries it loaded since (or a new program after an exec).
+    Process { pid: u32, replan: Replan, tables: Option<Arc<Mutex<Unwinder>>> },
+    /// System-wide: probes for the programs and containers started since;
+    /// tables are built on their own thread until `stop_tables`.
+    System { probes: SystemProbes, rescan: bool, stop_tables: Option<Arc<AtomicBool>> },
+}
+
+impl Ticks {
+    /// The traced process, if one.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Process { pid, .. } => Some(*pid),
+            Self::System { .. } => None,
+        }
+    }
+
+    fn on(&mut self, wake: Wake, reporter: &mut Reporter, ebpf: &mut Ebpf, links: &Links, run: &Run, count: &AtomicUsize) -> anyhow::Result<()> {
+        match self {
+            Self::Process { pid, replan, tables } => {
+                replan.on(wake, reporter, ebpf, links, run);
+                if let Some(unwinder) = tables {
+                    rescan(run.unwind_memory, &mut unwinder.lock().expect("unwinder poisoned"), *pid);
+                }
+            }
+            Self::System { probes, rescan, .. } => {
+                announce_execs(run, reporter, None);
+                if *rescan {
+                    let before = probes.objects.len();
+                    if probes.scan(ebpf, links)? > 0 && run.verbose {
+                        for attached in &probes.objects[before..] {
+                            eprintln!("memleak: now also probing {}", attached.object);
+                        }
+                    }
+                    count.store(links.probes(), Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// No table is wanted any more: the builders stop within milliseconds.
+    fn stop(&self) {
+        if let Self::System { stop_tables: Some(stop), .. } = self {
+            stop.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -72,264 +450,14 @@ impl Signals {
     }
 }
 
-async fn trace_pid(args: &Args, pid: u32) -> anyhow::Result<()> {
-    let mut signals = Signals::catch()?;
-    let server = args.listen.map(Server::bind).transpose()?;
-    let target = Target::open(pid)?;
-    let exited = watch(pid)?;
-    // The pidfd pins the process from here on; make sure it is the one we
-    // looked at, not a newcomer that took the PID in between.
-    target.check_same()?;
-    let exports = Exports::create(args)?;
-    let dump = dump::create(args)?;
-    // The probes are worked out while the programs load: both take time.
-    let config = Config::from_args(args);
-    let (ebpf, planned) = std::thread::scope(|scope| {
-        let loading = scope.spawn(|| loader::load(&config));
-        let planned = attach::plan_target(&target, args.obj.as_deref(), args.floor);
-        (loading.join().expect("loader thread panicked"), planned)
-    });
-    let (mut ebpf, links) = ebpf?;
-    let planned = planned?;
-    let mut logger = trace_logger(args, &mut ebpf)?;
-    let execs = Execs::follow(&mut ebpf, &links);
-    // Tables before probes: no stack recorded in between stops short.
-    let mut unwinder = unwinder(args, &mut ebpf, &links, &config)?;
-    if let Some(unwinder) = &mut unwinder {
-        fits(args.unwind_memory, unwinder.add_process(pid)?)?;
-    }
-    // The run starts as the probes go in: nothing is outstanding before.
-    let started = (monotonic_ns(), SystemTime::now());
-    let mut probed = HashSet::new();
-    for attached in attach::attach(&mut ebpf, &links, planned)? {
-        verbose(args, &attached);
-        probed.insert(attached.id);
-    }
-    let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
-    let mut reporter = Reporter::new(args, recorded, Scope::Process(pid, target.comm.clone()), exports, dump, started);
-    reporter.follow(execs);
-    listen(server, &mut reporter, &config, &links);
-    say(args, &format!("Attaching to pid {pid} ({}), Ctrl+C to quit.", target.comm))?;
-    let mut replan = Replan::new(target, probed);
-    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), None, |reporter, wake| {
-        replan.on(wake, reporter, &mut ebpf, &links, args);
-        // Libraries loaded since (or a new program after an exec) get
-        // their tables.
-        rescan(args, unwinder.as_mut(), pid)
-    })
-    .await?;
-    if end == End::TargetExited {
-        eprintln!("memleak: process {pid} ({}) exited", reporter.comm().unwrap_or_default());
-    }
-    announce_execs(args, &mut reporter, Some(pid));
-    reporter.report()?;
-    detach(args, ebpf, links, &mut signals).await;
-    reporter.finish()
-}
-
-async fn trace_command(args: &Args, argv: &[String]) -> anyhow::Result<u8> {
-    let mut signals = Signals::catch()?;
-    let server = args.listen.map(Server::bind).transpose()?;
-    let mut held = Held::spawn(argv)?;
-    let pid = held.pid;
-    let exited = watch(pid)?;
-    // Before the command can stop: each stop comes as a SIGCHLD.
-    let mut stops = signal(SignalKind::child())?;
-    let traced = match held.hold_at_exit() {
-        Ok(()) => true,
-        Err(e) => {
-            if args.verbose {
-                eprintln!("memleak: cannot hold {} at its exit ({e}): a short command's frames may show no names", argv[0]);
-            }
-            false
-        }
-    };
-    let exports = Exports::create(args)?;
-    let dump = dump::create(args)?;
-    let config = Config::from_args(args);
-    // Its first allocation waits for its unwind tables: only while memleak
-    // traces it (ptrace), which passes that stop on.
-    let config = Config { watched_tgid: pid, unwind_hold: traced, ..config };
-    let (mut ebpf, links) = loader::load(&config)?;
-    let mut logger = trace_logger(args, &mut ebpf)?;
-    let execs = Execs::follow(&mut ebpf, &links);
-    // The command will map the same libc as we do (or -O's object): probe
-    // it for the child's PID now; the kernel puts the breakpoints into the
-    // new program's mappings when it execs.
-    let obj = match &args.obj {
-        Some(obj) => obj.clone(),
-        None => own_libc()?,
-    };
-    let target = Target { pid, comm: argv[0].clone(), dir: None };
-    let attached = attach::attach_file(&mut ebpf, &links, &obj, NonZeroU32::new(pid).expect("child pid"))?;
-    verbose(args, &attached);
-    let unwinder = unwinder(args, &mut ebpf, &links, &config)?.map(|mut unwinder| {
-        let held = if traced { unwinder.hold(pid) } else { Ok(()) };
-        held.map(|()| Arc::new(Mutex::new(unwinder)))
-    });
-    let unwinder = unwinder.transpose()?;
-    let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
-    // A Ctrl-C while attaching: the command is not started (`held` kills
-    // and reaps it).
-    if let Some(signal) = signals.caught().await {
-        eprintln!("memleak: interrupted before {} started", argv[0]);
-        drop(held);
-        detach(args, ebpf, links, &mut signals).await;
-        return Ok(128 + signal as u8);
-    }
-    let started = (monotonic_ns(), SystemTime::now());
-    held.release()?;
-    // Its tables need its mappings, libc's only there once it runs: held
-    // at its exit by ptrace, it is also stopped (the kernel's SIGSTOP) at
-    // its first allocation, its tables go in as that stop is passed on
-    // (`pass_stops`), and the signal is dropped.
-    let memory = args.unwind_memory;
-    if let Some(unwinder) = unwinder.clone().filter(|_| traced) {
-        held.on_first_stop(Box::new(move || {
-            let added = unwinder.lock().expect("unwinder poisoned").release(pid);
-            if let Err(e) = added.and_then(|added| fits(memory, added)) {
-                eprintln!("warning: {e:#}");
-            }
-        }));
-    }
-    command::wait_for_exec(&held);
-    // Not traced: its tables once it runs (its first allocations are
-    // walked by frame pointers).
-    if let Some(unwinder) = unwinder.as_ref().filter(|_| !traced) {
-        fits(memory, unwinder.lock().expect("unwinder poisoned").add_process(pid)?)?;
-    }
-    let scope = Scope::Process(pid, crate::target::proc::module_name(&argv[0]).to_string());
-    let mut reporter = Reporter::new(args, recorded, scope, exports, dump, started);
-    reporter.follow(execs);
-    listen(server, &mut reporter, &config, &links);
-    // The command's own exec, from memleak's fork: what the fork allocated
-    // before it is gone, and is not told. One after it (the command
-    // exec'd another program at once) is.
-    if reporter.forget_execs().get(&pid).is_some_and(|exec| exec.count > 1) {
-        eprintln!("memleak: PID {pid} exec'd {}", exec::program(pid));
-    }
-    say(args, &format!("Tracing {} (pid {pid}), Ctrl+C to quit.", argv.join(" ")))?;
-    let mut replan = Replan::new(Target { pid, comm: target.comm.clone(), dir: None }, HashSet::from([attached.id]));
-    let command = Some(Command { held: &mut held, stops: &mut stops });
-    let end = report_loop(args, &mut reporter, &mut signals, &mut logger, Some(&exited), command, |reporter, wake| {
-        replan.on(wake, reporter, &mut ebpf, &links, args);
-        match &unwinder {
-            Some(unwinder) => rescan(args, Some(&mut unwinder.lock().expect("unwinder poisoned")), pid),
-            None => Ok(()),
-        }
-    })
-    .await?;
-    let code = if end == End::TargetExited {
-        let code = held.reap();
-        eprintln!("memleak: {} exited{}", target.comm, code.map(|c| format!(" with {c}")).unwrap_or_default());
-        code
-    } else {
-        None
-    };
-    announce_execs(args, &mut reporter, Some(pid));
-    reporter.report()?;
-    if end != End::TargetExited {
-        // After the last report: memleak ends, and its command with it.
-        held.end(command::GRACE);
-    }
-    detach(args, ebpf, links, &mut signals).await;
-    reporter.finish()?;
-    Ok(code.map_or(0, |c| c as u8))
-}
-
-async fn trace_system(args: &Args, user: bool, kernel_too: bool) -> anyhow::Result<()> {
-    let mut signals = Signals::catch()?;
-    let server = args.listen.map(Server::bind).transpose()?;
-    let mut config = Config::from_args(args);
-    if kernel_too {
-        kernel::ensure_tracefs()?;
-        config.field_offsets = kernel::field_offsets()?;
-        config.skip_caller = kernel::bpf_refill_range();
-    }
-    let exports = Exports::create(args)?;
-    let dump = dump::create(args)?;
-    let (mut ebpf, links) = loader::load(&config)?;
-    let mut logger = trace_logger(args, &mut ebpf)?;
-    let execs = if user { Execs::follow(&mut ebpf, &links) } else { None };
-    // Every process's tables: far too many to wait for (libLLVM's alone
-    // took 1.5 to 3.9 s), so built on a thread of their own while tracing,
-    // and again each interval for new processes; until a process has its
-    // tables, its stacks are walked by frame pointers.
-    let mut stop_tables = None;
-    if user && let Some(mut unwinder) = unwinder(args, &mut ebpf, &links, &config)? {
-        unwinder.share();
-        let (args, period) = (args.clone(), Duration::from_secs(args.interval));
-        stop_tables = Some(unwinder.stopper());
-        std::thread::spawn(move || {
-            loop {
-                rescan_all(&args, Some(&mut unwinder));
-                std::thread::sleep(period);
-            }
-        });
-    }
-    let started = (monotonic_ns(), SystemTime::now());
-    let mut probes = SystemProbes::default();
-    let mut what = vec![];
-    if user {
-        match &args.obj {
-            Some(obj) => probes.object(&mut ebpf, &links, obj)?,
-            None => {
-                probes.scan(&mut ebpf, &links)?;
-            }
-        }
-        for attached in &probes.objects {
-            verbose(args, attached);
-        }
-        what.push(format!("all processes ({} allocator files)", probes.objects.len()));
-    }
-    if kernel_too {
-        let events = kernel::attach(&mut ebpf, &links, args.percpu)?;
-        if args.verbose {
-            eprintln!("memleak: kernel tracepoints: {}", events.join(", "));
-        }
-        what.push("kernel allocators".to_string());
-    }
-    let recorded = Recorded::take(&mut ebpf, config.table_buckets)?;
-    let mut reporter = Reporter::new(args, recorded, Scope::System { top_procs: args.top_procs }, exports, dump, started);
-    reporter.follow(execs);
-    let attached_count = listen(server, &mut reporter, &config, &links);
-    say(args, &format!("Tracing {}, Ctrl+C to quit.", what.join(" and ")))?;
-    let rescan = user && args.obj.is_none();
-    let verbose_on = args.verbose;
-    report_loop(args, &mut reporter, &mut signals, &mut logger, None, None, |reporter, _| {
-        announce_execs(args, reporter, None);
-        // Programs and containers started since: probe their allocators too.
-        if rescan {
-            let before = probes.objects.len();
-            if probes.scan(&mut ebpf, &links)? > 0 && verbose_on {
-                for attached in &probes.objects[before..] {
-                    eprintln!("memleak: now also probing {}", attached.object);
-                }
-            }
-            attached_count.store(links.probes(), Ordering::Relaxed);
-        }
-        Ok(())
-    })
-    .await?;
-    // No table is wanted any more: the builders stop within milliseconds.
-    if let Some(stop) = stop_tables {
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    announce_execs(args, &mut reporter, None);
-    reporter.report()?;
-    drop(probes);
-    detach(args, ebpf, links, &mut signals).await;
-    reporter.finish()
-}
-
 /// Forgets what the processes that exec'd since the last call left (see
 /// `Reporter::forget_execs`), and says so for the traced process (`pid`),
 /// or system-wide (None) with -v only: a machine execs all the time.
 /// Returns them.
-fn announce_execs(args: &Args, reporter: &mut Reporter, pid: Option<u32>) -> HashMap<u32, exec::Exec> {
+fn announce_execs(run: &Run, reporter: &mut Reporter, pid: Option<u32>) -> HashMap<u32, exec::Exec> {
     let execs = reporter.forget_execs();
     for &tgid in execs.keys() {
-        if pid.is_none_or(|pid| pid == tgid) && (pid.is_some() || args.verbose) {
+        if pid.is_none_or(|pid| pid == tgid) && (pid.is_some() || run.verbose) {
             eprintln!("memleak: PID {tgid} exec'd {}", exec::program(tgid));
         }
     }
@@ -359,19 +487,19 @@ impl Replan {
 
     /// Before each report, and as an exec is told: forgets what the old
     /// program left, says so, and probes the new one.
-    fn on(&mut self, wake: Wake, reporter: &mut Reporter, ebpf: &mut Ebpf, links: &Links, args: &Args) {
+    fn on(&mut self, wake: Wake, reporter: &mut Reporter, ebpf: &mut Ebpf, links: &Links, run: &Run) {
         let pid = self.target.pid;
         if wake == Wake::Exec {
             exec::settle(pid);
         }
-        if announce_execs(args, reporter, Some(pid)).contains_key(&pid) {
+        if announce_execs(run, reporter, Some(pid)).contains_key(&pid) {
             self.tries = Self::TRIES;
         }
         if self.tries == 0 {
             return;
         }
         self.tries -= 1;
-        let attached = attach::plan_target(&self.target, args.obj.as_deref(), args.floor).and_then(|mut plan| {
+        let attached = attach::plan_target(&self.target, run.obj.as_deref(), run.floor).and_then(|mut plan| {
             let mut probed = self.probed.clone();
             plan.retain_new(&mut probed);
             let attached = if plan.is_empty() { vec![] } else { attach::attach(ebpf, links, plan)? };
@@ -381,20 +509,19 @@ impl Replan {
         match attached {
             Ok(attached) => {
                 self.tries = 0;
-                attached.iter().for_each(|a| verbose(args, a));
+                attached.iter().for_each(|a| verbose(run, a));
             }
             Err(e) if self.tries == 0 && crate::error::exit_code(&e) != crate::error::Kind::NoProcess as u8 => {
-                eprintln!("warning: PID {pid} exec'd, and its new program cannot be probed: {e:#}");
+                warn!("PID {pid} exec'd, and its new program cannot be probed: {e:#}");
             }
             Err(_) => {}
         }
     }
 }
 
-/// `--listen`: serves each report from now on; returns the count of
-/// probes the server reports, for the caller to keep up to date.
-fn listen(server: Option<Server>, reporter: &mut Reporter, config: &Config, links: &Links) -> Arc<AtomicUsize> {
-    let probes = Arc::new(AtomicUsize::new(links.probes()));
+/// `--listen`: serves each report from now on, with the count of probes
+/// (kept up to date by the caller).
+fn listen(server: Option<Server>, reporter: &mut Reporter, config: &Config, probes: Arc<AtomicUsize>) {
     if let Some(server) = server {
         let shared = serve::Shared::default();
         let capacity = serve::Capacity {
@@ -402,21 +529,20 @@ fn listen(server: Option<Server>, reporter: &mut Reporter, config: &Config, link
             totals: config.totals_entries.into(),
             stacks: config.max_stacks.into(),
         };
-        reporter.serve(shared.clone(), capacity, probes.clone());
+        reporter.serve(shared.clone(), capacity, probes);
         server.spawn(shared);
     }
-    probes
 }
 
 /// The walk by unwind tables, its program chained; None with `--unwind fp`
 /// (and `--floor`, whose programs walk nothing).
-fn unwinder(args: &Args, ebpf: &mut Ebpf, links: &Links, config: &Config) -> anyhow::Result<Option<Unwinder>> {
-    if config.unwind_rows == 0 || args.floor.is_some() {
+fn unwinder(run: &Run, ebpf: &mut Ebpf, links: &Links, config: &Config) -> anyhow::Result<Option<Arc<Mutex<Unwinder>>>> {
+    if config.unwind_rows == 0 || run.floor.is_some() {
         return Ok(None);
     }
     loader::chain_unwind(ebpf, links)?;
-    let every_object = args.unwind == crate::cli::Unwind::Dwarf;
-    Ok(Some(Unwinder::new(ebpf, config.unwind_rows, every_object, args.verbose)?))
+    let every_object = run.unwind == Unwind::Dwarf;
+    Ok(Some(Arc::new(Mutex::new(Unwinder::new(ebpf, config.unwind_rows, every_object, run.verbose)?))))
 }
 
 /// The traced process's tables must all fit: its stacks would stop at
@@ -441,25 +567,22 @@ fn fits(unwind_memory: u32, added: Added) -> anyhow::Result<()> {
 /// At each report: tables for the libraries a process loaded since. Past
 /// attach, one that does not fit is a warning, its frames walked by frame
 /// pointers.
-fn rescan(args: &Args, unwinder: Option<&mut Unwinder>, pid: u32) -> anyhow::Result<()> {
-    let Some(unwinder) = unwinder else { return Ok(()) };
-    if let Err(e) = unwinder.add_process(pid).and_then(|added| fits(args.unwind_memory, added)) {
-        eprintln!("warning: {e:#}");
+fn rescan(unwind_memory: u32, unwinder: &mut Unwinder, pid: u32) {
+    if let Err(e) = unwinder.add_process(pid).and_then(|added| fits(unwind_memory, added)) {
+        warn!("{e:#}");
     }
-    Ok(())
 }
 
 /// System-wide, at start and each report: tables for every process.
-fn rescan_all(args: &Args, unwinder: Option<&mut Unwinder>) {
-    let Some(unwinder) = unwinder else { return };
-    if let Err(e) = unwinder.add_all().and_then(|added| fits(args.unwind_memory, added)) {
-        eprintln!("warning: {e:#}");
+fn rescan_all(unwind_memory: u32, unwinder: &mut Unwinder) {
+    if let Err(e) = unwinder.add_all().and_then(|added| fits(unwind_memory, added)) {
+        warn!("{e:#}");
     }
 }
 
 /// A status line: on stdout, or on stderr when stdout holds JSON only.
-fn say(args: &Args, line: &str) -> anyhow::Result<()> {
-    if args.format == Format::Json {
+fn say(run: &Run, line: &str) -> anyhow::Result<()> {
+    if run.json {
         eprintln!("memleak: {line}");
         Ok(())
     } else {
@@ -476,7 +599,7 @@ enum Wake {
     Exec,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
     Count,
     Signal,
@@ -485,12 +608,14 @@ enum End {
 
 /// The `-c` command, held at its exit (see `Held::hold_at_exit`), and the
 /// SIGCHLDs that say it stopped.
-struct Command<'a> {
-    held: &'a mut Held,
-    stops: &'a mut tokio::signal::unix::Signal,
+struct Command {
+    held: Held,
+    stops: tokio::signal::unix::Signal,
+    /// How the user named it.
+    comm: String,
 }
 
-impl Command<'_> {
+impl Command {
     /// Lets the command go on from its stops, its mappings read again at
     /// its exit stop; true once it has exited.
     fn pass_stops(&mut self, reporter: &mut Reporter) -> bool {
@@ -498,7 +623,7 @@ impl Command<'_> {
     }
 }
 
-async fn stopped(command: &mut Option<Command<'_>>) {
+async fn stopped(command: &mut Option<&mut Command>) {
     match command {
         Some(c) => {
             c.stops.recv().await;
@@ -514,15 +639,15 @@ async fn stopped(command: &mut Option<Command<'_>>) {
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 async fn report_loop(
-    args: &Args,
+    run: &Run,
     reporter: &mut Reporter,
     signals: &mut Signals,
     logger: &mut Option<TraceLogger>,
     exited: Option<&AsyncFd<PidFd>>,
-    mut command: Option<Command<'_>>,
+    mut command: Option<&mut Command>,
     mut each_tick: impl FnMut(&mut Reporter, Wake) -> anyhow::Result<()>,
 ) -> anyhow::Result<End> {
-    let period = Duration::from_secs(args.interval);
+    let period = run.interval;
     let mut ticks = interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // System-wide, what exited processes left is given back every second
@@ -542,11 +667,11 @@ async fn report_loop(
             tick = ticks.tick() => {
                 each_tick(reporter, Wake::Report)?;
                 reports += 1;
-                if args.count.is_some_and(|c| reports >= c) {
+                if run.count.is_some_and(|c| reports >= c) {
                     return Ok(End::Count);
                 }
                 let read = reporter.report()?;
-                if args.verbose {
+                if run.verbose {
                     // From the tick to the report's last line (`cargo xtask bench` reads it).
                     eprintln!("memleak: report {reports} took {:.6} s ({read} entries read)", tick.elapsed().as_secs_f64());
                     let (r, capacity) = reporter.reclaimed();
@@ -599,8 +724,8 @@ fn watch(pid: u32) -> anyhow::Result<AsyncFd<PidFd>> {
 /// one lock). Past 0.2 s, says so, and a second Ctrl-C (or SIGTERM) ends
 /// memleak at once, leaving the rest to that child. With -v, says first
 /// what each program cost, if the kernel counted it.
-async fn detach(args: &Args, ebpf: Ebpf, links: Links, signals: &mut Signals) {
-    if args.verbose {
+async fn detach(run: &Run, ebpf: Ebpf, links: Links, signals: &mut Signals) {
+    if run.verbose {
         loader::program_costs(&ebpf, &links).iter().for_each(|line| eprintln!("{line}"));
     }
     let probes = links.probes();
@@ -629,7 +754,7 @@ async fn detach(args: &Args, ebpf: Ebpf, links: Links, signals: &mut Signals) {
 
 /// The libc this process runs on: what a command started from here loads.
 fn own_libc() -> anyhow::Result<PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let maps = crate::target::proc::own_maps()?;
     crate::target::proc::parse_maps(&maps)
         .into_iter()
         .find(|m| m.is_file() && attach::is_libc(m.module_name()))
@@ -637,9 +762,9 @@ fn own_libc() -> anyhow::Result<PathBuf> {
         .context("memleak itself maps no libc: pass the command's allocator with -O")
 }
 
-fn verbose(args: &Args, attached: &Attached) {
+fn verbose(run: &Run, attached: &Attached) {
     let names: Vec<&str> = attached.functions.iter().map(|(f, ..)| *f).collect();
-    if !args.verbose {
+    if !run.verbose {
         eprintln!("memleak: probing {}: {}", attached.object, names.join(" "));
         return;
     }
@@ -655,12 +780,12 @@ fn verbose(args: &Args, attached: &Attached) {
 type TraceLogger = AsyncFd<aya_log::EbpfLogger<TracePrinter>>;
 
 /// `-t`: the kernel side logs each call through aya-log; print them as they come.
-fn trace_logger(args: &Args, ebpf: &mut Ebpf) -> anyhow::Result<Option<TraceLogger>> {
-    if !args.trace {
+fn trace_logger(run: &Run, ebpf: &mut Ebpf) -> anyhow::Result<Option<TraceLogger>> {
+    if !run.trace {
         return Ok(None);
     }
     // With --format json, stdout holds the JSON only.
-    let printer = TracePrinter { to_stderr: args.format == Format::Json };
+    let printer = TracePrinter { to_stderr: run.json };
     let logger = aya_log::EbpfLogger::init_with_logger(ebpf, printer)
         .context("starting the -t event log")?;
     // SAFETY: the logger owns its ring buffer fd for as long as it lives.

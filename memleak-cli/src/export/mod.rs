@@ -15,7 +15,6 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    cli::Args,
     error::{Kind, user_error},
     symbolize::{MappingInfo, StackProfile},
 };
@@ -70,6 +69,14 @@ impl Drop for Output {
     }
 }
 
+/// The paths of the files asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Paths {
+    pub folded: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+    pub pprof: Option<PathBuf>,
+}
+
 /// The files asked for.
 pub struct Exports {
     folded: Option<Output>,
@@ -78,8 +85,8 @@ pub struct Exports {
 }
 
 impl Exports {
-    pub fn create(args: &Args) -> anyhow::Result<Self> {
-        let asked = [("--folded", &args.folded), ("--flamegraph", &args.flamegraph), ("--pprof", &args.pprof)];
+    pub fn create(paths: &Paths) -> anyhow::Result<Self> {
+        let asked = [("--folded", &paths.folded), ("--flamegraph", &paths.flamegraph), ("--pprof", &paths.pprof)];
         let asked: Vec<(&str, &Path)> = asked.iter().filter_map(|(o, p)| Some((*o, p.as_deref()?))).collect();
         for (i, (a, path_a)) in asked.iter().enumerate() {
             if let Some((b, _)) = asked[i + 1..].iter().find(|(_, path_b)| same_file(path_a, path_b)) {
@@ -88,9 +95,9 @@ impl Exports {
         }
         let open = |option, path: &Option<PathBuf>| path.as_deref().map(|p| Output::create(option, p)).transpose();
         Ok(Self {
-            folded: open("--folded", &args.folded)?,
-            flamegraph: open("--flamegraph", &args.flamegraph)?,
-            pprof: open("--pprof", &args.pprof)?,
+            folded: open("--folded", &paths.folded)?,
+            flamegraph: open("--flamegraph", &paths.flamegraph)?,
+            pprof: open("--pprof", &paths.pprof)?,
         })
     }
 
@@ -144,10 +151,11 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::symbolize::Frame;
+    use crate::{cli::Args, symbolize::Frame};
 
-    fn args(extra: &[&str]) -> Args {
-        Args::try_parse_from(["memleak", "-p", "1"].iter().chain(extra)).unwrap()
+    /// The paths as the command line gives them.
+    fn args(extra: &[&str]) -> Paths {
+        Args::try_parse_from(["memleak", "-p", "1"].iter().chain(extra)).unwrap().settings().unwrap().exports
     }
 
     #[test]

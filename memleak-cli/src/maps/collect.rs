@@ -91,7 +91,7 @@ impl Recorded {
             threads.into_iter().find_map(|t| t.join().expect("table reader thread panicked").err())
         });
         if let Some(e) = failed {
-            eprintln!("warning: reading the allocation table: {e}");
+            crate::warn!("reading the allocation table: {e}");
         }
         sinks
     }
@@ -114,7 +114,7 @@ impl Recorded {
                 Ok(None) => {}
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
                 Err(e) => {
-                    eprintln!("warning: reading {what}: {e}");
+                    crate::warn!("reading {what}: {e}");
                     return vec![make()];
                 }
             }
@@ -130,7 +130,7 @@ impl Recorded {
         if self.table_buckets > 0
             && let Err(e) = table::forget(self.table.map().fd().as_fd(), self.table_buckets, tgids)
         {
-            eprintln!("warning: forgetting exited processes' blocks: {e}");
+            crate::warn!("forgetting exited processes' blocks: {e}");
         }
         for key in of_processes(self.allocs.keys(), |k| k.tgid, tgids) {
             let _ = self.allocs.remove(&key);
@@ -140,7 +140,7 @@ impl Recorded {
         }
         // Last: no block names their totals any more.
         if let Err(e) = totals::forget(self.totals.map().fd().as_fd(), self.totals.len(), tgids) {
-            eprintln!("warning: forgetting exited processes' totals: {e}");
+            crate::warn!("forgetting exited processes' totals: {e}");
         }
     }
 
@@ -156,7 +156,7 @@ impl Recorded {
         if self.table_buckets > 0
             && let Err(e) = table::forget_old(self.table.map().fd().as_fd(), self.table_buckets, &old, &mut gone, &mut kept)
         {
-            eprintln!("warning: forgetting the blocks of programs replaced by exec: {e}");
+            crate::warn!("forgetting the blocks of programs replaced by exec: {e}");
         }
         let mut spilled = Vec::new();
         for_each(&self.allocs, &mut self.allocs_reader, "the allocation map", |key, info| {
@@ -183,7 +183,7 @@ impl Recorded {
         }
         let slots: HashSet<u32> = gone.difference(&kept).copied().collect();
         if let Err(e) = totals::forget_slots(self.totals.map().fd().as_fd(), self.totals.len(), &slots, tgids) {
-            eprintln!("warning: forgetting the totals of programs replaced by exec: {e}");
+            crate::warn!("forgetting the totals of programs replaced by exec: {e}");
         }
     }
 
@@ -192,7 +192,7 @@ impl Recorded {
     /// they name (entries are given back only for processes gone).
     pub fn totals(&self) -> Vec<totals::Entry> {
         totals::read(self.totals.map().fd().as_fd(), self.totals.len()).unwrap_or_else(|e| {
-            eprintln!("warning: reading the per-stack totals: {e}");
+            crate::warn!("reading the per-stack totals: {e}");
             Vec::new()
         })
     }
@@ -219,7 +219,7 @@ impl Recorded {
     /// Swaps owners of totals entries (see `totals::swap`); the slots swapped.
     pub fn swap_totals(&self, swaps: &crate::fasthash::FastMap<u32, (u64, u64)>) -> Vec<u32> {
         totals::swap(self.totals.map().fd().as_fd(), self.totals.len(), swaps).unwrap_or_else(|e| {
-            eprintln!("warning: giving back per-stack totals: {e}");
+            crate::warn!("giving back per-stack totals: {e}");
             Vec::new()
         })
     }
@@ -303,7 +303,7 @@ where
         Ok(_) => return,
         Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
         Err(e) => {
-            eprintln!("warning: reading {what}: {e}");
+            crate::warn!("reading {what}: {e}");
             return;
         }
     }

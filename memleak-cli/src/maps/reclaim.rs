@@ -21,7 +21,7 @@
 
 use std::collections::HashSet;
 
-use memleak_common::{CombinedKey, NO_STACK, TOTALS_BUSY, totals_owner};
+use memleak_common::{CombinedKey, NO_STACK, TOTALS_BUSY, is_kernel, totals_owner};
 
 use crate::{
     fasthash::FastMap,
@@ -109,6 +109,19 @@ impl Reclaim {
             seen.remove(&slot);
         }
         self.seen = seen;
+    }
+
+    /// Of these processes and those holding totals `entries`, the ones
+    /// that exited: what they left is dropped from the kernel maps, and
+    /// forgotten here (see `forget`).
+    pub fn forget_dead(&mut self, recorded: &mut Recorded, tgids: impl Iterator<Item = u32>, entries: &[Entry]) -> HashSet<u32> {
+        let tgids: HashSet<u32> = tgids.chain(entries.iter().map(|(_, k, _)| k.tgid)).collect();
+        let dead: HashSet<u32> = tgids.into_iter().filter(|&tgid| !is_kernel(tgid) && !proc::exists(tgid)).collect();
+        if !dead.is_empty() {
+            recorded.forget_processes(&dead);
+            self.forget(&dead, entries);
+        }
+        dead
     }
 
     /// These processes exited and their entries were given back: forgets

@@ -16,7 +16,6 @@ use aya::{
 };
 
 use crate::{
-    cli::Floor,
     target::elf,
     error::{Kind, user_error},
     probe::hooks::{self, C_API, CXX_API, Shape},
@@ -26,6 +25,15 @@ use crate::{
     target::file::TargetFile,
     target::proc::{self, Mapping, Target, module_name},
 };
+
+/// `--floor` (bench only): what a probe costs with no work in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Floor {
+    /// Entry probes at function entries, as other tracers put them.
+    Naive,
+    /// Entry probes where memleak puts them (see `placement`).
+    Placed,
+}
 
 /// What was hooked in one object, for the start-up message and `-v`.
 #[derive(Debug)]
@@ -331,7 +339,7 @@ fn serving_object(pid: u32, maps: &[Mapping]) -> anyhow::Result<String> {
     if let Some(lib) = files.iter().find(|m| is_allocator_library(m.module_name())) {
         return Ok(lib.path.clone());
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+    let exe = proc::exe(pid);
     let exe_mapping = exe.as_ref().and_then(|exe| files.iter().find(|m| &m.path == exe));
     let exe_file = exe_mapping.and_then(|exe| TargetFile::mapped(pid, exe).ok());
     if let Some((exe, file)) = exe_mapping.zip(exe_file.as_ref()) {
@@ -386,7 +394,7 @@ impl SystemProbes {
             if pid == me {
                 continue;
             }
-            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
+            let Ok(text) = proc::maps_text(pid) else { continue };
             let maps = proc::parse_maps(&text);
             let mut paths = HashSet::new();
             for mapping in maps.iter().filter(|m| m.is_file() && paths.insert(m.path.as_str())) {
@@ -411,7 +419,7 @@ impl SystemProbes {
                     Err(_) if !crate::target::proc::exists(pid) => {
                         self.files.remove(&id);
                     }
-                    Err(e) => eprintln!("warning: {e:#}"),
+                    Err(e) => crate::warn!("{e:#}"),
                 }
             }
         }

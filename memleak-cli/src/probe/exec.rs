@@ -15,7 +15,10 @@ use aya::{
 };
 use memleak_common::{EVENT_DLOPEN, EVENT_EXEC, Event, maps};
 
-use crate::probe::{kernel, multi::Links};
+use crate::{
+    probe::{kernel, multi::Links},
+    target::proc,
+};
 
 const PROGRAM: &str = "sched_process_exec";
 
@@ -42,7 +45,7 @@ impl Execs {
         match Self::attach(ebpf, links) {
             Ok(execs) => Some(execs),
             Err(e) => {
-                eprintln!("warning: exec is not followed ({e:#}): blocks of a program a process replaced by exec are reported until it exits");
+                crate::warn!("exec is not followed ({e:#}): blocks of a program a process replaced by exec are reported until it exits");
                 None
             }
         }
@@ -110,7 +113,7 @@ impl Execs {
 /// What process `pid` runs now, for the exec message: the path of its
 /// executable as the kernel names it (`?` once it is gone).
 pub fn program(pid: u32) -> String {
-    std::fs::read_link(format!("/proc/{pid}/exe")).map_or_else(|_| "?".into(), |p| p.to_string_lossy().into_owned())
+    proc::exe(pid).unwrap_or_else(|| "?".into())
 }
 
 /// Waits (up to 50 ms) until process `pid`, which has just exec'd, maps a
@@ -119,7 +122,7 @@ pub fn program(pid: u32) -> String {
 /// none, and costs the 50 ms.
 pub fn settle(pid: u32) {
     for _ in 0..50 {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        let maps = proc::maps_text(pid).unwrap_or_default();
         if maps.is_empty() || maps.lines().any(|l| l.contains("/libc") || l.contains("/ld-musl")) {
             return;
         }

@@ -13,7 +13,6 @@ use aya::{
 use memleak_common::{BUCKET_SLOTS, FIELD_COUNT, MAX_SHARDS, UNWIND_HOLD_FIRST, UNWIND_TABLES, globals, maps};
 
 use crate::{
-    cli::Args,
     error::{Kind, user_error},
     probe::hooks::Shape,
     probe::multi::{self, Links},
@@ -53,41 +52,55 @@ pub struct Config {
     pub unwind_hold: bool,
 }
 
+/// What the options ask of the kernel side, before it is sized.
+#[derive(Debug, Clone, Default)]
+pub struct Asked {
+    pub min_size: Option<u64>,
+    pub max_size: Option<u64>,
+    pub sample_every: u64,
+    pub trace: bool,
+    pub max_allocs: u32,
+    pub max_stacks: Option<u32>,
+    pub combined_only: bool,
+    /// Tracing every process (the maps are sized for many).
+    pub system: bool,
+    /// The process whose execs are told (`-p`), 0 for all.
+    pub watched_tgid: u32,
+    /// Memory for unwind tables, in MiB; 0 to walk by frame pointers only.
+    pub unwind_mib: u32,
+}
+
 impl Config {
-    pub fn from_args(args: &Args) -> Self {
+    pub fn new(asked: &Asked) -> Self {
         let shards = shards(online_cpus());
+        let stacks = asked.max_stacks.unwrap_or(DEFAULT_STACKS);
         Self {
-            min_size: args.min_size.unwrap_or(0),
-            max_size: args.max_size.unwrap_or(u64::MAX),
-            sample_every: args.sample_rate,
-            trace: args.trace,
-            max_allocs: args.max_allocs,
-            table_buckets: table_buckets(args.max_allocs),
-            max_stacks: args.max_stacks.unwrap_or_else(|| match args.mode() {
-                crate::cli::Mode::System { .. } => system_stacks(crate::target::proc::mem_available()),
-                _ => DEFAULT_STACKS,
-            }),
-            combined_only: args.combined_only,
+            min_size: asked.min_size.unwrap_or(0),
+            max_size: asked.max_size.unwrap_or(u64::MAX),
+            sample_every: asked.sample_every,
+            trace: asked.trace,
+            max_allocs: asked.max_allocs,
+            table_buckets: table_buckets(asked.max_allocs),
+            max_stacks: match (asked.max_stacks, asked.system) {
+                (Some(n), _) => n,
+                (None, true) => system_stacks(crate::target::proc::mem_available()),
+                (None, false) => DEFAULT_STACKS,
+            },
+            combined_only: asked.combined_only,
             shards,
             // One process has each stack once, plus the blocks without one;
             // system-wide, processes share stacks (of libc, say).
             totals_entries: totals_entries(
-                match args.mode() {
-                    crate::cli::Mode::System { .. } => args.max_stacks.unwrap_or(DEFAULT_STACKS).saturating_mul(4).max(1024),
-                    _ => args.max_stacks.unwrap_or(DEFAULT_STACKS).saturating_add(1),
+                match asked.system {
+                    true => stacks.saturating_mul(4).max(1024),
+                    false => stacks.saturating_add(1),
                 }
                 .saturating_mul(shards),
             ),
             field_offsets: [0; FIELD_COUNT],
             skip_caller: [0; 2],
-            watched_tgid: match args.mode() {
-                crate::cli::Mode::Pid(pid) => pid,
-                _ => 0,
-            },
-            unwind_rows: match args.unwind {
-                crate::cli::Unwind::Fp => 0,
-                _ => args.unwind_memory << 20 >> 3,
-            },
+            watched_tgid: asked.watched_tgid,
+            unwind_rows: asked.unwind_mib << 20 >> 3,
             unwind_hold: false,
         }
     }
@@ -341,7 +354,7 @@ const CAP_BPF: u64 = 1 << 39;
 
 /// This process's effective capability set (0 if unreadable).
 fn effective_capabilities() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    crate::target::proc::own_status()
         .ok()
         .and_then(|s| {
             s.lines()

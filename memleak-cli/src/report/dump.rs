@@ -29,7 +29,6 @@ use super::{
     peek::{Memory, read_live},
 };
 use crate::{
-    cli::Args,
     error::{Kind, user_error},
 };
 
@@ -91,9 +90,17 @@ struct IndexBlock {
     offset: u64,
 }
 
+/// `--dump DIR`, `--dump-budget`, `--force`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub budget: u64,
+    pub force: bool,
+}
+
 /// `--dump`, opened as [`Dump::create`] says, if asked for.
-pub fn create(args: &Args) -> anyhow::Result<Option<Dump>> {
-    args.dump.as_deref().map(|dir| Dump::create(dir, args.dump_budget, args.force)).transpose()
+pub fn create(options: Option<&Options>) -> anyhow::Result<Option<Dump>> {
+    options.map(|o| Dump::create(&o.dir, o.budget, o.force)).transpose()
 }
 
 pub struct Dump {

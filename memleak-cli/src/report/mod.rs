@@ -7,6 +7,8 @@ pub mod dump;
 pub mod json;
 pub mod lost;
 pub mod peek;
+mod print;
+mod rows;
 pub mod sort;
 pub mod text;
 pub mod threads;
@@ -18,31 +20,66 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use memleak_common::{Kind, NO_STACK, is_kernel};
+use memleak_common::{NO_STACK, is_kernel};
 
 use self::{
     aggregate::{Block, StackTotal},
+    rows::Built,
     dump::Dump,
     sort::SortKey,
     trend::{Row, Tracker},
 };
 use crate::{
-    cli::{Args, Format},
-    clock::{self, monotonic_ns},
+    clock::monotonic_ns,
     export::{Exports, pprof},
     fasthash::FastMap,
     maps::{
-        collect::{self, Recorded},
+        collect::Recorded,
         reclaim::{Reclaim, Reclaimed},
         totals::Entry,
     },
-    output,
     probe::exec::{Exec, Execs},
     serve,
     stack_end::End,
     symbolize::{Frame, StackProfile, Symbolizer},
     target::{memory, proc},
 };
+
+/// `--format`: how reports are printed on stdout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// bcc's report, with each stack's trend.
+    #[default]
+    Text,
+    /// One JSON object per report, one per line.
+    Json,
+}
+
+/// What the options ask of reports.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// -v: says what it lets go of.
+    pub verbose: bool,
+    /// -T: stacks shown (per process, system-wide).
+    pub top: usize,
+    /// -o: blocks younger than this are left out.
+    pub min_age_ns: u64,
+    /// -a: each block's address and size.
+    pub show_allocs: bool,
+    /// `--peek N`.
+    pub peek: Option<u32>,
+    /// `--by-thread`.
+    pub by_thread: bool,
+    pub combined_only: bool,
+    pub sort: SortKey,
+    pub format: Format,
+    /// -s: one allocation in this many is recorded.
+    pub sample_rate: u64,
+    /// `-q`: reports go to the server only.
+    pub quiet: bool,
+    /// Frames with file:line (not `--no-source`).
+    pub source: bool,
+}
 
 /// What a report covers.
 pub enum Scope {
@@ -53,27 +90,15 @@ pub enum Scope {
 }
 
 pub struct Reporter {
+    options: Options,
     scope: Scope,
-    /// -v: says what it lets go of.
-    verbose: bool,
     recorded: Recorded,
     symbolizer: Symbolizer,
     lost: lost::LostWarnings,
-    top: usize,
-    min_age_ns: u64,
-    show_allocs: bool,
-    /// `--peek N`: bytes read of each shown stack's oldest blocks.
-    peek: Option<u32>,
     /// `--dump DIR`: each shown stack's blocks written there.
     dump: Option<Dump>,
-    /// `--by-thread`: the report grouped by thread name.
-    by_thread: bool,
     /// The names of the threads the last report named.
     names: threads::Names,
-    combined_only: bool,
-    sort: SortKey,
-    format: Format,
-    sample_rate: u64,
     trends: Tracker,
     /// CLOCK_MONOTONIC and wall clock at attach.
     start_ns: u64,
@@ -89,8 +114,6 @@ pub struct Reporter {
     execs: Option<Execs>,
     /// `--listen`: where each report is published.
     feed: Option<serve::Feed>,
-    /// `-q`: reports go to the server only.
-    quiet: bool,
     /// What no block needs any more, given back to the kernel's tables.
     reclaim: Reclaim,
     reclaimed: Reclaimed,
@@ -139,39 +162,30 @@ impl Ends {
 impl Reporter {
     /// `started`: CLOCK_MONOTONIC and wall-clock time of attach.
     pub fn new(
-        args: &Args,
+        options: &Options,
         recorded: Recorded,
         scope: Scope,
         exports: Exports,
         dump: Option<Dump>,
         started: (u64, SystemTime),
     ) -> Self {
-        let mut symbolizer = Symbolizer::new(!args.no_source);
+        let mut symbolizer = Symbolizer::new(options.source);
         if let Scope::Process(pid, _) = scope {
             // Open the target's files now: its frames must still resolve if
             // it exits before the first report.
             symbolizer.refresh(pid);
         }
         let (start_ns, start) = started;
-        let min_age_ns = args.older.saturating_mul(1_000_000);
+        let min_age_ns = options.min_age_ns;
         Self {
+            options: options.clone(),
             scope,
-            verbose: args.verbose,
             lost: lost::LostWarnings::new(),
             recorded,
             symbolizer,
-            top: args.top,
-            min_age_ns,
-            show_allocs: args.show_allocs,
-            peek: args.peek,
             dump,
-            by_thread: args.by_thread,
             names: threads::Names::default(),
-            combined_only: args.combined_only,
-            sort: args.sort,
-            format: args.format,
-            sample_rate: args.sample_rate,
-            trends: Tracker::new(start_ns, if args.combined_only { 0 } else { min_age_ns }),
+            trends: Tracker::new(start_ns, if options.combined_only { 0 } else { min_age_ns }),
             start_ns,
             start,
             reports: 0,
@@ -181,7 +195,6 @@ impl Reporter {
             ends: Ends::default(),
             execs: None,
             feed: None,
-            quiet: args.quiet,
             reclaim: Reclaim::default(),
             reclaimed: Reclaimed::default(),
             housekept: 0,
@@ -211,7 +224,7 @@ impl Reporter {
         let meta = pprof::Meta {
             time_nanos: self.start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
             duration_nanos: 0,
-            period: self.sample_rate as i64,
+            period: self.options.sample_rate as i64,
         };
         let views = serve::Views { stacks: &[], json: Vec::new(), meta, elapsed_ns: 0 };
         feed.publish(&report, views, &mut |_, _| None);
@@ -273,14 +286,14 @@ impl Reporter {
         // (they are live); an old one is, by chance, where the two images'
         // heaps overlap (their starts are random, 32 MiB apart at most for
         // the brk heap).
-        let mapped: HashMap<u32, Vec<proc::Mapping>> = match self.combined_only {
+        let mapped: HashMap<u32, Vec<proc::Mapping>> = match self.options.combined_only {
             true => pids.iter().map(|&pid| (pid, proc::maps_of(pid))).collect(),
             false => HashMap::new(),
         };
         self.recorded.forget_images(&pids, |key, info| {
             let exec = execs.get(&key.tgid)?;
             let in_new = || mapped.get(&key.tgid).is_some_and(|maps| maps.iter().any(|m| m.contains(key.addr)));
-            Some(info.timestamp_ns < exec.time || (info.timestamp_ns == exec.time && self.combined_only && !in_new()))
+            Some(info.timestamp_ns < exec.time || (info.timestamp_ns == exec.time && self.options.combined_only && !in_new()))
         });
         self.ends.forget(&pids);
         for &pid in &pids {
@@ -306,282 +319,33 @@ impl Reporter {
 
     /// Prints one report; returns how many map entries it read (for -v).
     pub fn report(&mut self) -> anyhow::Result<usize> {
-        let now = monotonic_ns();
         self.symbolizer.next_report();
-        let mut read = 0;
-        let aggregated = (!self.combined_only).then(|| {
-            // JSON lists blocks with -a too.
-            // As many stacks as last time, most likely: no table regrown by doubling.
-            // --dump writes every block of the stacks shown.
-            let keep_blocks = self.show_allocs || self.dump.is_some();
-            let (min_age_ns, stacks) = (self.min_age_ns, self.last.len());
-            let oldest = if self.peek.is_some() { peek::BLOCKS } else { 0 };
-            let mut parts = self.recorded.allocations_into(
-                || (aggregate::Aggregator::new(now, min_age_ns, keep_blocks, oldest, stacks), 0),
-                |(aggregator, n), key, info| {
-                    *n += 1;
-                    aggregator.add(key, info)
-                },
-            );
-            let (mut all, n) = parts.remove(0);
-            read += n;
-            for (aggregator, n) in parts {
-                read += n;
-                all.merge(aggregator);
-            }
-            all
-        });
-        // The entries the blocks name: those set aside at the last report
-        // and named now are restored, the rest given back.
-        let live_slots = aggregated.as_ref().map(aggregate::Aggregator::slots);
-        let given = live_slots.as_ref().map_or(0, |live| self.reclaim.settle(&self.recorded, live));
-        // After the blocks: it has every entry they name.
-        let entries = self.recorded.totals();
-        read += entries.len();
-        let parts: Vec<_> = entries.iter().copied().chain(self.reclaim.carried()).collect();
-        let combined = collect::add_parts(&parts);
-        // Stacks that differ only past where they really end are one: the
-        // blocks of all are summed under one before a stack with young
-        // blocks only is left out (its blocks still count in `live`).
-        // System-wide, only in the processes the text report shows: judging
-        // every stack of every process reads the mappings and code of all
-        // of them. A process's total does not depend on how its stacks
-        // merge, so which are shown is known now.
-        let judged: Option<HashSet<u32>> = match self.scope {
-            Scope::Process(..) => None,
-            Scope::System { top_procs } => {
-                let bytes = match &aggregated {
-                    Some(all) => all.process_bytes(),
-                    None => combined.iter().fold(FastMap::default(), |mut by, (k, c)| {
-                        *by.entry(k.tgid).or_default() += c.total_size;
-                        by
-                    }),
-                };
-                let mut procs: Vec<(u32, u64)> = bytes.into_iter().filter(|(tgid, _)| !is_kernel(*tgid)).collect();
-                procs.sort_unstable_by_key(|&(tgid, bytes)| (std::cmp::Reverse(bytes), tgid));
-                Some(procs.into_iter().take(top_procs).map(|(tgid, _)| tgid).collect())
-            }
-        };
-        let Self { recorded, symbolizer, ends, .. } = self;
-        let mut same = |tgid, id| match &judged {
-            Some(procs) if !procs.contains(&tgid) => id,
-            _ => ends.same(recorded, symbolizer, tgid, id),
-        };
-        let mut live = None;
-        let mut totals = match aggregated {
-            None => aggregate::merge_stacks(aggregate::from_combined(combined.iter().copied()), &mut same),
-            Some(all) => {
-                if self.feed.is_some() {
-                    live = Some(all.live_by_process());
-                }
-                let stacks: FastMap<u32, (u64, Kind)> = entries
-                    .iter()
-                    .map(|&(slot, key, _)| (slot, (same(key.tgid, key.stack_id), Kind::from_u8(key.kind))))
-                    .collect();
-                all.finish(|slot| stacks.get(&slot).copied())
-            }
-        };
-        let mut allocs: FastMap<trend::Key, u64> = FastMap::default();
-        for ((tgid, id, kind), n) in trend::allocs(&combined) {
-            *allocs.entry((tgid, same(tgid, id), kind)).or_default() += n;
-        }
-        // --listen's heap profiles: blocks and bytes since attach, by stack.
-        let mut since: FastMap<trend::Key, (u64, u64)> = FastMap::default();
-        if self.feed.is_some() {
-            for (k, c) in &combined {
-                if judged.as_ref().is_none_or(|procs| procs.contains(&k.tgid) || is_kernel(k.tgid)) {
-                    let s = since.entry((k.tgid, same(k.tgid, k.stack_id), Kind::from_u8(k.kind))).or_default();
-                    (s.0, s.1) = (s.0 + c.allocs, s.1 + c.allocated);
-                }
-            }
-        }
-        if let Scope::System { .. } = self.scope {
-            // A process that exited without freeing is not leaking any
-            // more: drop what it left, in the kernel maps too. One that
-            // freed all it allocated still holds totals entries and their
-            // stacks: given back too (a build's compilers come and go).
-            let dead = self.forget_dead(totals.iter().map(|t| t.tgid), &entries);
-            if !dead.is_empty() {
-                totals.retain(|t| !dead.contains(&t.tgid));
-                since.retain(|(tgid, ..), _| !dead.contains(tgid));
-            }
-            // Gone too: those that freed all they had, whose files memleak
-            // still holds.
-            let (procs, files) = self.symbolizer.forget_exited();
-            if self.verbose && procs > 0 {
-                eprintln!("memleak: closed {files} files of {procs} exited processes");
-            }
-        }
-        let mut rows = self.trends.update(totals, now, &allocs);
-        sort::sort(&mut rows, self.sort);
-        let shown_rows = shown(&rows, self.top);
-        if let Some(n) = self.peek {
-            for &i in &shown_rows {
-                let total = &mut rows[i].total;
-                total.peeks = peek::peek(&Traced(&self.recorded), total.tgid, &total.oldest, n);
-            }
-        }
-        self.reports += 1;
-        let counts = self.recorded.lost();
-        for warning in self.lost.due(&counts, now) {
-            eprintln!("{warning}");
-        }
-        let lost = lost::Lost::from_counts(&counts);
-
-        // Refresh the mappings of the processes shown (dlopen, exec).
-        let shown: Vec<u32> = match self.scope {
-            Scope::Process(pid, _) => vec![pid],
-            Scope::System { top_procs } => {
-                let mut seen = HashSet::new();
-                rows.iter().map(|r| r.total.tgid).filter(|t| !is_kernel(*t) && seen.insert(*t)).take(top_procs).collect()
-            }
-        };
-        for pid in shown {
-            self.symbolizer.refresh(pid);
-        }
-        let comms = self.comms(&rows);
-        // Each thread's name now. With --by-thread, those of the traced
-        // process that hold nothing are listed too.
-        let idle: Vec<(u32, u32)> = match self.scope {
-            Scope::Process(pid, _) if self.by_thread => proc::threads(pid).into_iter().map(|tid| (pid, tid)).collect(),
-            _ => vec![],
-        };
-        let named = rows.iter().flat_map(|r| r.total.threads.iter().map(|t| (r.total.tgid, t.tid)));
-        self.names.refresh(named.chain(idle.iter().copied()), &mut |tgid, tid| {
-            if is_kernel(tgid) { proc::task_comm(tid) } else { proc::thread_comm(tgid, tid) }
-        });
-        let by_thread = self.by_thread.then(|| threads::by_thread(&rows, &idle, &self.names));
-        let names = &self.names;
-        let thread_name = |tgid: u32, tid: u32| names.get(tgid, tid).map(str::to_string);
-        let threads_line = |t: &StackTotal| {
-            (!t.threads.is_empty()).then(|| threads::line(&threads::groups(&t.threads, &|tid| thread_name(t.tgid, tid))))
-        };
-        let Self { recorded, symbolizer, ends, .. } = self;
-        if let Some(dump) = &mut self.dump {
-            let stacks: Vec<dump::Stack> = shown_rows
-                .iter()
-                .map(|&i| {
-                    let total = &rows[i].total;
-                    let mut blocks = total.blocks.clone();
-                    blocks.sort_unstable_by_key(|b| (b.born_ns, b.addr));
-                    dump::Stack {
-                        tgid: total.tgid,
-                        comm: comms.get(&total.tgid).cloned(),
-                        bytes: total.bytes,
-                        count: total.count,
-                        frames: frames_of(recorded, symbolizer, ends, total).iter().flat_map(json::frame_json).collect(),
-                        blocks,
-                    }
-                })
-                .collect();
-            let shown = dump.path().display().to_string();
-            match dump.write(self.reports, &stacks, &Traced(recorded)) {
-                Ok(c) => eprintln!(
-                    "memleak: report {} dumped to {shown}: {} blocks ({} bytes), {} over the budget, {} freed since read",
-                    self.reports, c.blocks_written, c.bytes_written, c.blocks_over_budget, c.blocks_gone
-                ),
-                Err(e) => eprintln!("warning: --dump {shown}: report {} not dumped: {e}", self.reports),
-            }
-        }
-        let mut out = Vec::new();
-        let mut lines = |t: &StackTotal| frame_lines(recorded, symbolizer, ends, t);
-        let mut comm = |tgid: u32| comms.get(&tgid).cloned().unwrap_or_else(|| proc::comm(tgid));
-        let clock = clock::clock_now();
-        match (self.format, &self.scope) {
-            (Format::Text, scope) if let Some(groups) = &by_thread => {
-                let top_procs = match scope {
-                    Scope::Process(..) => None,
-                    Scope::System { top_procs } => Some(*top_procs),
-                };
-                let (top, show_allocs) = (self.top, self.show_allocs);
-                text::write_by_thread(&mut out, &clock, top, top_procs, groups, &lost, show_allocs, &mut comm, &mut lines)?;
-            }
-            (Format::Text, Scope::Process(..)) => {
-                text::write(&mut out, &clock, self.top, &rows, &lost, self.show_allocs, &threads_line, &mut lines)?;
-            }
-            (Format::Text, Scope::System { top_procs }) => {
-                let procs = text::by_process(rows.clone());
-                let (top, show_allocs) = (self.top, self.show_allocs);
-                text::write_system(&mut out, &clock, top, *top_procs, &procs, &lost, show_allocs, &mut comm, &threads_line, &mut lines)?;
-            }
-            (Format::Json, _) => {}
-        }
-        // The report as --format json prints it: stdout's, and /report.json's.
-        let json_ctx = json::Context {
-            now: SystemTime::now(),
-            elapsed_s: now.saturating_sub(self.start_ns) as f64 / 1e9,
-            report: self.reports,
-            sort: self.sort.name(),
-            min_age_ms: (!self.combined_only).then_some(self.min_age_ns / 1_000_000),
-            top: self.top,
-            show_allocs: self.show_allocs,
-            peek: self.peek.is_some(),
-            comms: &comms,
-            lost,
-            thread_name: (!self.combined_only).then_some(&thread_name as &dyn Fn(u32, u32) -> Option<String>),
-            by_thread: by_thread.as_deref(),
-        };
-        let mut json_out = Vec::new();
-        let mut frames = |t: &StackTotal| frames_of(recorded, symbolizer, ends, t);
-        if self.format == Format::Json {
-            json::write(&mut out, &json::interval(&json_ctx, &rows, &mut frames))?;
-        }
-        if self.feed.is_some() {
-            // What blocks hold is shown only where asked, never served.
-            let served = json::Context { peek: false, ..json_ctx };
-            json::write(&mut json_out, &json::interval(&served, &rows, &mut frames))?;
-        }
-        if !self.quiet {
-            output::write(out)?;
-        }
-        if let Some(feed) = &mut self.feed {
-            let stacks = served_stacks(&rows, &since, |t| frames_of(recorded, symbolizer, ends, t));
-            let elapsed_ns = now.saturating_sub(self.start_ns);
-            let meta = pprof::Meta {
-                time_nanos: self.start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
-                duration_nanos: elapsed_ns as i64,
-                period: self.sample_rate as i64,
-            };
-            feed.publish(
-                &serve::Report {
-                    rows: &rows,
-                    combined: &combined,
-                    live: live.as_ref(),
-                    comms: &comms,
-                    lost,
-                    blocks_read: live.as_ref().map(|l| l.values().sum()),
-                    totals_used: entries.len() as u64,
-                    stacks_used: entries.iter().map(|(_, k, _)| k.stack_id).collect::<HashSet<_>>().len() as u64,
-                    duration_s: monotonic_ns().saturating_sub(now) as f64 / 1e9,
-                },
-                serve::Views { stacks: &stacks, json: json_out, meta, elapsed_ns },
-                &mut |pid, addr| symbolizer.mapping(pid, addr),
-            );
-        }
-        if let Some(live) = &live_slots {
-            self.reclaim.set_aside(&self.recorded, &entries, live);
-        }
-        let r = self.reclaim.stacks(&mut self.recorded);
-        // Counting what housekeeping gave back since the last report too.
-        self.reclaimed = Reclaimed { entries: given, stacks: std::mem::take(&mut self.housekept) + r.stacks, ..r };
+        let built = self.build();
+        self.print(&built)?;
+        self.give_back(&built);
+        let Built { rows, now, read, .. } = built;
         self.last = rows;
         self.last_ns = now;
         Ok(read)
     }
 
+    /// After a report: the totals entries no block named are set aside,
+    /// and stacks no entry names given back (see `maps::reclaim`).
+    fn give_back(&mut self, built: &Built) {
+        let Built { entries, live_slots, given, .. } = built;
+        if let Some(live) = live_slots {
+            self.reclaim.set_aside(&self.recorded, entries, live);
+        }
+        let r = self.reclaim.stacks(&mut self.recorded);
+        // Counting what housekeeping gave back since the last report too.
+        self.reclaimed = Reclaimed { entries: *given, stacks: std::mem::take(&mut self.housekept) + r.stacks, ..r };
+    }
+
     /// Of these processes and those holding totals `entries`, the ones
     /// that exited: what they left is dropped, in the kernel maps too.
     fn forget_dead(&mut self, tgids: impl Iterator<Item = u32>, entries: &[Entry]) -> HashSet<u32> {
-        let tgids: HashSet<u32> = tgids.chain(entries.iter().map(|(_, k, _)| k.tgid)).collect();
-        let dead: HashSet<u32> = tgids
-            .into_iter()
-            .filter(|&tgid| !is_kernel(tgid) && !proc::exists(tgid))
-            .collect();
-        if !dead.is_empty() {
-            self.recorded.forget_processes(&dead);
-            self.reclaim.forget(&dead, entries);
-            self.ends.forget(&dead);
-        }
+        let dead = self.reclaim.forget_dead(&mut self.recorded, tgids, entries);
+        self.ends.forget(&dead);
         dead
     }
 
@@ -626,7 +390,7 @@ impl Reporter {
     /// `--pprof` (every stack of the last report).
     pub fn finish(&mut self) -> anyhow::Result<()> {
         for warning in self.lost.rest(&self.recorded.lost(), monotonic_ns()) {
-            eprintln!("{warning}");
+            eprintln!("memleak: {warning}");
         }
         if self.exports.is_empty() {
             return Ok(());
@@ -654,7 +418,7 @@ impl Reporter {
         let meta = pprof::Meta {
             time_nanos: self.start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
             duration_nanos: elapsed_ns as i64,
-            period: self.sample_rate as i64,
+            period: self.options.sample_rate as i64,
         };
         self.exports.write(&stacks, &title, &mut |pid, addr| symbolizer.mapping(pid, addr), &mut |pid| comms.get(&pid).cloned(), meta)
     }

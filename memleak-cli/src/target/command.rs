@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::error::{Kind, user_error};
+use crate::{
+    error::{Kind, user_error},
+    target::proc,
+};
 
 /// A forked child waiting to exec the command, then the command: killed
 /// and reaped if memleak lets go of it (an error, a signal during attach),
@@ -256,13 +259,13 @@ fn runnable(program: &str) -> bool {
 /// the command may have exec'd another program by then.
 pub fn wait_for_exec(held: &Held) {
     let pid = held.pid;
-    let me = std::fs::read_link("/proc/self/exe").ok();
+    let me = proc::own_exe();
     for _ in 0..2000 {
         if held.stopped() {
             return;
         }
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        let exe = proc::exe(pid);
+        let maps = proc::maps_text(pid).unwrap_or_default();
         if maps.is_empty() {
             return; // exited already
         }

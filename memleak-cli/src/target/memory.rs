@@ -25,6 +25,12 @@ pub fn read(pid: u32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Fills `buf` from `addr` in process `pid`, through `/proc/PID/mem`
+/// (code without a file: JIT code, the vDSO; see `symbolize`).
+pub fn read_exact_at(pid: u32, buf: &mut [u8], addr: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(format!("/proc/{pid}/mem"))?, buf, addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

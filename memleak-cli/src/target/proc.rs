@@ -95,7 +95,33 @@ fn read_at(dir: &fs::File, name: &std::ffi::CStr) -> io::Result<String> {
 
 /// Process `pid`'s mappings now (none once it is gone).
 pub fn maps_of(pid: u32) -> Vec<Mapping> {
-    fs::read_to_string(format!("/proc/{pid}/maps")).map(|text| parse_maps(&text)).unwrap_or_default()
+    maps_text(pid).map(|text| parse_maps(&text)).unwrap_or_default()
+}
+
+/// The text of `/proc/PID/maps`.
+pub fn maps_text(pid: u32) -> io::Result<String> {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+}
+
+/// memleak's own mappings.
+pub fn own_maps() -> io::Result<String> {
+    fs::read_to_string("/proc/self/maps")
+}
+
+/// The path of the program process `pid` runs, as the kernel names it
+/// (None once it is gone).
+pub fn exe(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
+}
+
+/// memleak's own program.
+pub fn own_exe() -> Option<String> {
+    fs::read_link("/proc/self/exe").ok().map(|p| p.to_string_lossy().into_owned())
+}
+
+/// memleak's own `/proc/self/status`.
+pub fn own_status() -> io::Result<String> {
+    fs::read_to_string("/proc/self/status")
 }
 
 /// The PIDs of all processes now.

@@ -38,6 +38,17 @@ use crate::{
 
 pub use table::{Table, build};
 
+/// `--unwind`: how user stacks are walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unwind {
+    /// Unwind tables for objects built without frame pointers.
+    Auto,
+    /// Frame pointers only.
+    Fp,
+    /// Unwind tables for every object that has them.
+    Dwarf,
+}
+
 /// Rows per page: a table starts on a page, so it is written through a
 /// mapping of its own pages.
 const PAGE_ROWS: u32 = 512;
@@ -146,7 +157,7 @@ impl Unwinder {
     /// Tables for every executable file process `pid` maps (those not
     /// built yet), then its entry. A process that has exited adds nothing.
     pub fn add_process(&mut self, pid: u32) -> anyhow::Result<Added> {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return Ok(Added::default()) };
+        let Ok(text) = proc::maps_text(pid) else { return Ok(Added::default()) };
         let maps: Vec<Mapping> =
             proc::parse_maps(&text).into_iter().filter(|m| m.is_file() && m.perms.contains('x')).collect();
         let new: Vec<&Mapping> = {
@@ -308,7 +319,7 @@ impl Unwinder {
             i += 1;
         });
         if let Err(e) = written {
-            eprintln!("warning: cannot write an unwind table ({e}): walked by frame pointers");
+            crate::warn!("cannot write an unwind table ({e}): walked by frame pointers");
             return None;
         }
         self.used = end;
