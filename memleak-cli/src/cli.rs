@@ -12,6 +12,7 @@ use crate::{
     export,
     probe::{attach::Floor, loader},
     report::{self, Format, dump, peek, sort::SortKey},
+    target::debuginfod,
     unwind::Unwind,
 };
 
@@ -276,6 +277,7 @@ impl Args {
             sample_rate: self.sample_rate,
             quiet: self.quiet,
             source: !self.no_source,
+            debuginfod: debuginfod::Servers::from_env(|name| std::env::var(name).ok()),
         };
         let exports = export::Paths { folded: self.folded, flamegraph: self.flamegraph, pprof: self.pprof };
         let dump = self.dump.map(|dir| dump::Options { dir, budget: self.dump_budget, force: self.force });

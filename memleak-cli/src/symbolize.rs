@@ -23,6 +23,7 @@ use memleak_common::TRUNCATED_IP;
 use crate::{
     stack_end::{self, CALL_WINDOW, End},
     target::{
+        debuginfod::{self, Debuginfod},
         debuglink,
         file::TargetFile,
         proc::{self, Mapping},
@@ -178,10 +179,13 @@ pub struct Symbolizer {
     /// Frames in `cache` of addresses in no mapping known then: dropped
     /// when the process's mappings are read again (a library loaded since).
     unmapped: HashSet<(u32, u64)>,
+    /// Debug files of stripped binaries from debuginfod servers.
+    debuginfod: Option<Debuginfod>,
 }
 
 impl Symbolizer {
-    pub fn new(source_lines: bool) -> Self {
+    /// `servers`: debuginfod servers to ask for debug files not installed.
+    pub fn new(source_lines: bool, servers: Option<debuginfod::Servers>) -> Self {
         let blaze = Blaze::builder()
             .enable_code_info(source_lines)
             .enable_inlined_fns(source_lines)
@@ -199,6 +203,7 @@ impl Symbolizer {
             verdicts: HashMap::new(),
             fresh: HashSet::new(),
             unmapped: HashSet::new(),
+            debuginfod: servers.map(Debuginfod::start),
         }
     }
 
@@ -253,7 +258,10 @@ impl Symbolizer {
             }
         };
         // Now, while the process lives: its root leads to the companion.
-        let split = debuglink::split(&file, pid);
+        let mut split = debuglink::split(&file, pid);
+        if let Some(split) = &mut split {
+            self.ask_debuginfod(split);
+        }
         let module = Some(Module { file, name: m.module_name().to_string(), split });
         let i = match self.free_slots.pop() {
             Some(i) => {
@@ -325,6 +333,25 @@ impl Symbolizer {
     /// A new report: mappings read before may be stale.
     pub fn next_report(&mut self) {
         self.fresh.clear();
+        // Debug files fetched since: the frames of their binaries are
+        // resolved again (all frames: this happens once per file).
+        if self.debuginfod.as_ref().is_some_and(Debuginfod::arrived) {
+            let mut modules = std::mem::take(&mut self.modules);
+            for split in modules.iter_mut().flatten().filter_map(|m| m.split.as_mut()) {
+                self.ask_debuginfod(split);
+            }
+            self.modules = modules;
+            self.cache.clear();
+            self.unmapped.clear();
+        }
+    }
+
+    /// A split binary without its debug file in the process's root: the
+    /// one in debuginfod's cache, or asked for.
+    fn ask_debuginfod(&mut self, split: &mut debuglink::Split) {
+        let (Some(debuginfod), None, Some(id)) = (&mut self.debuginfod, &split.companion, &split.build_id) else { return };
+        let Some(path) = debuginfod.get(id) else { return };
+        split.companion = TargetFile::host(&path).ok().and_then(|file| debuglink::checked(file, id));
     }
 
     /// How many of `addrs` (a user stack of `pid`, innermost first) can be
@@ -682,7 +709,7 @@ mod tests {
     fn symbolizes_this_process_and_caches() {
         let pid = std::process::id();
         let addr = probe_target as *const () as u64 + 1; // a "return address" inside it
-        let mut s = Symbolizer::new(true);
+        let mut s = Symbolizer::new(true, None);
         let frames = s.frames(pid, &[addr, addr]);
         let (name, offset) = frames[0].symbol.clone().expect("symbol found");
         assert!(name.contains("probe_target"), "{name}");
@@ -692,7 +719,7 @@ mod tests {
         assert_eq!(s.cache.len(), 1);
         // A second symbolizer that only refreshed once still resolves
         // after the maps it read are gone from /proc (the process exited).
-        let mut later = Symbolizer::new(false);
+        let mut later = Symbolizer::new(false, None);
         later.refresh(pid);
         assert!(later.frames(pid, &[addr])[0].symbol.is_some());
         // The mapping of this test binary, with its build id if it has one.
@@ -705,7 +732,7 @@ mod tests {
     #[test]
     fn data_and_code_not_after_a_call_end_a_stack() {
         let pid = std::process::id();
-        let mut s = Symbolizer::new(false);
+        let mut s = Symbolizer::new(false, None);
         let heap = Box::new([0u64; 64]);
         let data = &*heap as *const _ as u64 + 8;
         let code = probe_target as *const () as u64 + 1; // its first instruction is no call
@@ -721,7 +748,7 @@ mod tests {
 
     #[test]
     fn unmapped_address_keeps_a_module_label() {
-        let mut s = Symbolizer::new(false);
+        let mut s = Symbolizer::new(false, None);
         let frames = s.frames(std::process::id(), &[0x10]);
         assert_eq!(frames[0].symbol, None);
         assert!(frames[0].lines()[0].starts_with("0x10 ["), "{:?}", frames[0].lines());

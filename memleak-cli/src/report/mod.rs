@@ -79,6 +79,8 @@ pub struct Options {
     pub quiet: bool,
     /// Frames with file:line (not `--no-source`).
     pub source: bool,
+    /// Where debug files not installed are asked for (`DEBUGINFOD_URLS`).
+    pub debuginfod: Option<crate::target::debuginfod::Servers>,
 }
 
 /// What a report covers.
@@ -169,7 +171,7 @@ impl Reporter {
         dump: Option<Dump>,
         started: (u64, SystemTime),
     ) -> Self {
-        let mut symbolizer = Symbolizer::new(options.source);
+        let mut symbolizer = Symbolizer::new(options.source, options.debuginfod.clone());
         if let Scope::Process(pid, _) = scope {
             // Open the target's files now: its frames must still resolve if
             // it exits before the first report.

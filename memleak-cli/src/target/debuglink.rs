@@ -19,6 +19,8 @@ pub struct Split {
     /// (file offset, size, virtual address) of each loadable segment: the
     /// companion's symbols are at the file's virtual addresses.
     segments: Vec<(u64, u64, u64)>,
+    /// The file's GNU build id.
+    pub build_id: Option<Vec<u8>>,
     pub companion: Option<Companion>,
 }
 
@@ -47,8 +49,8 @@ pub fn split(file: &TargetFile, pid: u32) -> Option<Split> {
         })
         .collect();
     let build_id = elf.build_id().ok().flatten().map(<[u8]>::to_vec);
-    let companion = build_id.and_then(|id| companion(pid, &id));
-    Some(Split { segments, companion })
+    let companion = build_id.as_deref().and_then(|id| companion(pid, id));
+    Some(Split { segments, build_id, companion })
 }
 
 impl Split {
@@ -78,6 +80,11 @@ fn companion(pid: u32, id: &[u8]) -> Option<Companion> {
     }
     let rest: String = rest.iter().map(|b| format!("{b:02x}")).collect();
     let file = TargetFile::in_root(pid, &format!("usr/lib/debug/.build-id/{first:02x}/{rest}.debug")).ok()?;
+    checked(file, id)
+}
+
+/// `file`, if it holds the debug info of build `id`.
+pub fn checked(file: TargetFile, id: &[u8]) -> Option<Companion> {
     let links_further = {
         let cache = ReadCache::new(file.file());
         let elf = object::File::parse(&cache).ok()?;

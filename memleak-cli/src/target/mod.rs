@@ -1,9 +1,10 @@
 //! What is traced: processes and their /proc files (`proc`), a command
 //! started for `-c` (`command`), the files they map, opened only as
 //! `file` says, the ELF in them (`elf`), and their separate debug info
-//! (`debuglink`).
+//! (`debuglink`), or from a debuginfod server (`debuginfod`).
 
 pub mod command;
+pub mod debuginfod;
 pub mod debuglink;
 pub mod elf;
 pub mod file;

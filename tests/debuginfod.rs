@@ -1,0 +1,178 @@
+//! Debug files from a debuginfod server: a stripped program whose debug
+//! file is installed nowhere is named once a server on 127.0.0.1 serves
+//! it, and a server that cannot be reached, or never answers, neither
+//! holds up a report nor is told about more than once.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use memleak_tests::{Report, Running, fixture, memleak_bin, parse_reports};
+
+/// A debuginfod server: serves `files` by path, 404 for anything else,
+/// and counts the requests for each path.
+struct Server {
+    port: u16,
+    asked: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Server {
+    fn start(files: HashMap<String, Vec<u8>>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(Mutex::new(HashMap::new()));
+        let counts = asked.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                // The rest of the request's head.
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                        break;
+                    }
+                }
+                *counts.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+                let mut stream: &TcpStream = &stream;
+                let _ = match files.get(&path) {
+                    Some(body) => stream
+                        .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes())
+                        .and_then(|()| stream.write_all(body)),
+                    None => stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                };
+            }
+        });
+        Self { port, asked }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The GNU build id of an ELF file, in hex, as readelf prints it.
+fn build_id(file: &Path) -> String {
+    let out = Command::new("readelf").arg("-n").arg(file).output().expect("readelf");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).unwrap_or_else(|| panic!("no build id:\n{text}"));
+    id.trim().to_string()
+}
+
+/// memleak with `args` and `env` (DEBUGINFOD_* removed first), killed past
+/// `limit`; its output and how long it ran.
+fn memleak(args: &[&str], env: &[(&str, String)], limit: Duration) -> (Output, Duration) {
+    let mut command = Command::new(memleak_bin());
+    for name in ["DEBUGINFOD_URLS", "DEBUGINFOD_CACHE_PATH", "DEBUGINFOD_TIMEOUT"] {
+        command.env_remove(name);
+    }
+    let started = Instant::now();
+    let mut child = command.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("memleak {args:?} ran past {limit:?}\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    (child.wait_with_output().unwrap(), started.elapsed())
+}
+
+fn cache_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("memleak-debuginfod-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn named(report: &Report) -> bool {
+    report.stacks.iter().any(|s| s.starts_with(&["fibonacci", "child"]) && s.frames[0].contains("fibonacci.c:"))
+}
+
+#[test]
+fn a_stripped_program_is_named_from_a_debuginfod_server() {
+    // No symbol table, no debuglink, and no debug file on this machine:
+    // only its build id names its debug file, which only the server has.
+    let app = fixture("fibonacci-stripped");
+    let id = build_id(&app);
+    let installed = format!("/usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+    assert!(!Path::new(&installed).exists(), "{installed} exists: the test would prove nothing");
+    let debug = std::fs::read(app.with_extension("debug")).unwrap();
+    let wanted = format!("/buildid/{id}/debuginfo");
+    let server = Server::start(HashMap::from([(wanted.clone(), debug.clone())]));
+    let target = Running::spawn(&app, &["100"]);
+    let pid = target.pid().to_string();
+    let args = ["-p", &pid, "1", "3"];
+
+    // Without a server: offsets only.
+    let (out, _) = memleak(&args, &[], Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let reports = parse_reports(&stdout);
+    assert_eq!(reports.len(), 3, "{stdout}");
+    assert!(!reports.iter().any(named), "named without its debug file?\n{stdout}");
+
+    let cache = cache_dir("named");
+    let env = [("DEBUGINFOD_URLS", server.url()), ("DEBUGINFOD_CACHE_PATH", cache.display().to_string())];
+    let (out, _) = memleak(&args, &env, Duration::from_secs(30));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let reports = parse_reports(&stdout);
+    assert_eq!(reports.len(), 3, "{stdout}");
+    // Fetched while tracing, never waited for: named by the last report.
+    assert!(named(reports.last().unwrap()), "not named from the server's file:\n{stdout}\n{stderr}");
+    let leak = reports.last().unwrap().stacks.iter().find(|s| s.starts_with(&["fibonacci", "child"])).unwrap();
+    assert_eq!(leak.bytes, 8192 * leak.count, "{leak:?}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert_eq!(server.asked.lock().unwrap().get(&wanted), Some(&1), "asked once");
+    // Kept where elfutils' client keeps it: the next run needs no server.
+    assert_eq!(std::fs::read(cache.join(&id).join("debuginfo")).unwrap(), debug);
+    let (out, _) = memleak(&args, &[("DEBUGINFOD_URLS", "http://127.0.0.1:9".into()), env[1].clone()], Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(named(&parse_reports(&stdout)[0]), "the cached file names the first report:\n{stdout}");
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn a_server_that_is_down_or_silent_holds_up_no_report_and_is_told_once() {
+    // One port that refuses, one server that accepts and never answers.
+    let refused = TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused_url = format!("http://127.0.0.1:{}", refused.local_addr().unwrap().port());
+    drop(refused);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let holder = held.clone();
+    thread::spawn(move || {
+        for stream in silent.incoming().flatten() {
+            holder.lock().unwrap().push(stream);
+        }
+    });
+    let target = Running::spawn(fixture("fibonacci-stripped"), &["100"]);
+    let pid = target.pid().to_string();
+    let cache = cache_dir("down");
+    let env = [
+        ("DEBUGINFOD_URLS", format!("{refused_url} {silent_url}")),
+        ("DEBUGINFOD_CACHE_PATH", cache.display().to_string()),
+        ("DEBUGINFOD_TIMEOUT", "60".to_string()),
+    ];
+    let (out, took) = memleak(&["-p", &pid, "1", "3"], &env, Duration::from_secs(50));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(parse_reports(&stdout).len(), 3, "{stdout}");
+    // Three 1 s reports, while the silent server holds a fetch for 60 s.
+    assert!(took < Duration::from_secs(15), "took {took:?}: a report waited for the network\n{stderr}");
+    assert!(!held.lock().unwrap().is_empty(), "the silent server was never asked");
+    let told: Vec<&str> = stderr.lines().filter(|l| l.contains(&refused_url)).collect();
+    assert_eq!(told.len(), 1, "{stderr}");
+    assert!(told[0].starts_with("memleak: warning: debuginfod server") && told[0].contains("cannot be reached"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&cache);
+}
