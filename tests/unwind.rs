@@ -278,3 +278,25 @@ fn a_leak_inside_libstdcxx_is_walked_by_its_tables() {
     assert!(fp[0].contains("::_M_mutate"), "{fp:?}");
     assert!(!fp.iter().any(|f| f == "parse" || f == "main"), "{fp:?}");
 }
+
+#[test]
+fn a_command_started_through_a_wrapper_is_walked_by_tables_from_its_first_block() {
+    // `sh -c 'exec deep'`, as shims and wrapper scripts start programs:
+    // memleak holds the command at its first allocation (sh's) for its
+    // tables, and again at the first after the exec (deep's). Without
+    // the second hold, deep's first block (allocated within a
+    // millisecond of the exec, before memleak heard of it) was walked by
+    // frame pointers: a stack of `alloc` alone.
+    let program = fixture("deep");
+    let command = format!("sh -c 'exec {} 20'", program.display());
+    let out = run_memleak(&args(&["--unwind", "dwarf", "-c", &command, "1", "2"]), Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
+    let reports = parse_reports(&stdout);
+    let last = reports.last().unwrap_or_else(|| panic!("no report:\n{stdout}\n{stderr}"));
+    let deep: Vec<&Stack> = last.stacks.iter().filter(|s| s.count > 0 && s.bytes == DEEP * s.count).collect();
+    // Every block of the leak under one stack, the whole one.
+    assert_eq!(deep.len(), 1, "{stdout}");
+    assert_eq!(functions(deep[0]), ["alloc", "parse", "handle", "loop", "run", "main"], "{stdout}");
+}

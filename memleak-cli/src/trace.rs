@@ -292,15 +292,20 @@ async fn attach_command(
     held.release()?;
     // Its tables need its mappings, libc's only there once it runs: held
     // at its exit by ptrace, it is also stopped (the kernel's SIGSTOP) at
-    // its first allocation, its tables go in as that stop is passed on
-    // (`pass_stops`), and the signal is dropped.
+    // its first allocation, and at the first after each exec, its tables
+    // go in as that stop is passed on (`pass_stops`), and the signal is
+    // dropped. A SIGSTOP while it is not held is the command's own.
     let memory = run.unwind_memory;
     if let Some(unwinder) = tables.clone().filter(|_| traced) {
-        held.on_first_stop(Box::new(move || {
-            let added = unwinder.lock().expect("unwinder poisoned").release(pid);
-            if let Err(e) = added.and_then(|added| fits(memory, added)) {
+        held.on_own_stop(Box::new(move || {
+            let mut unwinder = unwinder.lock().expect("unwinder poisoned");
+            if !unwinder.holding(pid) {
+                return false;
+            }
+            if let Err(e) = unwinder.release(pid).and_then(|added| fits(memory, added)) {
                 warn!("{e:#}");
             }
+            true
         }));
     }
     command::wait_for_exec(&held);

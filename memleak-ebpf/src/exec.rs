@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use memleak_common::{EVENT_EXEC, Event};
 
-use crate::config;
+use crate::{config, maps::UNWIND_HOLD};
 
 /// 4096 events of 24 bytes (16 and the ring's 8-byte header): more execs
 /// than a busy machine makes between two reports.
@@ -33,6 +33,17 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     // `Reporter::forget_execs`).
     // SAFETY: helpers without arguments.
     let time = unsafe { if config::combined_only() { bpf_jiffies64() } else { bpf_ktime_get_ns() } };
+    // `-c`: the new program is held at its first allocation too, until
+    // memleak has its tables (see `unwind::hold`): a command started
+    // through a wrapper (`sh -c 'exec ...'`, pyenv's shims) would
+    // otherwise have its first blocks walked by frame pointers only.
+    if config::unwind_hold_first()
+        && let Some(held) = UNWIND_HOLD.get_ptr_mut(0)
+    {
+        // SAFETY: the map's one element; memleak clears it as it
+        // releases the command.
+        unsafe { *held = tgid };
+    }
     // A full ring loses the event: the old image's blocks then stay until
     // the process exits (user space reads the ring every report).
     let _ = EVENTS.output::<Event>(Event { kind: EVENT_EXEC, tgid, time }, 0);

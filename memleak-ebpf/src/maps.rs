@@ -106,7 +106,7 @@ pub static UNWIND_CACHE: PerCpuArray<UnwindCache> = PerCpuArray::with_max_entrie
 #[map]
 pub static UNWIND_STEP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// `-c`: the command's PID until its tables' entry is written, then 0
-/// (see `unwind::hold`).
+/// `-c`: the command's PID until its tables' entry is written, then 0;
+/// the command's again as it execs (see `unwind::hold`).
 #[map]
 pub static UNWIND_HOLD: Array<u32> = Array::with_max_entries(1, 0);

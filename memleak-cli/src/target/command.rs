@@ -24,8 +24,9 @@ pub struct Held {
     go: Option<OwnedFd>,
     /// Its exit code, once reaped (`Some(None)`: reaped, code unknown).
     reaped: Option<Option<i32>>,
-    /// Run at its first SIGSTOP, which is then dropped (see `on_first_stop`).
-    first_stop: Option<Box<dyn FnOnce() + Send>>,
+    /// Asked at each SIGSTOP whether it is memleak's own, then dropped
+    /// (see `on_own_stop`).
+    own_stop: Option<Box<dyn FnMut() -> bool + Send>>,
 }
 
 /// How long a command has to exit after SIGTERM before SIGKILL.
@@ -85,7 +86,7 @@ impl Held {
             pid => {
                 // SAFETY: closing our copy of the child's end; `go` is ours.
                 unsafe { libc::close(wait) };
-                Ok(Self { pid: pid as u32, go: Some(unsafe { OwnedFd::from_raw_fd(go) }), reaped: None, first_stop: None })
+                Ok(Self { pid: pid as u32, go: Some(unsafe { OwnedFd::from_raw_fd(go) }), reaped: None, own_stop: None })
             }
         }
     }
@@ -116,12 +117,13 @@ impl Held {
         Ok(())
     }
 
-    /// Held at its exit (`hold_at_exit`), the command's first SIGSTOP is
-    /// memleak's own (the kernel's, at its first allocation: see
-    /// memleak-ebpf's `unwind::hold`): `then` runs while it is stopped,
-    /// and the signal is not delivered.
-    pub fn on_first_stop(&mut self, then: Box<dyn FnOnce() + Send>) {
-        self.first_stop = Some(then);
+    /// Held at its exit (`hold_at_exit`), a SIGSTOP of the command may be
+    /// memleak's own (the kernel's, at its first allocation and at the
+    /// first after each exec: see memleak-ebpf's `unwind::hold`): `then`
+    /// runs while it is stopped and says whether it was; if so, the
+    /// signal is not delivered.
+    pub fn on_own_stop(&mut self, then: Box<dyn FnMut() -> bool + Send>) {
+        self.own_stop = Some(then);
     }
 
     /// Whether the command waits in a stop memleak has not seen yet (its
@@ -183,13 +185,8 @@ impl Held {
                     (libc::PTRACE_LISTEN, 0)
                 }
                 libc::PTRACE_EVENT_STOP => (libc::PTRACE_CONT, 0),
-                // memleak's own stop (`on_first_stop`): not the command's.
-                0 if signal == libc::SIGSTOP && self.first_stop.is_some() => {
-                    if let Some(then) = self.first_stop.take() {
-                        then();
-                    }
-                    (libc::PTRACE_CONT, 0)
-                }
+                // memleak's own stop (`on_own_stop`): not the command's.
+                0 if signal == libc::SIGSTOP && self.own_stop.as_mut().is_some_and(|ours| ours()) => (libc::PTRACE_CONT, 0),
                 // A signal on its way: delivered as if nobody traced it.
                 _ => (libc::PTRACE_CONT, signal as usize),
             };

@@ -146,6 +146,12 @@ impl Unwinder {
         self.held.set(0, pid, 0).context("writing UNWIND_HOLD")
     }
 
+    /// Whether process `pid` is held (see `hold`): set by memleak before
+    /// the command runs, and by the kernel as it execs.
+    pub fn holding(&self, pid: u32) -> bool {
+        self.held.get(&0, 0).is_ok_and(|held| held == pid)
+    }
+
     /// Process `pid`, stopped by `hold`: its tables and entry, then no
     /// more stops. The caller lets it go on (its tracer drops the signal).
     pub fn release(&mut self, pid: u32) -> anyhow::Result<Added> {
