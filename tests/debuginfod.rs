@@ -1,14 +1,14 @@
 //! Debug files from a debuginfod server: a stripped program whose debug
-//! file is installed nowhere is named once a server on 127.0.0.1 serves
-//! it, and a server that cannot be reached, or never answers, neither
-//! holds up a report nor is told about more than once.
+//! file is installed nowhere is named once elfutils' debuginfod (Debian's,
+//! unpacked by `cargo xtask setup`) serves it on 127.0.0.1, and a server
+//! that cannot be reached, or never answers, neither holds up a report nor
+//! is told about more than once.
 
 use std::{
-    collections::HashMap,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -16,48 +16,59 @@ use std::{
 
 use memleak_tests::{Report, Running, fixture, memleak_bin, parse_reports};
 
-/// A debuginfod server: serves `files` by path, 404 for anything else,
-/// and counts the requests for each path.
-struct Server {
+/// elfutils' debuginfod, serving the ELF/DWARF files under `dir` on a
+/// port of 127.0.0.1's; killed when dropped.
+struct Debuginfod {
+    child: Child,
     port: u16,
-    asked: Arc<Mutex<HashMap<String, usize>>>,
 }
 
-impl Server {
-    fn start(files: HashMap<String, Vec<u8>>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let asked = Arc::new(Mutex::new(HashMap::new()));
-        let counts = asked.clone();
-        thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                let _ = reader.read_line(&mut line);
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                // The rest of the request's head.
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
-                        break;
-                    }
-                }
-                *counts.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
-                let mut stream: &TcpStream = &stream;
-                let _ = match files.get(&path) {
-                    Some(body) => stream
-                        .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes())
-                        .and_then(|()| stream.write_all(body)),
-                    None => stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
-                };
-            }
-        });
-        Self { port, asked }
+impl Debuginfod {
+    /// Started, and ready: it serves build `id`'s debug file.
+    fn serve(dir: &Path, id: &str) -> Self {
+        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debuginfod/usr/bin/debuginfod");
+        assert!(bin.exists(), "{} is missing: run `cargo xtask setup`", bin.display());
+        // A free port: taken, then given to debuginfod.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let db = dir.with_extension("sqlite");
+        let _ = std::fs::remove_file(&db);
+        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+        let child = Command::new(bin)
+            .args(["-F", "-t", "0", "-g", "0", "-p", &port.to_string(), "-d"])
+            .arg(&db)
+            .arg(dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start debuginfod");
+        let server = Self { child, port };
+        let started = Instant::now();
+        while get(port, &format!("/buildid/{id}/debuginfo")) != Some(200) {
+            assert!(started.elapsed() < Duration::from_secs(60), "debuginfod never served {id}; see {}", dir.with_extension("log").display());
+            thread::sleep(Duration::from_millis(100));
+        }
+        server
     }
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+}
+
+impl Drop for Debuginfod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of `GET path` on 127.0.0.1:port, if it answers.
+fn get(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    String::from_utf8_lossy(&head[9..12]).parse().ok()
 }
 
 /// The GNU build id of an ELF file, in hex, as readelf prints it.
@@ -107,8 +118,10 @@ fn a_stripped_program_is_named_from_a_debuginfod_server() {
     let installed = format!("/usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
     assert!(!Path::new(&installed).exists(), "{installed} exists: the test would prove nothing");
     let debug = std::fs::read(app.with_extension("debug")).unwrap();
-    let wanted = format!("/buildid/{id}/debuginfo");
-    let server = Server::start(HashMap::from([(wanted.clone(), debug.clone())]));
+    let served = cache_dir("served");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::write(served.join("fibonacci-stripped.debug"), &debug).unwrap();
+    let server = Debuginfod::serve(&served, &id);
     let target = Running::spawn(&app, &["100"]);
     let pid = target.pid().to_string();
     let args = ["-p", &pid, "1", "3"];
@@ -132,13 +145,14 @@ fn a_stripped_program_is_named_from_a_debuginfod_server() {
     let leak = reports.last().unwrap().stacks.iter().find(|s| s.starts_with(&["fibonacci", "child"])).unwrap();
     assert_eq!(leak.bytes, 8192 * leak.count, "{leak:?}");
     assert!(!stderr.contains("warning"), "{stderr}");
-    assert_eq!(server.asked.lock().unwrap().get(&wanted), Some(&1), "asked once");
     // Kept where elfutils' client keeps it: the next run needs no server.
     assert_eq!(std::fs::read(cache.join(&id).join("debuginfo")).unwrap(), debug);
     let (out, _) = memleak(&args, &[("DEBUGINFOD_URLS", "http://127.0.0.1:9".into()), env[1].clone()], Duration::from_secs(30));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(named(&parse_reports(&stdout)[0]), "the cached file names the first report:\n{stdout}");
+    drop(server);
     let _ = std::fs::remove_dir_all(&cache);
+    let _ = std::fs::remove_dir_all(&served);
 }
 
 #[test]

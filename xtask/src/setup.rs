@@ -5,7 +5,9 @@
 //!   LLVM major as rustc, no system LLVM needed);
 //! - the allocator libraries the test fixtures link against, gdb and
 //!   chromium (Debian packages);
-//! - Prometheus, unpacked into target/prometheus for tests/listen.rs.
+//! - Prometheus, unpacked into target/prometheus for tests/listen.rs;
+//!   elfutils' debuginfod, unpacked into target/debuginfod for
+//!   tests/debuginfod.rs (with its libraries installed).
 
 use std::{fs, os::unix::fs::symlink, path::PathBuf, process::Command};
 
@@ -17,26 +19,28 @@ pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     fixture_libraries()?;
-    prometheus()?;
+    unpack("prometheus", &["usr/bin/prometheus", "usr/bin/promtool"])?;
+    unpack("debuginfod", &["usr/bin/debuginfod"])?;
     Ok(())
 }
 
-/// Debian's Prometheus server and promtool, for the `--listen` tests:
-/// downloaded and unpacked into target/prometheus, not installed (the
-/// package's install script starts a daemon bound to every address).
-fn prometheus() -> anyhow::Result<()> {
-    let dir = crate::workspace_root().join("target/prometheus");
-    if dir.join("usr/bin/prometheus").exists() && dir.join("usr/bin/promtool").exists() {
+/// A Debian package's files, downloaded and unpacked into target/NAME,
+/// not installed: the install scripts of Prometheus and debuginfod start
+/// daemons (Prometheus's bound to every address). Prometheus and promtool
+/// serve tests/listen.rs, debuginfod tests/debuginfod.rs.
+fn unpack(package: &str, files: &[&str]) -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("target").join(package);
+    if files.iter().all(|f| dir.join(f).exists()) {
         return Ok(());
     }
-    eprintln!("setup: unpacking Debian's prometheus into {}", dir.display());
-    let download = crate::workspace_root().join("target/prometheus-deb");
+    eprintln!("setup: unpacking Debian's {package} into {}", dir.display());
+    let download = crate::workspace_root().join(format!("target/{package}-deb"));
     fs::create_dir_all(&download)?;
-    let fetch = || Command::new("apt-get").args(["download", "-qq", "prometheus"]).current_dir(&download).status();
+    let fetch = || Command::new("apt-get").args(["download", "-qq", package]).current_dir(&download).status();
     if !fetch().is_ok_and(|s| s.success()) {
         output("apt-get", &["update", "-qq"])?;
-        if !fetch().context("running apt-get download prometheus")?.success() {
-            bail!("apt-get download prometheus failed");
+        if !fetch().with_context(|| format!("running apt-get download {package}"))?.success() {
+            bail!("apt-get download {package} failed");
         }
     }
     let deb = fs::read_dir(&download)?
@@ -50,9 +54,22 @@ fn prometheus() -> anyhow::Result<()> {
 }
 
 /// The fixtures' allocators, gdb (tests/frames.rs compares memleak's
-/// offsets with its, tests/unwind.rs memleak's stacks with its `bt`) and
-/// chromium (tests/listen.rs loads `--listen`'s page in it, headless).
-const PACKAGES: &[&str] = &["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "gdb", "chromium"];
+/// offsets with its, tests/unwind.rs memleak's stacks with its `bt`),
+/// chromium (tests/listen.rs loads `--listen`'s page in it, headless) and
+/// the libraries the unpacked debuginfod needs (libraries: no daemon).
+const PACKAGES: &[&str] = &[
+    "libjemalloc-dev",
+    "libgoogle-perftools-dev",
+    "libmimalloc-dev",
+    "gdb",
+    "chromium",
+    "libdebuginfod1",
+    "libarchive13",
+    "libdw1",
+    "libelf1",
+    "libmicrohttpd12",
+    "libsqlite3-0",
+];
 
 fn fixture_libraries() -> anyhow::Result<()> {
     let installed = |p: &&str| {
