@@ -41,7 +41,7 @@ use crate::{
         command::{self, Held},
         proc::{PidFd, Target},
     },
-    unwind::{Added, Unwind, Unwinder},
+    unwind::{self, Added, Unwind, Unwinder},
     warn,
 };
 
@@ -189,14 +189,23 @@ struct Loaded {
     execs: Option<Execs>,
 }
 
-/// Loads the programs. With -p, the probes are worked out while they load:
-/// both take time.
-fn load(opened: &Opened, config: Config, run: &Run) -> anyhow::Result<(Loaded, Option<TargetPlan>)> {
+/// -p: what is worked out while the programs load.
+struct Planned {
+    probes: TargetPlan,
+    tables: unwind::Prebuilt,
+}
+
+/// Loads the programs. With -p, the probes and the unwind tables (libc's
+/// takes 2 to 3 ms) are worked out while they load: all take time.
+fn load(opened: &Opened, config: Config, run: &Run) -> anyhow::Result<(Loaded, Option<Planned>)> {
+    let tables = config.unwind_rows > 0 && run.floor.is_none();
     let (loading, planned) = match opened {
         Opened::Process { target, .. } => std::thread::scope(|scope| {
             let loading = scope.spawn(|| loader::load(&config));
-            let planned = attach::plan_target(target, run.obj.as_deref(), run.floor);
-            (loading.join().expect("loader thread panicked"), Some(planned))
+            let building = tables.then(|| scope.spawn(|| unwind::prebuild(target.pid, config.unwind_rows)));
+            let probes = attach::plan_target(target, run.obj.as_deref(), run.floor);
+            let tables = building.map(|b| b.join().expect("table builder panicked")).unwrap_or_default();
+            (loading.join().expect("loader thread panicked"), Some(probes.map(|probes| Planned { probes, tables })))
         }),
         _ => (loader::load(&config), None),
     };
@@ -231,18 +240,20 @@ fn attach_process(
     loaded: &mut Loaded,
     target: Target,
     exited: AsyncFd<PidFd>,
-    planned: Option<TargetPlan>,
+    planned: Option<Planned>,
 ) -> anyhow::Result<Tracing> {
     let pid = target.pid;
     let Loaded { ebpf, links, config, .. } = loaded;
-    // Tables before probes: no stack recorded in between stops short.
-    let tables = unwinder(run, ebpf, links, config)?;
+    let Planned { probes, tables: prebuilt } = planned.expect("planned while loading");
+    // Tables before probes: no stack recorded in between stops short
+    // (`attach` chains the walk by tables before the return probes).
+    let tables = unwinder(run, ebpf, links, config, false)?;
     if let Some(unwinder) = &tables {
-        fits(run.unwind_memory, unwinder.lock().expect("unwinder poisoned").add_process(pid)?)?;
+        fits(run.unwind_memory, unwinder.lock().expect("unwinder poisoned").add_process_with(pid, prebuilt)?)?;
     }
     let started = clock::now();
     let mut probed = HashSet::new();
-    for attached in attach::attach(ebpf, links, planned.expect("planned while loading"))? {
+    for attached in attach::attach(ebpf, links, probes, tables.is_some())? {
         verbose(run, &attached);
         probed.insert(attached.id);
     }
@@ -279,7 +290,7 @@ async fn attach_command(
     };
     let attached = attach::attach_file(ebpf, links, &obj, NonZeroU32::new(pid).expect("child pid"))?;
     verbose(run, &attached);
-    let tables = unwinder(run, ebpf, links, config)?;
+    let tables = unwinder(run, ebpf, links, config, true)?;
     if traced && let Some(unwinder) = &tables {
         unwinder.lock().expect("unwinder poisoned").hold(pid)?;
     }
@@ -335,7 +346,7 @@ fn attach_system(run: &Run, loaded: &mut Loaded, user: bool, kernel_too: bool) -
     // and again each interval for new processes; until a process has its
     // tables, its stacks are walked by frame pointers.
     let mut stop_tables = None;
-    if user && let Some(unwinder) = unwinder(run, ebpf, links, config)? {
+    if user && let Some(unwinder) = unwinder(run, ebpf, links, config, true)? {
         let mut unwinder = Arc::into_inner(unwinder).expect("one owner").into_inner().expect("unwinder poisoned");
         unwinder.share();
         let (memory, period) = (run.unwind_memory, run.interval);
@@ -507,7 +518,7 @@ impl Replan {
         let attached = attach::plan_target(&self.target, run.obj.as_deref(), run.floor).and_then(|mut plan| {
             let mut probed = self.probed.clone();
             plan.retain_new(&mut probed);
-            let attached = if plan.is_empty() { vec![] } else { attach::attach(ebpf, links, plan)? };
+            let attached = if plan.is_empty() { vec![] } else { attach::attach(ebpf, links, plan, false)? };
             self.probed = probed;
             Ok(attached)
         });
@@ -539,13 +550,22 @@ fn listen(server: Option<Server>, reporter: &mut Reporter, config: &Config, prob
     }
 }
 
-/// The walk by unwind tables, its program chained; None with `--unwind fp`
-/// (and `--floor`, whose programs walk nothing).
-fn unwinder(run: &Run, ebpf: &mut Ebpf, links: &Links, config: &Config) -> anyhow::Result<Option<Arc<Mutex<Unwinder>>>> {
+/// The walk by unwind tables, its program chained unless `attach` is to
+/// (`chain` false); None with `--unwind fp` (and `--floor`, whose programs
+/// walk nothing).
+fn unwinder(
+    run: &Run,
+    ebpf: &mut Ebpf,
+    links: &Links,
+    config: &Config,
+    chain: bool,
+) -> anyhow::Result<Option<Arc<Mutex<Unwinder>>>> {
     if config.unwind_rows == 0 || run.floor.is_some() {
         return Ok(None);
     }
-    loader::chain_unwind(ebpf, links)?;
+    if chain {
+        loader::chain_unwind(ebpf, links)?;
+    }
     let every_object = run.unwind == Unwind::Dwarf;
     Ok(Some(Arc::new(Mutex::new(Unwinder::new(ebpf, config.unwind_rows, every_object, run.verbose)?))))
 }

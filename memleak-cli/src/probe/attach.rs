@@ -112,11 +112,12 @@ impl TargetPlan {
     }
 }
 
-/// Attaches the planned probes.
-pub fn attach(ebpf: &mut Ebpf, links: &Links, planned: TargetPlan) -> anyhow::Result<Vec<Attached>> {
+/// Attaches the planned probes. `unwind`: chains the walk by unwind
+/// tables too (`loader::chain_unwind`), before the return probes go in.
+pub fn attach(ebpf: &mut Ebpf, links: &Links, planned: TargetPlan, unwind: bool) -> anyhow::Result<Vec<Attached>> {
     let TargetPlan { pid, plans, floor } = planned;
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid is non-zero"));
-    attach_plans(ebpf, links, &plans, scope, floor).map_err(|e| exited(pid, e))?;
+    attach_plans(ebpf, links, &plans, scope, floor, unwind).map_err(|e| exited(pid, e))?;
     Ok(plans.into_iter().map(|plan| plan.attached).collect())
 }
 
@@ -153,7 +154,7 @@ fn probe_object(
     floor: Option<Floor>,
 ) -> anyhow::Result<Attached> {
     let plan = plan(file, object, serves_malloc, dlopen, floor)?;
-    attach_plans(ebpf, links, std::slice::from_ref(&plan), scope, floor)?;
+    attach_plans(ebpf, links, std::slice::from_ref(&plan), scope, floor, false)?;
     Ok(plan.attached)
 }
 
@@ -233,6 +234,7 @@ fn attach_plans(
     plans: &[Plan],
     scope: UProbeScope,
     floor: Option<Floor>,
+    unwind: bool,
 ) -> anyhow::Result<()> {
     let unmap = Shape::Munmap.programs().0;
     let chained = floor.is_none();
@@ -262,8 +264,24 @@ fn attach_plans(
             }
             anyhow::Ok(())
         };
-        let loaded =
-            loader::load_each_multi(links, &names, |name| if chained && name == unmap { Ok(()) } else { attach_program(name) })?;
+        // The walk by tables loads beside the probes' programs; the return
+        // probes, which tail-call it, wait for it (a stack recorded before
+        // would stop at the first frame without frame pointers).
+        let unwound = Gate::default();
+        let shared: &Ebpf = ebpf;
+        let loaded = std::thread::scope(|threads| {
+            if unwind {
+                threads.spawn(|| unwound.open(loader::chain_unwind_multi(shared, links)));
+            } else {
+                unwound.open(Ok(()));
+            }
+            loader::load_each_multi(links, &names, |name| {
+                if is_return(name) {
+                    unwound.wait()?;
+                }
+                if chained && name == unmap { Ok(()) } else { attach_program(name) }
+            })
+        })?;
         if chained && names.contains(&unmap) {
             if loaded.contains(&unmap) {
                 loader::chain_unmap(ebpf, links)?;
@@ -271,6 +289,9 @@ fn attach_plans(
             attach_program(unmap)?;
         }
         return Ok(());
+    }
+    if unwind {
+        loader::chain_unwind(ebpf, links)?;
     }
     let attach_program = |name: &str, program: &mut UProbe| {
         for plan in plans {
@@ -293,6 +314,26 @@ fn attach_plans(
         attach_program(unmap, loader::uprobe(ebpf, unmap)?)?;
     }
     Ok(())
+}
+
+/// A result some threads wait for, given once by another.
+#[derive(Default)]
+struct Gate {
+    done: std::sync::Mutex<Option<Result<(), String>>>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn open(&self, result: anyhow::Result<()>) {
+        *self.done.lock().expect("gate") = Some(result.map_err(|e| format!("{e:#}")));
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) -> anyhow::Result<()> {
+        let done = self.done.lock().expect("gate");
+        let done = self.opened.wait_while(done, |done| done.is_none()).expect("gate");
+        done.clone().expect("opened").map_err(anyhow::Error::msg)
+    }
 }
 
 /// Whether a program runs at return (`alloc_exit`, `floor_exit`).

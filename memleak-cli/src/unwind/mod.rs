@@ -163,44 +163,26 @@ impl Unwinder {
     /// Tables for every executable file process `pid` maps (those not
     /// built yet), then its entry. A process that has exited adds nothing.
     pub fn add_process(&mut self, pid: u32) -> anyhow::Result<Added> {
+        self.add_process_with(pid, Prebuilt::default())
+    }
+
+    /// `add_process`, taking the tables in `prebuilt` instead of building
+    /// them again.
+    pub fn add_process_with(&mut self, pid: u32, mut prebuilt: Prebuilt) -> anyhow::Result<Added> {
         let Ok(text) = proc::maps_text(pid) else { return Ok(Added::default()) };
-        let maps: Vec<Mapping> =
-            proc::parse_maps(&text).into_iter().filter(|m| m.is_file() && m.perms.contains('x')).collect();
+        let maps = executable(&text);
         let new: Vec<&Mapping> = {
             let mut seen = HashSet::new();
             maps.iter().filter(|m| !self.tables.contains_key(&key(m)) && seen.insert(key(m))).collect()
         };
+        let (ready, to_build): (Vec<&Mapping>, Vec<&Mapping>) = new.iter().partition(|m| prebuilt.0.contains_key(&key(m)));
         let stop = &self.stop;
-        let max_rows = u64::from(self.object_rows);
-        let mut built: Vec<(Option<anyhow::Result<Table>>, Duration)> = vec![];
-        for chunk in new.chunks(self.builders) {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(Added::default());
-            }
-            built.extend(std::thread::scope(|scope| {
-                let threads: Vec<_> = chunk
-                    .iter()
-                    .map(|m| {
-                        scope.spawn(move || {
-                            let started = Instant::now();
-                            // Not readable (the process exited, the range
-                            // maps another file now): tried again with the
-                            // next process that maps it.
-                            let file = TargetFile::mapped(pid, m).and_then(|file| Ok((file.len()?, file))).ok();
-                            let table = file.map(|(len, file)| {
-                                let cache = ReadCache::new(AtOffsets { file: &file, at: 0, len });
-                                build(&cache, stop, max_rows)
-                            });
-                            (table, started.elapsed())
-                        })
-                    })
-                    .collect();
-                threads.into_iter().map(|t| t.join().expect("table builder panicked")).collect::<Vec<_>>()
-            }));
-        }
+        let mut built = build_tables(pid, &to_build, stop, u64::from(self.object_rows), self.builders);
         if stop.load(Ordering::Relaxed) {
             return Ok(Added::default());
         }
+        let new: Vec<&Mapping> = to_build.into_iter().chain(ready.iter().copied()).collect();
+        built.extend(ready.iter().map(|m| prebuilt.0.remove(&key(m)).map_or((None, Duration::ZERO), |(t, d)| (Some(t), d))));
         let mut added = Added::default();
         for (m, (table, took)) in new.iter().zip(built) {
             let Some(table) = table else { continue };
@@ -343,6 +325,67 @@ impl Unwinder {
 
 fn key(m: &Mapping) -> (String, u64) {
     (m.dev.clone(), m.inode)
+}
+
+/// The executable file mappings of a `/proc/PID/maps` text.
+fn executable(maps: &str) -> Vec<Mapping> {
+    proc::parse_maps(maps).into_iter().filter(|m| m.is_file() && m.perms.contains('x')).collect()
+}
+
+/// Tables built before the kernel's maps exist, by file (see `prebuild`).
+#[derive(Default)]
+pub struct Prebuilt(HashMap<(String, u64), (anyhow::Result<Table>, Duration)>);
+
+/// With `-p`, the tables of the process's objects, built while the
+/// programs load (libc's takes 2 to 3 ms): `Unwinder::add_process_with`
+/// takes them. Limited to `rows` rows an object, as `Unwinder` is.
+pub fn prebuild(pid: u32, rows: u32) -> Prebuilt {
+    let Ok(text) = proc::maps_text(pid) else { return Prebuilt::default() };
+    let maps = executable(&text);
+    let mut seen = HashSet::new();
+    let new: Vec<&Mapping> = maps.iter().filter(|m| seen.insert(key(m))).collect();
+    let builders = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let built = build_tables(pid, &new, &AtomicBool::new(false), u64::from(rows), builders);
+    let tables = new.iter().zip(built).filter_map(|(m, (table, took))| Some((key(m), (table?, took)))).collect();
+    Prebuilt(tables)
+}
+
+/// The tables of mappings `new` of process `pid`, `builders` at once, in
+/// their order; None for a file that could not be read.
+fn build_tables(
+    pid: u32,
+    new: &[&Mapping],
+    stop: &AtomicBool,
+    max_rows: u64,
+    builders: usize,
+) -> Vec<(Option<anyhow::Result<Table>>, Duration)> {
+    let mut built = vec![];
+    for chunk in new.chunks(builders.max(1)) {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        built.extend(std::thread::scope(|scope| {
+            let threads: Vec<_> = chunk
+                .iter()
+                .map(|m| {
+                    scope.spawn(move || {
+                        let started = Instant::now();
+                        // Not readable (the process exited, the range
+                        // maps another file now): tried again with the
+                        // next process that maps it.
+                        let file = TargetFile::mapped(pid, m).and_then(|file| Ok((file.len()?, file))).ok();
+                        let table = file.map(|(len, file)| {
+                            let cache = ReadCache::new(AtOffsets { file: &file, at: 0, len });
+                            build(&cache, stop, max_rows)
+                        });
+                        (table, started.elapsed())
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().expect("table builder panicked")).collect::<Vec<_>>()
+        }));
+    }
+    built
 }
 
 /// A file read at offsets, for object's `ReadCache`: only what the table
