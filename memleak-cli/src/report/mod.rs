@@ -328,6 +328,7 @@ impl Reporter {
         let Built { rows, now, read, .. } = built;
         self.last = rows;
         self.last_ns = now;
+        crate::heap::give_back();
         Ok(read)
     }
 
