@@ -328,6 +328,13 @@ impl Reporter {
         let Built { rows, now, read, .. } = built;
         self.last = rows;
         self.last_ns = now;
+        let files = self.symbolizer.let_go();
+        if self.options.verbose && files > 0 {
+            let cached = self.symbolizer.frames_cached();
+            let resets = self.symbolizer.cache_resets;
+            let most = crate::symbolize::MAX_FRAMES;
+            eprintln!("memleak: let go of the symbols of {files} files; {cached} frames cached (at most {most}, emptied {resets} times)");
+        }
         crate::heap::give_back();
         Ok(read)
     }
