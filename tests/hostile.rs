@@ -183,3 +183,55 @@ fn system_wide_a_swapped_libc_puts_no_breakpoint_into_a_host_file() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert_container_leak(&stdout, Some(container.pid));
 }
+
+/// What memleak opened (open, openat, openat2), as strace saw it: every
+/// path, each with its result.
+fn opened_paths(log: &Path) -> Vec<String> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter(|l| l.contains("open")).map(str::to_string).collect()
+}
+
+/// memleak, traced by strace (its file system calls logged to `log`).
+fn memleak_under_strace(log: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["-f", "-qq", "-e", "trace=open,openat,openat2", "-o"];
+    let log = log.to_str().unwrap();
+    all.push(log);
+    let bin = memleak_tests::memleak_bin();
+    all.push(bin.to_str().unwrap());
+    all.extend(args);
+    let child = Command::new("strace").args(&all).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    child.expect("strace is needed: `cargo xtask setup` installs it").wait_with_output().unwrap()
+}
+
+/// The matching-inode trick: the container's /app has the inode number of
+/// a host file that memleak must never read (/etc/shadow), and the
+/// container turns /app into a symlink to that host path as soon as
+/// memleak opens it. A tracer that resolves the name on the host and
+/// checks the inode number alone opens /etc/shadow. memleak opens the
+/// container's files only through the mappings (/proc/PID/map_files),
+/// device and inode checked: strace sees no open of the host file, with
+/// -p and system-wide, and the leak is still named from the real /app.
+#[test]
+fn a_container_file_with_a_host_files_inode_never_leads_to_the_host_file() {
+    let decoy = Path::new("/etc/shadow");
+    let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(decoy).unwrap());
+    for system_wide in [false, true] {
+        let container = Container::start_with_app_inode(&fixture("fibonacci"), &["100"], inode);
+        let app = fs::metadata(format!("/proc/{}/root/app", container.pid)).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::ino(&app), inode, "the container's /app did not get the decoy's inode number");
+        let swapped = swap_on_open(container.pid, "/app", decoy);
+        let log = std::env::temp_dir().join(format!("memleak-decoy-{}-{system_wide}.strace", std::process::id()));
+        let pid = container.pid.to_string();
+        let args: &[&str] = if system_wide { &["--user-only", "--top-procs", "50", "1", "3"] } else { &["-p", &pid, "1", "3"] };
+        let out = memleak_under_strace(&log, args);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(swapped.join().unwrap(), "memleak never opened the container's /app:\n{stderr}");
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        let opened = opened_paths(&log);
+        assert!(opened.len() > 10, "strace saw no opens: {opened:?}");
+        let decoys: Vec<&String> = opened.iter().filter(|l| l.contains("/etc/shadow") || l.contains("root/app\"")).collect();
+        assert!(decoys.is_empty(), "memleak opened by name what the container points at:\n{decoys:#?}");
+        assert_container_leak(&stdout, system_wide.then_some(container.pid));
+        let _ = fs::remove_file(&log);
+    }
+}

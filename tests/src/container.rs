@@ -27,6 +27,18 @@ impl Container {
 
     /// `start`, with more files in the container: (host file, path inside).
     pub fn start_with(program: &Path, args: &[&str], files: &[(&Path, &Path)]) -> Self {
+        Self::launch(program, args, files, None)
+    }
+
+    /// `start`, with /app at inode number `inode` of the container's tmpfs
+    /// (a tmpfs numbers its inodes one after the other: empty files take
+    /// the numbers before it). The inode number of a host file, say: a
+    /// check of the inode number alone would take one for the other.
+    pub fn start_with_app_inode(program: &Path, args: &[&str], inode: u64) -> Self {
+        Self::launch(program, args, &[], Some(inode))
+    }
+
+    fn launch(program: &Path, args: &[&str], files: &[(&Path, &Path)], app_inode: Option<u64>) -> Self {
         let base = std::env::temp_dir().join(format!("memleak-ct-{}-{}", std::process::id(), unique()));
         let rootfs = base.join("rootfs");
         let mountpoint = base.join("mnt");
@@ -38,8 +50,16 @@ impl Container {
         for (from, to) in files {
             copy_into(&rootfs, from, to);
         }
+        // Empty files up to the inode before, then a copy of /app takes it.
+        let pad = app_inode.map_or_else(String::new, |inode| {
+            format!(
+                "mkdir .pad && : > .pad/first && i=$(stat -c %i .pad/first) && \
+                 while [ $i -lt {last} ]; do i=$((i+1)); : > .pad/$i; done && cp app app.new && mv app.new app && ",
+                last = inode - 1
+            )
+        });
         let script = format!(
-            "mount -t tmpfs none {mnt} && cp -a {root}/. {mnt}/ && cd {mnt} && mkdir .old && pivot_root . .old && exec /app {args}",
+            "mount -t tmpfs none {mnt} && cp -a {root}/. {mnt}/ && cd {mnt} && {pad}mkdir .old && pivot_root . .old && exec /app {args}",
             mnt = mountpoint.display(),
             root = rootfs.display(),
             args = args.join(" "),

@@ -55,6 +55,7 @@ fn unpack(package: &str, files: &[&str]) -> anyhow::Result<()> {
 
 /// The fixtures' allocators, gdb (tests/frames.rs compares memleak's
 /// offsets with its, tests/unwind.rs memleak's stacks with its `bt`),
+/// strace (tests/hostile.rs lists every file memleak opens),
 /// chromium (tests/listen.rs loads `--listen`'s page in it, headless) and
 /// the libraries the unpacked debuginfod needs (libraries: no daemon).
 const PACKAGES: &[&str] = &[
@@ -62,6 +63,7 @@ const PACKAGES: &[&str] = &[
     "libgoogle-perftools-dev",
     "libmimalloc-dev",
     "gdb",
+    "strace",
     "chromium",
     "libdebuginfod1",
     "libarchive13",
