@@ -60,7 +60,18 @@ impl Drop for Running {
     }
 }
 
-/// Runs memleak with `args`; kills it if it runs past `limit`.
+/// Everything `pipe` gives until its end, read on a thread of its own.
+pub fn drain(mut pipe: impl std::io::Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = pipe.read_to_end(&mut text);
+        text
+    })
+}
+
+/// Runs memleak with `args`; kills it if it runs past `limit`. Its output
+/// is read as it comes: a busy machine's system-wide reports outgrow a
+/// pipe's 64 KiB, and memleak drops what nobody reads.
 pub fn run_memleak(args: &[String], limit: Duration) -> Output {
     let mut child = Command::new(memleak_bin())
         .args(args)
@@ -68,20 +79,28 @@ pub fn run_memleak(args: &[String], limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start memleak");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
     let start = Instant::now();
+    let mut hung = false;
     while child.try_wait().expect("wait").is_none() {
         if start.elapsed() > limit {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "memleak {args:?} hung past {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            hung = true;
+            break;
         }
         thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
+    let status = child.wait().expect("wait");
+    let out = Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() };
+    if hung {
+        panic!(
+            "memleak {args:?} hung past {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
 }
 
 /// One stack of a report.
