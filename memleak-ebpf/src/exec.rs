@@ -27,7 +27,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     if watched != 0 && tgid != watched {
         return 0;
     }
-    // In the blocks' clock (see `record::now`): user space forgets the
+    // In the blocks' clock (see `calls::now`): user space forgets the
     // blocks from before this time (jiffies with --combined-only: blocks
     // of the exec's own jiffy are judged by their address, see
     // `Reporter::forget_execs`).

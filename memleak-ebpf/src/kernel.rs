@@ -2,11 +2,14 @@
 //! needed). Field offsets come from the running kernel's tracefs formats.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use memleak_common::{Field, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, Kind};
+use aya_ebpf::EbpfContext;
+use memleak_common::{AllocInfo, Field, KERNEL_PAGES, KERNEL_PERCPU, KERNEL_SLAB, Kind};
 
 use crate::{
+    blocks::{Origin, Place, take, track},
+    calls::{now, thread_id},
     config::{field_offset, page_size, skipped_caller},
-    record::{forget_kernel, record_kernel},
+    stacks::kernel_stack_slot,
 };
 
 #[inline(always)]
@@ -76,4 +79,27 @@ pub fn percpu_alloc_percpu(ctx: TracePointContext) -> u32 {
 pub fn percpu_free_percpu(ctx: TracePointContext) -> u32 {
     forget_kernel(KERNEL_PERCPU, field(&ctx, Field::PercpuFreePtr));
     0
+}
+
+/// A kernel allocation (tracepoints): recorded with the kernel stack.
+#[inline(always)]
+fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, kind: Kind, addr: u64, size: u64) {
+    if addr == 0 {
+        return;
+    }
+    let info = AllocInfo {
+        size,
+        timestamp_ns: now(),
+        slot: kernel_stack_slot(ctx, space, kind),
+        tid: thread_id() as u32,
+    };
+    track(space, addr, info, Origin::New, Place::Table);
+}
+
+/// A kernel free.
+#[inline(always)]
+fn forget_kernel(space: u32, addr: u64) {
+    if addr != 0 {
+        let _ = take(space, addr);
+    }
 }

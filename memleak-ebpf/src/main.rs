@@ -4,18 +4,25 @@
 //! walk starts in the caller); free and munmap forget it.
 #![no_std]
 #![no_main]
-// atomic_xadd and atomic_cxchg: see totals::add.
+// atomic_xadd and atomic_cxchg: see atomic.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+// What the probes do, by job: `calls` (each hooked call), `blocks` (the
+// outstanding blocks and their totals), `stacks`, `regions` (direct
+// mappings, for munmap), `stats` (what could not be recorded).
+mod atomic;
+mod blocks;
+mod calls;
 mod config;
 mod dlopen;
 mod exec;
 mod floor;
 mod kernel;
 mod maps;
-mod record;
 mod regions;
+mod stacks;
+mod stats;
 mod table;
 mod totals;
 mod task_storage;
@@ -30,7 +37,7 @@ use memleak_common::PENDING_MMAP;
 
 use crate::{
     maps::UNMAP_AGAIN,
-    record::{enter, exit, forget, note_free, thread_id, unmap},
+    calls::{enter, exit, forget, note_free, thread_id, unmap},
 };
 
 // One program per shape of allocator call, named after the libc function
@@ -56,7 +63,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 /// block to, a few frames per run (see `maps::UNWIND_STEP`).
 #[uprobe]
 pub fn unwind_step(ctx: ProbeContext) -> u32 {
-    record::unwind_step(&ctx);
+    calls::unwind_step(&ctx);
     0
 }
 
@@ -126,6 +133,7 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
     if unmap(thread_id() >> 32, ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0)) {
         // It cut one followed mapping; the range may overlap more: run this
         // program again (the loader puts it at UNMAP_AGAIN[0]).
+        // SAFETY: the same program, with the same context.
         unsafe { UNMAP_AGAIN.tail_call(&ctx, 0) };
     }
     0

@@ -19,7 +19,7 @@ pub static ALLOC_TABLE: Array<Bucket> = Array::with_max_entries(1, BPF_F_MMAPABL
 
 /// Outstanding allocations that found their bucket of ALLOC_TABLE full (or
 /// all of them with no table), and blocks of direct mappings (see
-/// `record::track`). Not preallocated: memory follows what is live.
+/// `blocks::track`). Not preallocated: memory follows what is live.
 #[map]
 pub static ALLOCS: HashMap<AllocKey, AllocInfo> =
     HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
@@ -45,7 +45,7 @@ pub const KNOWN_SLOT_BITS: u32 = 8;
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
-/// The last free entered on this CPU (see `record::note_free`).
+/// The last free entered on this CPU (see `calls::note_free`).
 #[map]
 pub static LAST_FREE: PerCpuArray<LastFree> = PerCpuArray::with_max_entries(1, 0);
 

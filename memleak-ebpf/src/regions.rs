@@ -10,7 +10,8 @@ use memleak_common::{AllocInfo, MAX_REGIONS, Region, RegionKey, Stat};
 use crate::{
     config,
     maps::REGIONS,
-    record::{count, get_spilled, take_spilled, track},
+    blocks::{Origin, Place, get_spilled, take_spilled, track},
+    stats::count,
 };
 
 const EEXIST: i32 = -17;
@@ -48,7 +49,7 @@ pub fn unmap(tgid: u32, addr: u64, len: u64) -> bool {
     let (start, stop) = (region.start, region.start + info.size);
     let _ = take_spilled(tgid, start);
     if addr > start {
-        track(tgid, start, AllocInfo { size: addr - start, ..info }, false, true);
+        track(tgid, start, AllocInfo { size: addr - start, ..info }, Origin::Back, Place::Spilled);
     }
     if end >= stop {
         if addr <= start {
@@ -58,10 +59,10 @@ pub fn unmap(tgid: u32, addr: u64, len: u64) -> bool {
     }
     let rest = AllocInfo { size: stop - end, ..info };
     if addr > start {
-        if track(tgid, end, rest, true, true) {
+        if track(tgid, end, rest, Origin::New, Place::Spilled) {
             follow(tgid, Region { start: end, timestamp_ns: info.timestamp_ns });
         }
-    } else if track(tgid, end, rest, false, true) {
+    } else if track(tgid, end, rest, Origin::Back, Place::Spilled) {
         // Its head is gone: the block now starts at end.
         region.start = end;
         let _ = REGIONS.insert(&key, &region, BPF_EXIST as u64);
@@ -78,6 +79,7 @@ fn overlapping(tgid: u32, addr: u64, end: u64) -> Option<(RegionKey, Region, All
         let Some(region) = REGIONS.get_ptr(&key) else {
             continue;
         };
+        // SAFETY: a hash map's value, alive until this program ends.
         let region = unsafe { *region };
         let Some(info) = live(tgid, &region) else {
             // Its block was replaced or forgotten since.

@@ -4,16 +4,15 @@
 //! block (jhash, bucket lock, an element allocated and freed) was the largest
 //! cost of tracing a malloc and free; here it is a few loads and one atomic
 //! on lines the last call on that address touched. A block whose bucket is
-//! full goes to ALLOCS (see `record`), and the bucket counts it.
-
-use core::{
-    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
-    ptr::{read_volatile, write_volatile},
-};
+//! full goes to ALLOCS (see `blocks`), and the bucket counts it.
 
 use memleak_common::{AllocInfo, BUCKET_SLOTS, Bucket, bucket_hash};
 
-use crate::{config, maps::ALLOC_TABLE};
+use crate::{
+    atomic::{self, cas, load, store},
+    config,
+    maps::ALLOC_TABLE,
+};
 
 /// The bucket of (tgid, addr); None without a table.
 #[inline(always)]
@@ -31,9 +30,7 @@ pub fn bucket(tgid: u32, addr: u64) -> Option<&'static mut Bucket> {
 #[inline(always)]
 fn find(bucket: &Bucket, tgid: u32, addr: u64) -> Option<usize> {
     // Volatile: other CPUs change the slots while this reads them.
-    (0..BUCKET_SLOTS).find(|&i| unsafe {
-        read_volatile(&bucket.addrs[i]) == addr && read_volatile(&bucket.owners[i]) == u64::from(tgid)
-    })
+    (0..BUCKET_SLOTS).find(|&i| load(&bucket.addrs[i]) == addr && load(&bucket.owners[i]) == u64::from(tgid))
 }
 
 /// What `put` did.
@@ -52,19 +49,14 @@ pub struct Put {
 pub fn put(bucket: &mut Bucket, tgid: u32, addr: u64, info: &AllocInfo, stale: &mut AllocInfo) -> Put {
     if let Some(i) = find(bucket, tgid, addr) {
         *stale = bucket.infos[i];
-        unsafe { write_volatile(&mut bucket.infos[i], *info) };
+        store(&mut bucket.infos[i], *info);
         return Put { stale: true, placed: true };
     }
     for i in 0..BUCKET_SLOTS {
-        // SAFETY: an 8-byte aligned u64 in the map value.
-        if unsafe { read_volatile(&bucket.addrs[i]) } == 0
-            && unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(&raw mut bucket.addrs[i], 0, addr) }.1
-        {
+        if load(&bucket.addrs[i]) == 0 && cas(&mut bucket.addrs[i], 0, addr) {
             // The owner last: a slot matches only once its info is written.
-            unsafe {
-                write_volatile(&mut bucket.infos[i], *info);
-                write_volatile(&mut bucket.owners[i], u64::from(tgid));
-            }
+            store(&mut bucket.infos[i], *info);
+            store(&mut bucket.owners[i], u64::from(tgid));
             return Put { stale: false, placed: true };
         }
     }
@@ -76,10 +68,10 @@ pub fn put(bucket: &mut Bucket, tgid: u32, addr: u64, info: &AllocInfo, stale: &
 #[inline(always)]
 fn release(bucket: &mut Bucket, i: usize, tgid: u32) -> bool {
     let owner = u64::from(tgid);
-    if !unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(&raw mut bucket.owners[i], owner, 0) }.1 {
+    if !cas(&mut bucket.owners[i], owner, 0) {
         return false;
     }
-    unsafe { write_volatile(&mut bucket.addrs[i], 0) };
+    store(&mut bucket.addrs[i], 0);
     true
 }
 
@@ -95,11 +87,11 @@ pub fn take(bucket: &mut Bucket, tgid: u32, addr: u64) -> Option<AllocInfo> {
 /// Whether blocks of this bucket went to ALLOCS.
 #[inline(always)]
 pub fn spilled(bucket: &Bucket) -> bool {
-    unsafe { read_volatile(&bucket.spilled) != 0 }
+    load(&bucket.spilled) != 0
 }
 
 /// One more (or, `n` = u64::MAX, one less) block of this bucket in ALLOCS.
 #[inline(always)]
 pub fn count_spilled(bucket: &mut Bucket, n: u64) {
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut bucket.spilled, n) };
+    atomic::add(&mut bucket.spilled, n);
 }

@@ -4,14 +4,10 @@
 //! it through this CPU's hint (`KNOWN_SLOTS`): a hash map lookup at each
 //! end (a jhash and a bucket walk) was a third of what the totals cost.
 
-use core::{
-    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
-    ptr::{read_volatile, write_volatile},
-};
-
 use memleak_common::{NO_SLOT, Sums, TOTALS_BUSY, TOTALS_PROBES, Totals};
 
 use crate::{
+    atomic::{cas, cas_publish, load, store},
     config,
     maps::{KNOWN_SLOT_BITS, KNOWN_SLOTS, TOTALS},
 };
@@ -25,7 +21,7 @@ pub fn entry(slot: u32, tgid: u32) -> Option<&'static mut Totals> {
     }
     // SAFETY: an array map's value, alive as long as the map.
     let t = unsafe { &mut *TOTALS.get_ptr_mut(slot)? };
-    let owner = unsafe { read_volatile(&t.owner) };
+    let owner = load(&t.owner);
     // Not one being claimed: its low half is u32::MAX, KERNEL_SLAB's tgid.
     (owner as u32 == tgid && owner != TOTALS_BUSY).then_some(t)
 }
@@ -45,8 +41,10 @@ pub fn holds(slot: u32, owner: u64, stack_id: u64) -> bool {
     let Some(t) = TOTALS.get_ptr(slot) else {
         return false;
     };
-    // SAFETY: as in `entry`; volatile, as other CPUs change it.
-    unsafe { read_volatile(&(*t).owner) == owner && read_volatile(&(*t).stack_id) == stack_id }
+    // SAFETY: as in `entry`.
+    let t = unsafe { &*t };
+    // Volatile: other CPUs change it.
+    load(&t.owner) == owner && load(&t.stack_id) == stack_id
 }
 
 #[inline(always)]
@@ -74,12 +72,10 @@ pub fn probe(owner: u64, stack_id: u64, hint: &mut u32) -> bool {
         // Through memory, so that to the verifier it is an unknown number,
         // the same after every exit from the scan: it walks the rest of
         // the program once, not once per entry scanned (9,000 instructions).
-        let found = unsafe {
-            write_volatile(hint, found);
-            read_volatile(hint)
-        };
+        store(hint, found);
+        let found = load(hint);
         let slot = found & !FOUND;
-        unsafe { write_volatile(hint, slot) };
+        store(hint, slot);
         if found & FOUND != 0 || claim(slot, owner, stack_id) {
             return true;
         }
@@ -98,11 +94,12 @@ fn scan(first: u32, mask: u32, owner: u64, stack_id: u64) -> Option<u32> {
         let slot = first.wrapping_add(i) & mask;
         let t = TOTALS.get_ptr(slot)?;
         // SAFETY: as in `entry`.
-        let o = unsafe { read_volatile(&(*t).owner) };
+        let t = unsafe { &*t };
+        let o = load(&t.owner);
         if o == 0 {
             return Some(slot);
         }
-        if o == owner && unsafe { read_volatile(&(*t).stack_id) } == stack_id {
+        if o == owner && load(&t.stack_id) == stack_id {
             return Some(slot | FOUND);
         }
     }
@@ -115,27 +112,15 @@ fn claim(slot: u32, owner: u64, stack_id: u64) -> bool {
     let Some(t) = TOTALS.get_ptr_mut(slot) else {
         return false;
     };
-    // SAFETY: an array map's value; 8-byte aligned u64s.
-    unsafe {
-        let t = &mut *t;
-        if !atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(&raw mut t.owner, 0, TOTALS_BUSY).1 {
-            return false;
-        }
-        write_volatile(&mut t.stack_id, stack_id);
-        write_volatile(&mut t.sums, Sums::default());
-        // The owner last, with an atomic (ordered after the writes above):
-        // the entry matches only once it is whole.
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(&raw mut t.owner, TOTALS_BUSY, owner);
+    // SAFETY: as in `entry`.
+    let t = unsafe { &mut *t };
+    if !cas(&mut t.owner, 0, TOTALS_BUSY) {
+        return false;
     }
+    store(&mut t.stack_id, stack_id);
+    store(&mut t.sums, Sums::default());
+    // The owner last, with an atomic (ordered after the writes above):
+    // the entry matches only once it is whole.
+    cas_publish(&mut t.owner, TOTALS_BUSY, owner);
     true
-}
-
-/// Adds `n` (wrapping: u64::MAX is -1) to a sum, atomically: CPUs sharing
-/// a part (and a program preempted on one) must not lose updates. Rust's
-/// BPF target declares no compare-and-swap (the kernel has it since 5.12),
-/// so core's atomics lack fetch_add here: the intrinsic compiles to a
-/// plain `lock xadd`.
-#[inline(always)]
-pub fn add(sum: &mut u64, n: u64) {
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(sum, n) };
 }

@@ -99,6 +99,7 @@ pub fn hold(tgid: u32) {
 /// tail call failed): then the caller walks by frame pointers.
 #[inline(always)]
 pub fn by_tables<C: EbpfContext>(ctx: &C, regs: &pt_regs, mut state: UnwindState) {
+    // SAFETY: a hash map's value, alive until this program ends.
     if !config::unwind_tables() || unsafe { UNWIND_PROCS.get(&state.tgid) }.is_none() {
         return;
     }
@@ -124,9 +125,12 @@ pub fn by_tables<C: EbpfContext>(ctx: &C, regs: &pt_regs, mut state: UnwindState
 pub fn walk_some() -> Option<bool> {
     // SAFETY: per-CPU values, this program's alone until it ends.
     let state = unsafe { &mut *UNWIND_STATE.get_ptr_mut(0)? };
+    // SAFETY: as above.
     let stack = unsafe { &mut *STACK_SCRATCH.get_ptr_mut(0)? };
     // Gone since the walk started: the process exited (or was forgotten).
+    // SAFETY: a hash map's value, alive until this program ends.
     let Some(process) = (unsafe { UNWIND_PROCS.get(&state.tgid) }) else { return Some(true) };
+    // SAFETY: as `state`.
     let cache = unsafe { &mut *UNWIND_CACHE.get_ptr_mut(0)? };
     let mut len = stack.len as usize;
     let mut done = false;
@@ -192,6 +196,7 @@ fn step(s: &mut UnwindState, process: &UnwindProcess, cache: &mut UnwindCache) -
     };
     if rule & UNWIND_RBP_SAVED != 0 {
         let slot = u64::from((rule >> UNWIND_SLOT_SHIFT) & 0xff);
+        // SAFETY: as above.
         let Ok(bp) = (unsafe { bpf_probe_read_user(cfa.wrapping_sub(8 * slot) as *const u64) }) else {
             return false;
         };

@@ -1,30 +1,29 @@
-//! What the probes do, shared by every allocator hook.
+//! What each hooked call does: an allocator's entry notes the call for
+//! its return, which records the block; free and munmap forget theirs.
 
 use core::ptr;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     EbpfContext,
-    helpers::generated::{bpf_get_attach_cookie, bpf_get_smp_processor_id, bpf_get_stack, bpf_jiffies64},
+    helpers::generated::{bpf_get_attach_cookie, bpf_jiffies64},
     programs::{ProbeContext, RetProbeContext},
 };
-use aya_log_ebpf::info;
 use memleak_common::{
-    AllocInfo, AllocKey, Bucket, Kind, MAX_STACK_DEPTH, NO_SLOT, NO_STACK, PENDING_ACTIVE, PENDING_COARSE,
-    PENDING_HAS_OLD, PENDING_KIND_SHIFT, PENDING_MMAP, PENDING_RECORD, Pending, Region, Stack, Stat, UnwindState,
-    totals_owner,
+    PENDING_ACTIVE, PENDING_COARSE, PENDING_HAS_OLD, PENDING_KIND_SHIFT, PENDING_MMAP, PENDING_RECORD, Pending, Region,
+    Stat, UnwindState,
 };
 
 use crate::{
-    config, regions,
-    table, totals,
-    unwind::{self, stack_pointer, user_stack},
-    maps::{ALLOCS, LAST_FREE, PENDING, STACK_SCRATCH, STACKS, STATS, UNWIND_STATE, UNWIND_STEP},
+    blocks::{Origin, Place, new_block, take, track},
+    config,
+    maps::{LAST_FREE, PENDING, UNWIND_STATE, UNWIND_STEP},
+    regions,
+    stacks::{stack_slot, user_stack_slot},
+    stats::count,
+    unwind::{self, stack_pointer},
 };
 
-
-const EEXIST: i32 = -17;
 const MAP_FAILED: u64 = u64::MAX;
 
 #[inline(always)]
@@ -38,17 +37,9 @@ pub fn thread_id() -> u64 {
 /// only compared with each other (a call gone stale, a followed mapping's
 /// block). Tracing programs may not read the coarse clock.
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: helpers without arguments.
     if config::combined_only() { unsafe { bpf_jiffies64() } } else { unsafe { bpf_ktime_get_ns() } }
-}
-
-#[inline(always)]
-pub fn count(stat: Stat) {
-    if let Some(n) = STATS.get_ptr_mut(stat as u32) {
-        // Per-CPU slot: no other CPU writes it.
-        unsafe { *n += 1 };
-    }
 }
 
 #[inline(always)]
@@ -108,6 +99,7 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     pending.size = size;
     // Volatile: LLVM merges two zero stores into a call to a byte-by-byte
     // memset subprogram, a fifth of this probe's time.
+    // SAFETY: fields of this thread's own value, which only it writes.
     unsafe {
         ptr::write_volatile(&mut pending.memptr, memptr);
         ptr::write_volatile(&mut pending.old_addr, old_addr);
@@ -156,6 +148,7 @@ fn fresh(outer: &Pending) -> bool {
 /// called again): a new call replaces it. A second, or 1000 jiffies (1 to
 /// 10 s by the kernel's HZ).
 const STALE_NS: u64 = 1_000_000_000;
+
 const STALE_JIFFIES: u64 = 1000;
 
 /// Entry of free (and delete, and every call that takes a block first).
@@ -203,7 +196,9 @@ fn in_free(pid_tgid: u64, sp: u64) -> bool {
     };
     // SAFETY: this CPU's slot.
     let last = unsafe { &*last };
-    if last.pid_tgid != pid_tgid || sp >= last.sp || unsafe { bpf_jiffies64() }.wrapping_sub(last.jiffies) > 1 {
+    // SAFETY: a helper without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    if last.pid_tgid != pid_tgid || sp >= last.sp || jiffies.wrapping_sub(last.jiffies) > 1 {
         return false;
     }
     // SAFETY: bpf_probe_read_user checks the user address.
@@ -337,70 +332,10 @@ pub fn exit(ctx: &RetProbeContext) {
         return;
     };
     let mmap = new && pending.flags & PENDING_MMAP != 0;
-    if track(tgid, addr, info, new, mmap) && mmap {
+    let origin = if new { Origin::New } else { Origin::Back };
+    if track(tgid, addr, info, origin, if mmap { Place::Spilled } else { Place::Table }) && mmap {
         regions::follow(tgid, Region { start: addr, timestamp_ns: info.timestamp_ns });
     }
-}
-
-/// The TOTALS entry of (tgid, the stack `fill` writes into a per-CPU
-/// scratch buffer, returning its depth, the hooked function `kind`); the
-/// stack is stored in STACKS under a hash of its frames. Without room
-/// there, the entry of (tgid, no stack, kind): the block still tells its
-/// process and function. [`NO_SLOT`] if TOTALS has no room.
-#[inline(always)]
-fn stack_slot(tgid: u32, kind: u8, fill: impl FnOnce(&mut Stack) -> usize) -> u32 {
-    let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return NO_SLOT;
-    };
-    let stack = unsafe { &mut *stack };
-    stack.len = fill(stack) as u64;
-    // Read back from the map: to the verifier an unknown depth, the same on
-    // every path out of the walk. Known exactly on each, it would check the
-    // hash loop below once per possible depth (160 ms per program).
-    let depth = (unsafe { core::ptr::read_volatile(&stack.len) } as usize).min(MAX_STACK_DEPTH);
-    let mut id = NO_STACK;
-    if depth == 0 {
-        count(Stat::StackLost);
-    } else {
-        // 64-bit multiplicative hash of the frames: no collisions in
-        // practice, unlike a stack-trace map's bucket index.
-        let mut hash = 0x9e37_79b9_7f4a_7c15u64 ^ depth as u64;
-        for &ip in stack.ips.iter().take(depth) {
-            hash = (hash.rotate_left(23) ^ ip).wrapping_mul(0xff51_afd7_ed55_8ccd);
-        }
-        id = if hash == NO_STACK { 1 } else { hash };
-    }
-    // SAFETY: a helper without arguments.
-    let owner = totals_owner(tgid, unsafe { bpf_get_smp_processor_id() } & config::shard_mask(), kind);
-    let Some(hint) = totals::hint(owner, id) else {
-        return NO_SLOT;
-    };
-    if totals::holds(*hint, owner, id) {
-        // An entry's stack is in STACKS: nothing removes one.
-        return *hint;
-    }
-    if id != NO_STACK && STACKS.get_ptr(&id).is_none() {
-        match STACKS.insert(&id, stack, BPF_NOEXIST as u64) {
-            Ok(()) | Err(EEXIST) => {}
-            Err(_) => {
-                count(Stat::StackLost);
-                id = NO_STACK;
-            }
-        }
-    }
-    if !totals::probe(owner, id, hint) {
-        count(Stat::CombinedMapFull);
-        return NO_SLOT;
-    }
-    *hint
-}
-
-/// The user stack at an allocator's return (see `unwind`).
-#[inline(always)]
-fn user_stack_slot(ctx: &RetProbeContext, tgid: u32, kind: u8) -> u32 {
-    // SAFETY: a uprobe's context is the task's pt_regs.
-    let regs = unsafe { &*ctx.regs };
-    stack_slot(tgid, kind, |stack| user_stack(regs, &mut stack.ips))
 }
 
 /// A run of `unwind_step`: a few frames more of a walk by tables, then, at
@@ -421,193 +356,9 @@ pub fn unwind_step(ctx: &ProbeContext) {
     let pid_tgid = u64::from(state.tgid) << 32 | u64::from(state.tid);
     let info = new_block(ctx, pid_tgid, state.addr, state.size, state.timestamp_ns, slot);
     let mmap = state.mmap != 0;
-    if track(state.tgid, state.addr, info, true, mmap) && mmap {
+    if track(state.tgid, state.addr, info, Origin::New, if mmap { Place::Spilled } else { Place::Table }) && mmap {
         regions::follow(state.tgid, Region { start: state.addr, timestamp_ns: info.timestamp_ns });
     }
-}
-
-/// The kernel stack of a tracepoint.
-#[inline(always)]
-fn kernel_stack_slot<C: EbpfContext>(ctx: &C, space: u32, kind: Kind) -> u32 {
-    stack_slot(space, kind as u8, |stack| {
-        let bytes = unsafe {
-            bpf_get_stack(ctx.as_ptr(), stack.ips.as_mut_ptr().cast(), (MAX_STACK_DEPTH * 8) as u32, 0)
-        };
-        if bytes <= 0 { 0 } else { bytes as usize / 8 }
-    })
-}
-
-/// A new block, with the caller's stack (its TOTALS entry, `slot`) and
-/// thread.
-#[inline(always)]
-fn new_block<C: EbpfContext>(ctx: &C, pid_tgid: u64, addr: u64, size: u64, timestamp_ns: u64, slot: u32) -> AllocInfo {
-    let tgid = (pid_tgid >> 32) as u32;
-    let info = AllocInfo { size, timestamp_ns, slot, tid: pid_tgid as u32 };
-    let slot = info.slot;
-    if config::trace() {
-        info!(ctx, "alloc tgid={} addr={:x} size={} totals={}", tgid, addr, size, slot);
-    }
-    info
-}
-
-/// A kernel allocation (tracepoints): recorded with the kernel stack.
-#[inline(always)]
-pub fn record_kernel<C: EbpfContext>(ctx: &C, space: u32, kind: Kind, addr: u64, size: u64) {
-    if addr == 0 {
-        return;
-    }
-    let info = AllocInfo {
-        size,
-        timestamp_ns: now(),
-        slot: kernel_stack_slot(ctx, space, kind),
-        tid: thread_id() as u32,
-    };
-    track(space, addr, info, true, false);
-}
-
-/// A kernel free.
-#[inline(always)]
-pub fn forget_kernel(space: u32, addr: u64) {
-    if addr != 0 {
-        let _ = take(space, addr);
-    }
-}
-
-/// Puts a block into the table (or ALLOCS) and its totals; `new` for a block
-/// just allocated (not one given back, as after a failed realloc), counted
-/// in `allocs`. `spilled` puts it straight into ALLOCS: a block REGIONS
-/// follows, which munmap's scan of REGIONS looks up there (in that loop of
-/// 32, a hash lookup is far less for the verifier to walk than a bucket's
-/// slots: 150 ms), and the pieces munmap leaves. Their addresses are a
-/// direct mmap's, or inside one just cut: no stale block is looked for in
-/// the table there, which keeps munmap's copies of this short for the
-/// verifier. False if there was no room.
-#[inline(always)]
-pub fn track(tgid: u32, addr: u64, info: AllocInfo, new: bool, spilled: bool) -> bool {
-    let mut bucket = table::bucket(tgid, addr);
-    // A block tracked at this address already: its free was missed. It is
-    // in one place at most; one call of `replaced` serves them all (the
-    // verifier walks each copy).
-    let mut stale = AllocInfo::default();
-    let mut has_stale = false;
-    let mut placed = false;
-    if !spilled && let Some(b) = bucket.as_deref_mut() {
-        if table::spilled(b)
-            && let Some(old) = unspill(tgid, addr, Some(b))
-        {
-            stale = old;
-            has_stale = true;
-        }
-        let put = table::put(b, tgid, addr, &info, &mut stale);
-        has_stale |= put.stale;
-        placed = put.placed;
-    }
-    if !placed {
-        if let Some(b) = bucket.as_deref_mut() {
-            // Counted first: a free of this block must look in ALLOCS.
-            table::count_spilled(b, 1);
-        }
-        match spill(tgid, addr, &info, &mut stale) {
-            Ok(found) => {
-                has_stale |= found;
-                placed = true;
-            }
-            Err(()) => {
-                if let Some(b) = bucket {
-                    table::count_spilled(b, u64::MAX);
-                }
-            }
-        }
-    }
-    if has_stale {
-        replaced(tgid, stale);
-    }
-    if !placed {
-        count(Stat::AllocMapFull);
-        return false;
-    }
-    combine(tgid, info, true, new);
-    true
-}
-
-/// A tracked address allocated again: its free was missed (made before
-/// attach, or by a path we do not hook), and the stale block leaves the
-/// totals (bcc's --wa-missing-free, always on). Only --combined-only keeps
-/// sizes in the totals.
-#[inline(always)]
-fn replaced(tgid: u32, stale: AllocInfo) {
-    if config::combined_only() {
-        combine(tgid, stale, false, false);
-    }
-}
-
-/// Puts a block into ALLOCS; true if it replaced one there (into `stale`,
-/// which only --combined-only needs, so only it looks the old one up).
-#[inline(always)]
-fn spill(tgid: u32, addr: u64, info: &AllocInfo, stale: &mut AllocInfo) -> Result<bool, ()> {
-    let key = AllocKey { addr, tgid, _pad: 0 };
-    match ALLOCS.insert(&key, info, BPF_NOEXIST as u64) {
-        Ok(()) => Ok(false),
-        Err(EEXIST) => {
-            let mut found = false;
-            if config::combined_only()
-                && let Some(old) = ALLOCS.get_ptr(&key)
-            {
-                *stale = unsafe { *old };
-                found = true;
-            }
-            ALLOCS.insert(&key, info, BPF_ANY as u64).map(|()| found).map_err(|_| ())
-        }
-        Err(_) => Err(()),
-    }
-}
-
-/// Takes a block out of ALLOCS, and out of its bucket's count.
-#[inline(always)]
-fn unspill(tgid: u32, addr: u64, bucket: Option<&mut Bucket>) -> Option<AllocInfo> {
-    let key = AllocKey { addr, tgid, _pad: 0 };
-    let info = unsafe { *ALLOCS.get_ptr(&key)? };
-    // Only the thread whose delete succeeds takes it, so a double free
-    // racing on two threads subtracts once.
-    ALLOCS.remove(&key).ok()?;
-    if let Some(b) = bucket {
-        table::count_spilled(b, u64::MAX);
-    }
-    Some(info)
-}
-
-/// Removes a block from the table (or ALLOCS) and its totals; returns what
-/// it was.
-#[inline(always)]
-pub fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
-    let mut bucket = table::bucket(tgid, addr);
-    let info = match bucket.as_deref_mut() {
-        Some(b) => match table::take(b, tgid, addr) {
-            Some(info) => info,
-            None if table::spilled(b) => unspill(tgid, addr, Some(b))?,
-            None => return None,
-        },
-        None => unspill(tgid, addr, None)?,
-    };
-    combine(tgid, info, false, false);
-    Some(info)
-}
-
-/// Removes a block that is in ALLOCS (one REGIONS follows: see `track`)
-/// from there and its totals; returns what it was.
-#[inline(always)]
-pub fn take_spilled(tgid: u32, addr: u64) -> Option<AllocInfo> {
-    let info = unspill(tgid, addr, table::bucket(tgid, addr))?;
-    combine(tgid, info, false, false);
-    Some(info)
-}
-
-/// What ALLOCS holds for a block (a followed one is always there: see
-/// `track`).
-#[inline(always)]
-pub fn get_spilled(tgid: u32, addr: u64) -> Option<AllocInfo> {
-    let key = AllocKey { addr, tgid, _pad: 0 };
-    ALLOCS.get_ptr(&key).map(|info| unsafe { *info })
 }
 
 /// free.
@@ -639,33 +390,7 @@ pub fn unmap(tgid: u64, addr: u64, len: u64) -> bool {
         info.size -= len;
         // Rare (a direct mapping REGIONS had no slot for): to ALLOCS,
         // which keeps this program short for the verifier.
-        track(tgid, addr + len, info, false, true);
+        track(tgid, addr + len, info, Origin::Back, Place::Spilled);
     }
     false
-}
-
-/// Adds (or removes) one block to its totals (the entry it names: see
-/// `totals`). `new` counts it in the stack's allocations since attach,
-/// which is all the totals keep without --combined-only; a block added
-/// that is not new (a piece a munmap left) is one free less.
-#[inline(always)]
-fn combine(tgid: u32, info: AllocInfo, add: bool, new: bool) {
-    let sizes = config::combined_only();
-    if !sizes && !new {
-        return;
-    }
-    // None: counted as lost when the block was recorded.
-    let Some(t) = totals::entry(info.slot, tgid) else {
-        return;
-    };
-    if new {
-        totals::add(&mut t.sums.allocs, 1);
-        totals::add(&mut t.sums.allocated, info.size);
-    }
-    if sizes {
-        totals::add(&mut t.sums.total_size, if add { info.size } else { info.size.wrapping_neg() });
-        if !new {
-            totals::add(&mut t.sums.frees, if add { u64::MAX } else { 1 });
-        }
-    }
 }
