@@ -7,6 +7,9 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../memleak-ebpf");
+    // aya-build watches the program's own crate only: a layout changed in
+    // memleak-common alone would leave the embedded object stale.
+    println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../memleak-common"));
     aya_build::build_ebpf(
         [Package {
             name: "memleak-ebpf",

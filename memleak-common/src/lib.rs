@@ -452,7 +452,27 @@ pub enum Field {
     CacheAllocCallSite = 13,
 }
 
-pub const FIELD_COUNT: usize = 14;
+pub const FIELD_COUNT: usize = Field::ALL.len();
+
+impl Field {
+    /// Every field, each at its index.
+    pub const ALL: [Field; 14] = [
+        Field::KmallocPtr,
+        Field::KmallocBytes,
+        Field::KfreePtr,
+        Field::CacheAllocPtr,
+        Field::CacheAllocBytes,
+        Field::CacheFreePtr,
+        Field::PageAllocPfn,
+        Field::PageAllocOrder,
+        Field::PageFreePfn,
+        Field::PercpuAllocPtr,
+        Field::PercpuAllocBytes,
+        Field::PercpuFreePtr,
+        Field::KmallocCallSite,
+        Field::CacheAllocCallSite,
+    ];
+}
 
 /// Indexes of the per-CPU `STATS` counters of events that could not be recorded.
 #[repr(u32)]
@@ -475,7 +495,13 @@ pub enum Stat {
     RegionsFull = 4,
 }
 
-pub const STAT_COUNT: u32 = 5;
+pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
+
+impl Stat {
+    /// Every counter, each at its index.
+    pub const ALL: [Stat; 5] =
+        [Stat::AllocMapFull, Stat::StackLost, Stat::CombinedMapFull, Stat::PendingMapFull, Stat::RegionsFull];
+}
 
 /// What the kernel tells user space as it happens (the `EVENTS` ring).
 #[repr(C)]
@@ -600,5 +626,34 @@ mod tests {
         assert_eq!(Kind::from_u8(200), Kind::Unknown);
         assert_eq!(totals_key(0, 9), None);
         assert_eq!(totals_key(TOTALS_BUSY, 9), None);
+    }
+
+    #[test]
+    fn every_stat_and_field_is_listed_at_its_index() {
+        // A variant added to the enum but not to ALL fails here: the
+        // match has no `_` arm, so it must name the new one.
+        let stat_index = |s: Stat| match s {
+            Stat::AllocMapFull | Stat::StackLost | Stat::CombinedMapFull | Stat::PendingMapFull | Stat::RegionsFull => {
+                s as usize
+            }
+        };
+        assert!(Stat::ALL.iter().enumerate().all(|(i, &s)| stat_index(s) == i));
+        let field_index = |f: Field| match f {
+            Field::KmallocPtr
+            | Field::KmallocBytes
+            | Field::KfreePtr
+            | Field::CacheAllocPtr
+            | Field::CacheAllocBytes
+            | Field::CacheFreePtr
+            | Field::PageAllocPfn
+            | Field::PageAllocOrder
+            | Field::PageFreePfn
+            | Field::PercpuAllocPtr
+            | Field::PercpuAllocBytes
+            | Field::PercpuFreePtr
+            | Field::KmallocCallSite
+            | Field::CacheAllocCallSite => f as usize,
+        };
+        assert!(Field::ALL.iter().enumerate().all(|(i, &f)| field_index(f) == i));
     }
 }

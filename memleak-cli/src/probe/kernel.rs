@@ -27,23 +27,25 @@ const EVENTS: &[(&str, &str)] = &[
 ];
 const PERCPU_EVENTS: &[(&str, &str)] = &[("percpu", "percpu_alloc_percpu"), ("percpu", "percpu_free_percpu")];
 
-/// Which field of which event fills each `Field` slot.
-const FIELDS: [(Field, &str, &str); FIELD_COUNT] = [
-    (Field::KmallocPtr, "kmem/kmalloc", "ptr"),
-    (Field::KmallocBytes, "kmem/kmalloc", "bytes_alloc"),
-    (Field::KfreePtr, "kmem/kfree", "ptr"),
-    (Field::CacheAllocPtr, "kmem/kmem_cache_alloc", "ptr"),
-    (Field::CacheAllocBytes, "kmem/kmem_cache_alloc", "bytes_alloc"),
-    (Field::CacheFreePtr, "kmem/kmem_cache_free", "ptr"),
-    (Field::PageAllocPfn, "kmem/mm_page_alloc", "pfn"),
-    (Field::PageAllocOrder, "kmem/mm_page_alloc", "order"),
-    (Field::PageFreePfn, "kmem/mm_page_free", "pfn"),
-    (Field::PercpuAllocPtr, "percpu/percpu_alloc_percpu", "ptr"),
-    (Field::PercpuAllocBytes, "percpu/percpu_alloc_percpu", "bytes_alloc"),
-    (Field::PercpuFreePtr, "percpu/percpu_free_percpu", "ptr"),
-    (Field::KmallocCallSite, "kmem/kmalloc", "call_site"),
-    (Field::CacheAllocCallSite, "kmem/kmem_cache_alloc", "call_site"),
-];
+/// Which field of which event fills a `Field` slot.
+fn source(field: Field) -> (&'static str, &'static str) {
+    match field {
+        Field::KmallocPtr => ("kmem/kmalloc", "ptr"),
+        Field::KmallocBytes => ("kmem/kmalloc", "bytes_alloc"),
+        Field::KfreePtr => ("kmem/kfree", "ptr"),
+        Field::CacheAllocPtr => ("kmem/kmem_cache_alloc", "ptr"),
+        Field::CacheAllocBytes => ("kmem/kmem_cache_alloc", "bytes_alloc"),
+        Field::CacheFreePtr => ("kmem/kmem_cache_free", "ptr"),
+        Field::PageAllocPfn => ("kmem/mm_page_alloc", "pfn"),
+        Field::PageAllocOrder => ("kmem/mm_page_alloc", "order"),
+        Field::PageFreePfn => ("kmem/mm_page_free", "pfn"),
+        Field::PercpuAllocPtr => ("percpu/percpu_alloc_percpu", "ptr"),
+        Field::PercpuAllocBytes => ("percpu/percpu_alloc_percpu", "bytes_alloc"),
+        Field::PercpuFreePtr => ("percpu/percpu_free_percpu", "ptr"),
+        Field::KmallocCallSite => ("kmem/kmalloc", "call_site"),
+        Field::CacheAllocCallSite => ("kmem/kmem_cache_alloc", "call_site"),
+    }
+}
 
 /// Mounts tracefs at /sys/kernel/tracing unless it is there already.
 pub fn ensure_tracefs() -> anyhow::Result<()> {
@@ -68,7 +70,8 @@ pub fn ensure_tracefs() -> anyhow::Result<()> {
 /// of events this kernel lacks stay 0 (their programs are not attached).
 pub fn field_offsets() -> anyhow::Result<[u32; FIELD_COUNT]> {
     let mut offsets = [0; FIELD_COUNT];
-    for (slot, event, field) in FIELDS {
+    for slot in Field::ALL {
+        let (event, field) = source(slot);
         let path = format!("{TRACEFS}/events/{event}/format");
         let Ok(format) = fs::read_to_string(&path) else { continue };
         offsets[slot as usize] = parse_offset(&format, field)

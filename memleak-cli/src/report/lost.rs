@@ -82,16 +82,17 @@ impl LostWarnings {
     /// counter told before.
     fn tell(&mut self, counts: &[u64], now_ns: u64, again: impl Fn(u64) -> bool) -> Vec<String> {
         let mut lines = Vec::new();
-        for (i, &n) in counts.iter().enumerate().take(self.told.len()) {
+        for stat in Stat::ALL {
+            let (i, n) = (stat as usize, counts.get(stat as usize).copied().unwrap_or(0));
             let grown = n.saturating_sub(self.told[i]);
             if grown == 0 || !self.told_ns[i].is_none_or(&again) {
                 continue;
             }
             lines.push(match self.told_ns[i] {
-                None => format!("warning: {grown} {}", lost_what(i)),
+                None => format!("warning: {grown} {}", lost_what(stat)),
                 Some(last) => {
                     let s = now_ns.saturating_sub(last).div_ceil(1_000_000_000);
-                    format!("warning: in the last {s} s, {grown} more {}", lost_what(i))
+                    format!("warning: in the last {s} s, {grown} more {}", lost_what(stat))
                 }
             });
             self.told[i] = n;
@@ -101,18 +102,18 @@ impl LostWarnings {
     }
 }
 
-/// What counter `i` of STATS counts, and what to do about it.
-fn lost_what(i: usize) -> &'static str {
-    match i {
-        i if i == Stat::AllocMapFull as usize => "allocations not tracked (allocation map full, raise --max-allocs)",
-        i if i == Stat::StackLost as usize => "allocations recorded without a stack (stack map full, raise --max-stacks)",
-        i if i == Stat::CombinedMapFull as usize => {
+/// What a STATS counter counts, and what to do about it.
+fn lost_what(stat: Stat) -> &'static str {
+    match stat {
+        Stat::AllocMapFull => "allocations not tracked (allocation map full, raise --max-allocs)",
+        Stat::StackLost => "allocations recorded without a stack (stack map full, raise --max-stacks)",
+        Stat::CombinedMapFull => {
             "allocations missing from the per-stack totals, and so without a stack (totals full, raise --max-stacks)"
         }
-        i if i == Stat::RegionsFull as usize => {
+        Stat::RegionsFull => {
             "mmap'd blocks not followed for a partial munmap (more than 32 live mappings in a process): if unmapped past their head, their rest stays counted"
         }
-        _ => "allocator calls not followed (no kernel memory to note a thread's call)",
+        Stat::PendingMapFull => "allocator calls not followed (no kernel memory to note a thread's call)",
     }
 }
 
