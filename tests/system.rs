@@ -192,6 +192,17 @@ fn kernel_allocations_are_reported_with_kernel_symbols() {
         "{stdout}"
     );
     assert!(!reports.iter().flat_map(|r| &r.stacks).any(|s| s.process.as_deref().is_some_and(|p| !p.starts_with("kernel"))));
+    // Each names the allocator that made its blocks, one of its pool's.
+    for s in &kernel {
+        let kinds: &[&str] = match s.process.as_deref() {
+            Some("kernel slab") => &["kmalloc", "kmem_cache_alloc"],
+            Some("kernel pages") => &["alloc_pages"],
+            _ => &["percpu"],
+        };
+        assert!(s.kind.as_deref().is_some_and(|k| kinds.contains(&k)), "{s:?}\n{stdout}");
+    }
+    // The inodes and dentries come from their caches.
+    assert!(kernel.iter().any(|s| s.kind.as_deref() == Some("kmem_cache_alloc")), "{stdout}");
 }
 
 #[test]
