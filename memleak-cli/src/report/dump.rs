@@ -36,6 +36,8 @@ use crate::{
 pub struct Stack {
     pub tgid: u32,
     pub comm: Option<String>,
+    /// The hooked function that made its blocks.
+    pub kind: memleak_common::Kind,
     /// Its outstanding bytes and blocks, as the report counts them.
     pub bytes: u64,
     pub count: u64,
@@ -73,6 +75,7 @@ struct IndexStack<'a> {
     rank: usize,
     pid: u32,
     comm: Option<&'a str>,
+    kind: &'static str,
     bytes: u64,
     count: u64,
     frames: &'a [FrameJson],
@@ -215,6 +218,7 @@ impl Dump {
                 rank,
                 pid: stack.tgid,
                 comm: stack.comm.as_deref(),
+                kind: stack.kind.name(),
                 bytes: stack.bytes,
                 count: stack.count,
                 frames: &stack.frames,
@@ -319,6 +323,7 @@ mod tests {
         Stack {
             tgid: 7,
             comm: Some("app".into()),
+            kind: memleak_common::Kind::Calloc,
             bytes: blocks.iter().map(|b| b.1).sum(),
             count: blocks.len() as u64,
             frames: vec![],
@@ -374,6 +379,7 @@ mod tests {
         assert_eq!((index["stacks"][2]["file"].clone(), index["stacks"][2]["blocks_over_budget"].as_u64()), (serde_json::Value::Null, Some(1)));
         let first = &index["stacks"][0];
         assert_eq!(first["file"], "3-1.bin");
+        assert_eq!(first["kind"], "calloc");
         assert_eq!(first["blocks"], serde_json::json!([{"addr": "0x10", "size": 4, "offset": 0}]));
         assert_eq!((first["blocks_gone"].as_u64(), first["blocks_over_budget"].as_u64()), (Some(1), Some(1)));
         assert_eq!(fs::metadata(dir.join("3-1.bin")).unwrap().permissions().mode() & 0o777, 0o600);

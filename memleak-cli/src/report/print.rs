@@ -59,6 +59,7 @@ impl Reporter {
                     dump::Stack {
                         tgid: total.tgid,
                         comm: comms.get(&total.tgid).cloned(),
+                        kind: total.kind,
                         bytes: total.bytes,
                         count: total.count,
                         frames: frames_of(recorded, symbolizer, ends, total).iter().flat_map(json::frame_json).collect(),
