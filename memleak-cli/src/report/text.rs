@@ -129,15 +129,16 @@ pub fn write_by_thread(
             None => String::new(),
         };
         writeln!(out, "{process}{}: {} bytes in {} {}", g.group.label(), g.group.bytes, g.group.count, plural(g.group.count))?;
-        for (Row { total, trend }, &(bytes, count)) in g.rows.iter().zip(&g.whole).take(top) {
+        write_parts(out, top, &g.rows, |out, i| {
+            let (Row { total, trend }, (bytes, count)) = (&g.rows[i], g.whole[i]);
             let summary = trend.summary();
             let summary = if (bytes, count) == (total.bytes, total.count) {
                 summary
             } else {
                 format!("(of its {bytes} bytes in {count} {}; {}", plural(count), &summary[1..])
             };
-            write_stack(out, total, &summary, show_allocs, &|_| None, frames)?;
-        }
+            write_stack(out, total, &summary, show_allocs, &|_| None, frames)
+        })?;
     }
     Ok(())
 }
@@ -156,8 +157,6 @@ fn plural(count: u64) -> &'static str {
     if count == 1 { "allocation" } else { "allocations" }
 }
 
-/// The heap's first `top` stacks, then, under a line of their own, the
-/// first `top` direct mappings (rows come sorted heap first).
 fn write_stacks(
     out: &mut impl Write,
     top: usize,
@@ -166,16 +165,28 @@ fn write_stacks(
     threads: &ThreadsLine<'_>,
     frames: &mut dyn FnMut(&StackTotal) -> Vec<String>,
 ) -> std::io::Result<()> {
+    write_parts(out, top, rows, |out, i| write_stack(out, &rows[i].total, &rows[i].trend.summary(), show_allocs, threads, frames))
+}
+
+/// The heap's first `top` rows, then, under a line of their own, the
+/// first `top` direct mappings (rows come sorted heap first); `one`
+/// writes the row at an index.
+fn write_parts<W: Write>(
+    out: &mut W,
+    top: usize,
+    rows: &[Row],
+    mut one: impl FnMut(&mut W, usize) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let heap = rows.iter().take_while(|r| !r.total.kind.is_mapping()).count();
-    for Row { total, trend } in rows[..heap].iter().take(top) {
-        write_stack(out, total, &trend.summary(), show_allocs, threads, frames)?;
+    for i in 0..heap.min(top) {
+        one(out, i)?;
     }
     let mappings = &rows[heap..];
     if !mappings.is_empty() {
         let (bytes, count) = mappings.iter().fold((0, 0), |(b, c), r| (b + r.total.bytes, c + r.total.count));
         writeln!(out, "    direct mappings (mmap): {bytes} bytes in {count} {}", plural(count))?;
-        for Row { total, trend } in mappings.iter().take(top) {
-            write_stack(out, total, &trend.summary(), show_allocs, threads, frames)?;
+        for i in heap..rows.len().min(heap + top) {
+            one(out, i)?;
         }
     }
     Ok(())
@@ -311,6 +322,28 @@ mod tests {
              \x20   40000 bytes in 1 allocation from stack via mmap  (+40000 B since last, 20000 B/s, oldest 2.0s)\n\
              \x20       f2+0x1 [m]\n"
         );
+    }
+
+    #[test]
+    fn by_thread_lists_each_names_mappings_after_its_heap() {
+        let mut totals = by_stack([alloc(0x10, 100, 0, 1), alloc(0x20, 50, 0, 2), alloc(0x30, 8192, 0, 3)], 1, 0, false);
+        for t in &mut totals {
+            t.kind = if t.stack_id == 3 { Kind::Mmap } else { Kind::Malloc };
+        }
+        let mut rows = rows(totals);
+        crate::report::sort::sort(&mut rows, crate::report::sort::SortKey::Size);
+        let mut names = threads::Names::default();
+        names.refresh([(7, 7)], &mut |_, _| Some("main".to_string()));
+        let groups = threads::by_thread(&rows, &[], &names);
+        let mut out = Vec::new();
+        let mut frames = |t: &StackTotal| vec![format!("f{}+0x1 [m]", t.stack_id)];
+        write_by_thread(&mut out, "01:02:03", 1, None, &groups, &Lost::default(), false, &mut |_| unreachable!(), &mut frames).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let heads: Vec<&str> = text.lines().filter(|l| l.starts_with("    ") && !l.starts_with("        ")).collect();
+        assert_eq!(heads.len(), 3, "{text}");
+        assert!(heads[0].starts_with("    100 bytes in 1 allocation from stack via malloc  ("), "{text}");
+        assert_eq!(heads[1], "    direct mappings (mmap): 8192 bytes in 1 allocation", "{text}");
+        assert!(heads[2].starts_with("    8192 bytes in 1 allocation from stack via mmap  ("), "{text}");
     }
 
     #[test]
