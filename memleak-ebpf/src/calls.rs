@@ -75,13 +75,14 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
         return;
     }
     // A hooked function that jumps to another (operator new[] to operator
-    // new, a tail call) is one call, in one frame: its kind is the first
-    // function's.
-    let function = if pending.flags & PENDING_ACTIVE != 0 && pending.sp == sp && fresh(pending) {
-        pending.flags & (0xff << PENDING_KIND_SHIFT)
+    // new, glibc's reallocarray to realloc: a tail call) is one call, in
+    // one frame: its kind is the first function's, and so is the old block
+    // the first one took (restored if the call fails).
+    let (function, kept) = if pending.flags & PENDING_ACTIVE != 0 && pending.sp == sp && fresh(pending) {
+        (pending.flags & (0xff << PENDING_KIND_SHIFT), pending.flags & PENDING_HAS_OLD)
     } else {
         // SAFETY: the helper reads the probe's cookie from the context.
-        (unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32 & 0xff) << PENDING_KIND_SHIFT
+        ((unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32 & 0xff) << PENDING_KIND_SHIFT, 0)
     };
     if traced && kind & PENDING_MMAP != 0 && in_free(pid_tgid, sp) {
         // free's (see `note_free`): noted as the outer call of what it
@@ -107,7 +108,7 @@ pub fn enter(ctx: &ProbeContext, size: u64, memptr: u64, old_addr: u64, kind: u3
     pending.entered_ns = entered;
     pending.sp = sp;
     pending.depth = 0;
-    pending.flags = PENDING_ACTIVE | kind | coarse | function | if traced { PENDING_RECORD } else { 0 };
+    pending.flags = PENDING_ACTIVE | kind | coarse | function | kept | if traced { PENDING_RECORD } else { 0 };
     if old_addr == 0 {
         return;
     }
