@@ -5,7 +5,6 @@ use std::collections::hash_map::Entry;
 
 use memleak_common::{AllocInfo, AllocKey, CombinedKey, Kind, NO_STACK};
 
-use super::peek::Peek;
 use crate::{fasthash::FastMap, maps::totals::CombinedAlloc};
 
 /// One outstanding allocation.
@@ -16,6 +15,15 @@ pub struct Block {
     /// When it was allocated (CLOCK_MONOTONIC ns): with its size, what
     /// tells it from a block allocated at its address later.
     pub born_ns: u64,
+}
+
+/// The first bytes of one outstanding block, read at report time
+/// (`--peek`: see `peek`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peek {
+    pub addr: u64,
+    pub size: u64,
+    pub bytes: Vec<u8>,
 }
 
 /// What one thread allocated of a stack's outstanding blocks.

@@ -12,9 +12,9 @@ use serde::Serialize;
 
 use crate::{
     report::{
-        aggregate::StackTotal,
+        aggregate::{Peek, StackTotal},
         lost::Lost,
-        peek::{self, Peek},
+        peek,
         threads::ByThread,
     },
     symbolize::Frame,

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::aggregate::Block;
+use super::aggregate::{Block, Peek};
 
 /// Blocks peeked per stack, oldest first: the oldest have leaked longest,
 /// and a few show whether they hold the same kind of thing.
@@ -14,14 +14,6 @@ pub const BLOCKS: usize = 3;
 
 /// Most bytes peeked per block.
 pub const MAX_BYTES: u32 = 4096;
-
-/// The first bytes of one outstanding block.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peek {
-    pub addr: u64,
-    pub size: u64,
-    pub bytes: Vec<u8>,
-}
 
 /// Where a process's blocks are read, and whether one is still the block
 /// a report saw.

@@ -234,8 +234,7 @@ fn write_stack(
 mod tests {
     use super::*;
     use crate::report::{
-        aggregate::{Aggregator, Block, by_stack, tests::alloc},
-        peek::Peek,
+        aggregate::{Aggregator, Block, Peek, by_stack, tests::alloc},
         threads,
         trend::Tracker,
     };
