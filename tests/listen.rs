@@ -415,6 +415,7 @@ fn the_page_shows_the_leak_in_a_real_browser() {
     let table = &dom[dom.find("<tbody id=\"stacks\">").expect("the table")..];
     let table = &table[..table.find("</tbody>").unwrap()];
     assert!(table.contains("fibonacci"), "the leaking function in the table:\n{table}");
+    assert!(table.contains("<td>calloc</td>"), "the function that made its blocks:\n{table}");
     assert!(table.contains("growing"), "its trend:\n{table}");
     let chart = &dom[dom.find("<svg id=\"chart\"").expect("the chart")..];
     let chart = &chart[..chart.find("</svg>").unwrap()];
