@@ -207,8 +207,9 @@ fn write_stack(
             writeln!(out, "    addr = {:x} size = {}", b.addr, b.size)?;
         }
     }
-    // The function that made the blocks: one word (two with `via`) that
-    // parsers of bcc's line, which read up to "from stack", pass over.
+    // The function that made the blocks, after bcc's "from stack": what
+    // reads bcc's line up to there still does. Blocks whose totals entry
+    // the kernel had no room for have no known function and say none.
     let via = match total.kind {
         Kind::Unknown => String::new(),
         kind => format!(" via {}", kind.name()),
