@@ -52,6 +52,8 @@ const FIXTURES: &[(&str, Compiler, &str, &[&str])] = &[
     ("recurse-fp", Compiler::C, "recurse.c", &["-O2", "-fno-omit-frame-pointer"]),
     // C++ the same way, leaking through libstdc++ (packaged without).
     ("deep-cpp", Compiler::Cxx, "deep.cpp", &["-O2", "-fomit-frame-pointer"]),
+    // An unwind table larger than the least --unwind-memory.
+    ("bigtable", Compiler::C, "bigtable.c", &[]),
 ];
 
 fn main() {

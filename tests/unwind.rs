@@ -300,3 +300,44 @@ fn a_command_started_through_a_wrapper_is_walked_by_tables_from_its_first_block(
     assert_eq!(deep.len(), 1, "{stdout}");
     assert_eq!(functions(deep[0]), ["alloc", "parse", "handle", "loop", "run", "main"], "{stdout}");
 }
+
+/// memleak -c on bigtable.c (its table: 160,000 rows) with
+/// `--unwind-memory MIB`: its stdout and stderr, after it ended.
+fn bigtable_command(mib: &str) -> (String, String) {
+    let command = format!("{} 20", fixture("bigtable").display());
+    let out = run_memleak(&args(&["--unwind-memory", mib, "-c", &command, "1", "2"]), Duration::from_secs(60));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
+    (stdout, stderr)
+}
+
+/// The last `lost since attach` count of frames walked without a table.
+fn frames_without_table(stdout: &str) -> u64 {
+    const WHAT: &str = " frames walked by frame pointers (unwind table did not fit";
+    let counts = stdout.lines().filter_map(|l| {
+        let (before, _) = l.split_once(WHAT)?;
+        before.rsplit([' ', ':']).next()?.parse::<u64>().ok()
+    });
+    counts.last().unwrap_or(0)
+}
+
+#[test]
+fn a_command_whose_table_does_not_fit_runs_and_counts_the_frames() {
+    // 1 MiB holds 131,072 rows: libc's and ld.so's go in, bigtable's not.
+    // A warning, not an exit: the command runs already.
+    let (stdout, stderr) = bigtable_command("1");
+    assert!(stderr.contains("unwind tables do not fit --unwind-memory 1 MiB (left out: "), "{stderr}");
+    assert!(stderr.contains("bigtable"), "{stderr}");
+    // Its leak is walked by frame pointers (it keeps them): leak, work,
+    // main, and _start, all in the program, each a frame counted.
+    let reports = parse_reports(&stdout);
+    let leaks = reports.last().and_then(|r| r.stacks.iter().find(|s| s.count > 0 && s.bytes == 3333 * s.count));
+    let leaks = leaks.unwrap_or_else(|| panic!("no stack of 3333-byte blocks:\n{stdout}"));
+    assert_eq!(functions(leaks)[..3], ["leak", "work", "main"], "{stdout}");
+    let counted = frames_without_table(&stdout);
+    assert!(counted >= 4 * leaks.count, "{counted} frames counted, {} leaks of 4 such frames:\n{stdout}", leaks.count);
+    // The control: with room for its table, nothing is walked without one.
+    let (stdout, stderr) = bigtable_command("16");
+    assert!(!stderr.contains("do not fit"), "{stderr}");
+    assert_eq!(frames_without_table(&stdout), 0, "{stdout}");
+}

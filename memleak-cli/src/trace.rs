@@ -321,9 +321,10 @@ async fn attach_command(
     }
     command::wait_for_exec(&held);
     // Not traced: its tables once it runs (its first allocations are
-    // walked by frame pointers).
+    // walked by frame pointers). Those that do not fit are a warning, as
+    // when traced: the command runs already.
     if let Some(unwinder) = tables.as_ref().filter(|_| !traced) {
-        fits(memory, unwinder.lock().expect("unwinder poisoned").add_process(pid)?)?;
+        rescan(memory, &mut unwinder.lock().expect("unwinder poisoned"), pid);
     }
     let comm = argv[0].clone();
     let target = Target { pid, comm: comm.clone(), dir: None };

@@ -272,6 +272,10 @@ pub const UNWIND_END: u32 = 2;
 pub const UNWIND_NONE: u32 = 3;
 /// rbp of the caller is saved at CFA - 8 * slot; else it is unchanged.
 pub const UNWIND_RBP_SAVED: u32 = 4;
+/// With `UNWIND_NONE` (the kernel's, never in a table): the mapping has
+/// no rows because its table did not fit (`UnwindMapping::rows` 0), so
+/// the frame-pointer step it takes is counted (`Stat::UnwindLeftOut`).
+pub const UNWIND_LEFT_OUT: u32 = 4;
 pub const UNWIND_SLOT_SHIFT: u32 = 3;
 pub const UNWIND_OFFSET_SHIFT: u32 = 11;
 
@@ -493,14 +497,23 @@ pub enum Stat {
     /// A process had [`MAX_REGIONS`] direct mappings followed already: a
     /// munmap of this one's tail or middle is not seen (its head is).
     RegionsFull = 4,
+    /// A frame walked by frame pointers because its object's unwind table
+    /// did not fit `--unwind-memory` (`UNWIND_LEFT_OUT`).
+    UnwindLeftOut = 5,
 }
 
 pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
 
 impl Stat {
     /// Every counter, each at its index.
-    pub const ALL: [Stat; 5] =
-        [Stat::AllocMapFull, Stat::StackLost, Stat::CombinedMapFull, Stat::PendingMapFull, Stat::RegionsFull];
+    pub const ALL: [Stat; 6] = [
+        Stat::AllocMapFull,
+        Stat::StackLost,
+        Stat::CombinedMapFull,
+        Stat::PendingMapFull,
+        Stat::RegionsFull,
+        Stat::UnwindLeftOut,
+    ];
 }
 
 /// What the kernel tells user space as it happens (the `EVENTS` ring).

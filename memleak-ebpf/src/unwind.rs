@@ -13,8 +13,9 @@ use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_send_signal},
 };
 use memleak_common::{
-    MAX_STACK_DEPTH, TRUNCATED_IP, UNWIND_CACHE_SLOTS, UNWIND_CFA_RBP, UNWIND_END, UNWIND_MAPPINGS, UNWIND_NONE,
-    UNWIND_OFFSET_SHIFT, UNWIND_RBP_SAVED, UNWIND_SLOT_SHIFT, UnwindCache, UnwindProcess, UnwindState,
+    MAX_STACK_DEPTH, Stat, TRUNCATED_IP, UNWIND_CACHE_SLOTS, UNWIND_CFA_RBP, UNWIND_END, UNWIND_LEFT_OUT,
+    UNWIND_MAPPINGS, UNWIND_NONE, UNWIND_OFFSET_SHIFT, UNWIND_RBP_SAVED, UNWIND_SLOT_SHIFT, UnwindCache,
+    UnwindProcess, UnwindState,
 };
 
 use crate::{
@@ -182,6 +183,9 @@ fn step(s: &mut UnwindState, process: &UnwindProcess, cache: &mut UnwindCache) -
         return false;
     }
     if kind == UNWIND_NONE {
+        if rule & UNWIND_LEFT_OUT != 0 {
+            crate::stats::count(Stat::UnwindLeftOut);
+        }
         return frame_pointer_step(s);
     }
     let base = if kind == UNWIND_CFA_RBP { s.bp } else { s.sp };
@@ -279,6 +283,9 @@ fn rule_at(s: &mut UnwindState, p: &UnwindProcess, pc: u64) -> u32 {
     let m = &p.mappings[(lo - 1) & (UNWIND_MAPPINGS - 1)];
     if pc >= m.end {
         return UNWIND_NONE;
+    }
+    if m.rows == 0 {
+        return UNWIND_NONE | UNWIND_LEFT_OUT;
     }
     let at = pc.wrapping_sub(m.bias);
     if at > u64::from(u32::MAX) {

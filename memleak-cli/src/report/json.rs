@@ -428,7 +428,7 @@ mod tests {
         assert_eq!(
             v["lost"],
             serde_json::json!({"allocations_untracked": 27, "stacks_unrecorded": 0, "totals_missed": 0,
-                               "calls_unfollowed": 0, "mappings_unfollowed": 0})
+                               "calls_unfollowed": 0, "mappings_unfollowed": 0, "frames_without_table": 0})
         );
         let p = &v["processes"][0];
         assert_eq!((p["pid"].as_u64(), p["comm"].as_str()), (Some(42), Some("app")));

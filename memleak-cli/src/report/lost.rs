@@ -18,6 +18,9 @@ pub struct Lost {
     pub calls_unfollowed: u64,
     /// mmap'd blocks not followed for a partial munmap (over 32 in a process).
     pub mappings_unfollowed: u64,
+    /// Frames walked by frame pointers: their object's unwind table did
+    /// not fit (`--unwind-memory`).
+    pub frames_without_table: u64,
 }
 
 impl Lost {
@@ -29,6 +32,7 @@ impl Lost {
             totals_missed: at(Stat::CombinedMapFull),
             calls_unfollowed: at(Stat::PendingMapFull),
             mappings_unfollowed: at(Stat::RegionsFull),
+            frames_without_table: at(Stat::UnwindLeftOut),
         }
     }
 
@@ -41,6 +45,7 @@ impl Lost {
             (self.totals_missed, "allocations missing from the per-stack totals (raise --max-stacks)"),
             (self.calls_unfollowed, "allocator calls not followed"),
             (self.mappings_unfollowed, "mmap'd blocks not followed for a partial munmap"),
+            (self.frames_without_table, "frames walked by frame pointers (unwind table did not fit, raise --unwind-memory)"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -109,6 +114,9 @@ fn lost_what(stat: Stat) -> &'static str {
         Stat::StackLost => "allocations recorded without a stack (stack map full, raise --max-stacks)",
         Stat::CombinedMapFull => {
             "allocations missing from the per-stack totals, and so without a stack (totals full, raise --max-stacks)"
+        }
+        Stat::UnwindLeftOut => {
+            "frames walked by frame pointers, their object's unwind table not fitting (raise --unwind-memory): stacks through them may stop short"
         }
         Stat::RegionsFull => {
             "mmap'd blocks not followed for a partial munmap (more than 32 live mappings in a process): if unmapped past their head, their rest stays counted"

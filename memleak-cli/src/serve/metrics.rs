@@ -145,6 +145,7 @@ pub fn render(report: &Report<'_>, coverage: &Coverage, capacity: Capacity, prob
         ("totals_map_full", l.totals_missed),
         ("call_not_followed", l.calls_unfollowed),
         ("mapping_not_followed", l.mappings_unfollowed),
+        ("unwind_table_left_out", l.frames_without_table),
     ] {
         lost.with_label_values(&[reason]).inc_by(n);
     }

@@ -64,6 +64,10 @@ pub struct Unwinder {
     /// By (device, inode) of the file: None for an object without frame
     /// info, or one whose table did not fit.
     tables: HashMap<(String, u64), Option<Placed>>,
+    /// Files whose table did not fit: their mappings go in a process's
+    /// entry with no rows, and the kernel counts the frames it then walks
+    /// by frame pointers (`Stat::UnwindLeftOut`).
+    left_out: HashSet<(String, u64)>,
     /// What each process's entry holds now.
     written: HashMap<u32, Vec<UnwindMapping>>,
     /// The last entry's `UnwindProcess::generation`.
@@ -110,6 +114,7 @@ impl Unwinder {
             procs,
             held,
             tables: HashMap::new(),
+            left_out: HashSet::new(),
             written: HashMap::new(),
             generation: 0,
             every_object,
@@ -188,12 +193,14 @@ impl Unwinder {
             let Some(table) = table else { continue };
             let placed = match table {
                 Ok(Table { too_big: Some(rows), .. }) => {
+                    let share = if self.object_rows < self.capacity { "a quarter of " } else { "" };
                     self.say(format_args!(
-                        "{}: its unwind table (about {} KiB) would take more than a quarter of --unwind-memory: walked by frame pointers",
+                        "{}: its unwind table (about {} KiB) would take more than {share}--unwind-memory: walked by frame pointers",
                         m.path,
                         rows * 8 / 1024
                     ));
                     added.not_fitting.push(m.path.clone());
+                    self.left_out.insert(key(m));
                     None
                 }
                 Ok(table) if table.keeps_frame_pointers && !self.every_object => {
@@ -204,23 +211,33 @@ impl Unwinder {
                     self.say(format_args!("{}: no frame info: walked by frame pointers", m.path));
                     None
                 }
-                Ok(table) => match self.place(table) {
-                    Some(placed) => {
-                        let (rows, text) = (placed.rows as u64, placed.table.text_bytes.max(1));
-                        self.say(format_args!(
-                            "{}: unwind table of {rows} rows, {} KiB ({} KiB per MiB of text), built in {:.1} ms",
-                            m.path,
-                            rows * 8 / 1024,
-                            (rows * 8 * 1024 / text),
-                            took.as_secs_f64() * 1e3
-                        ));
-                        Some(placed)
+                Ok(table) => {
+                    let rows = table.rows.len() as u64;
+                    match self.place(table) {
+                        Some(placed) => {
+                            let (rows, text) = (placed.rows as u64, placed.table.text_bytes.max(1));
+                            self.say(format_args!(
+                                "{}: unwind table of {rows} rows, {} KiB ({} KiB per MiB of text), built in {:.1} ms",
+                                m.path,
+                                rows * 8 / 1024,
+                                (rows * 8 * 1024 / text),
+                                took.as_secs_f64() * 1e3
+                            ));
+                            Some(placed)
+                        }
+                        None => {
+                            self.say(format_args!(
+                                "{}: its unwind table ({rows} rows, {} KiB) does not fit what --unwind-memory has left ({} KiB): walked by frame pointers",
+                                m.path,
+                                rows * 8 / 1024,
+                                u64::from(self.capacity.saturating_sub(self.used)) * 8 / 1024
+                            ));
+                            added.not_fitting.push(m.path.clone());
+                            self.left_out.insert(key(m));
+                            None
+                        }
                     }
-                    None => {
-                        added.not_fitting.push(m.path.clone());
-                        None
-                    }
-                },
+                }
                 Err(e) => {
                     self.say(format_args!("{}: no unwind table ({e:#}): walked by frame pointers", m.path));
                     None
@@ -231,6 +248,9 @@ impl Unwinder {
         let mut entries: Vec<UnwindMapping> = maps
             .iter()
             .filter_map(|m| {
+                if self.left_out.contains(&key(m)) {
+                    return Some(UnwindMapping { start: m.start, end: m.end, bias: 0, first: 0, rows: 0 });
+                }
                 let placed = self.tables.get(&key(m))?.as_ref()?;
                 Some(UnwindMapping {
                     start: m.start,
