@@ -356,8 +356,8 @@ impl Args {
         if self.dump.is_none() && self.force {
             return Err(user_error(Kind::Usage, "--force applies to --dump"));
         }
-        if self.floor.is_some() && self.pid.is_none() {
-            return Err(user_error(Kind::Usage, "--floor needs -p"));
+        if self.floor.is_some() && self.pid.is_none() && !self.user_only {
+            return Err(user_error(Kind::Usage, "--floor needs -p or --user-only"));
         }
         if let Some(command) = &self.command {
             match shlex::split(command) {
@@ -475,8 +475,10 @@ mod tests {
         let dump = parse(&["-p", "1", "--dump", "d", "--force"]).unwrap();
         assert_eq!((dump.dump_budget, dump.force), (64 << 20, true));
         assert_eq!(parse(&["-p", "1", "--dump", "d", "--dump-budget", "0"]).unwrap_err().exit_code(), 2);
-        // The bench's empty programs go on one process only.
+        // The bench's empty programs go on one process, or every process's
+        // allocators (not on the kernel's tracepoints).
         parse(&["-p", "7", "--floor", "naive"]).unwrap().validate().unwrap();
+        parse(&["--user-only", "--floor", "placed"]).unwrap().validate().unwrap();
         let err = parse(&["--floor", "placed"]).unwrap().validate().unwrap_err();
         assert_eq!(crate::error::exit_code(&err), Kind::Usage as u8);
     }

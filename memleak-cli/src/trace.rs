@@ -361,6 +361,7 @@ fn attach_system(run: &Run, loaded: &mut Loaded, user: bool, kernel_too: bool) -
     }
     let started = clock::now();
     let mut probes = SystemProbes::default();
+    probes.floor = run.floor;
     let mut what = vec![];
     if user {
         match &run.obj {
@@ -387,7 +388,8 @@ fn attach_system(run: &Run, loaded: &mut Loaded, user: bool, kernel_too: bool) -
         started,
         exited: None,
         command: None,
-        ticks: Ticks::System { probes, rescan: user && run.obj.is_none(), stop_tables },
+        // The bench's floor is the probes alone: no rescans.
+        ticks: Ticks::System { probes, rescan: user && run.obj.is_none() && run.floor.is_none(), stop_tables },
     })
 }
 

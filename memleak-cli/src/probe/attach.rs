@@ -408,6 +408,8 @@ fn serving_object(pid: u32, maps: &[Mapping]) -> anyhow::Result<String> {
 pub struct SystemProbes {
     files: HashSet<(u64, u64)>,
     pub objects: Vec<Attached>,
+    /// `--floor` (bench only): empty programs, for every process.
+    pub floor: Option<Floor>,
 }
 
 impl SystemProbes {
@@ -450,7 +452,7 @@ impl SystemProbes {
                     continue;
                 }
                 let label = format!("{} (of pid {pid})", mapping.path);
-                match probe_object(ebpf, links, file, &label, UProbeScope::AllProcesses, serves_malloc, false, None) {
+                match probe_object(ebpf, links, file, &label, UProbeScope::AllProcesses, serves_malloc, false, self.floor) {
                     Ok(attached) => {
                         self.objects.push(attached);
                         added += 1;
