@@ -48,9 +48,13 @@ pub struct Options {
     /// Reports timed per mode at a million outstanding allocations.
     #[arg(long, default_value_t = 5)]
     reports: usize,
-    /// Run only this part.
+    /// Run only this part. The system-wide build runs only when asked
+    /// for (`--part build`, about 12 minutes on 2 busy CPUs).
     #[arg(long, value_enum)]
     part: Option<Part>,
+    /// Rounds of the system-wide build, each variant once a round.
+    #[arg(long, default_value_t = 3)]
+    build_rounds: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -61,6 +65,8 @@ enum Part {
     /// pointers, the frame-pointer churn by default and with `--unwind
     /// fp`, attach with and without tables.
     Unwind,
+    /// Only the system-wide cost on a real C build (see `build_bench`).
+    Build,
 }
 
 /// How the churn fixture runs.
@@ -123,6 +129,9 @@ pub fn run(memleak: &Path, opts: &Options) -> anyhow::Result<()> {
         let deep = fixtures::build("churn-deep", Compiler::C, "churn.c", &["-O2", "-fomit-frame-pointer", "-DDEPTH=8"])?;
         missed += unwind_bench(memleak, &deep, &churn, &hold, opts, &mut out)?;
     }
+    if opts.part == Some(Part::Build) {
+        missed += crate::build_bench::run(memleak, opts.build_rounds, &mut out)?;
+    }
     print!("{out}");
     let file = crate::workspace_root().join("target/xtask/bench.md");
     std::fs::write(&file, &out).with_context(|| format!("writing {}", file.display()))?;
@@ -141,12 +150,12 @@ fn header() -> anyhow::Result<String> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
     let date = String::from_utf8(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output()?.stdout)?;
     let cores = thread::available_parallelism().map_or(0, |n| n.get());
-    Ok(format!("Machine: {cpu}, {cores} CPUs; kernel {kernel}; {}\n", date.trim()))
+    Ok(format!("Machine: {cpu}, {cores} CPUs; kernel {kernel}; {}; load average {}\n", date.trim(), load_average()))
 }
 
 /// A target checked against a measured value: prints the line, returns
 /// 1 if missed.
-fn check(out: &mut String, what: &str, value: f64, limit: f64, unit: &str) -> usize {
+pub(crate) fn check(out: &mut String, what: &str, value: f64, limit: f64, unit: &str) -> usize {
     let ok = value <= limit;
     let _ = writeln!(out, "| {what} | {value:.3}{unit} | ≤ {limit}{unit} | {} |", if ok { "met" } else { "**missed**" });
     usize::from(!ok)
@@ -541,8 +550,8 @@ fn parse_timing(line: &str) -> Option<(f64, u64)> {
 }
 
 /// A running memleak, attached.
-struct Tracer {
-    child: Child,
+pub(crate) struct Tracer {
+    pub(crate) child: Child,
     /// From spawn to the "Attaching" line.
     attach_s: f64,
     stderr: Receiver<String>,
@@ -556,7 +565,7 @@ impl Tracer {
 
     /// Starts memleak as `command` says, up to its first stdout line that
     /// starts with `ready`.
-    fn start(command: &mut Command, ready: &str) -> anyhow::Result<Self> {
+    pub(crate) fn start(command: &mut Command, ready: &str) -> anyhow::Result<Self> {
         let started = Instant::now();
         let mut child = command
             .stdout(Stdio::piped())
@@ -601,7 +610,7 @@ impl Tracer {
 
     /// Stops memleak (SIGINT unless it is ending by itself) and waits;
     /// returns the stderr lines not read yet.
-    fn finish(mut self, limit: Duration) -> anyhow::Result<Vec<String>> {
+    pub(crate) fn finish(mut self, limit: Duration) -> anyhow::Result<Vec<String>> {
         let start = Instant::now();
         while self.child.try_wait()?.is_none() {
             if start.elapsed() > Duration::from_secs(2) {
@@ -659,7 +668,14 @@ fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmHWM in /proc/PID/status")
 }
 
-fn median(values: &[f64]) -> f64 {
+/// The 1-minute load average: how busy the machine was with other work
+/// when a number was taken.
+pub(crate) fn load_average() -> String {
+    let avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    avg.split_whitespace().next().unwrap_or("?").to_string()
+}
+
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {

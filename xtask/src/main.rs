@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build | demo | test | bench | run -- ARGS`.
 
 mod bench;
+mod build_bench;
 mod fixtures;
 mod setup;
 

@@ -7,7 +7,9 @@
 //!   chromium (Debian packages);
 //! - Prometheus, unpacked into target/prometheus for tests/listen.rs;
 //!   elfutils' debuginfod, unpacked into target/debuginfod for
-//!   tests/debuginfod.rs (with its libraries installed).
+//!   tests/debuginfod.rs (with its libraries installed);
+//! - GNU awk's source (Debian's source package, a deb-src entry added for
+//!   it), in target/gawk-src for `cargo xtask bench --part build`.
 
 use std::{fs, os::unix::fs::symlink, path::PathBuf, process::Command};
 
@@ -21,6 +23,40 @@ pub fn run() -> anyhow::Result<()> {
     fixture_libraries()?;
     unpack("prometheus", &["usr/bin/prometheus", "usr/bin/promtool"])?;
     unpack("debuginfod", &["usr/bin/debuginfod"])?;
+    build_bench_source()?;
+    Ok(())
+}
+
+/// GNU awk's source, for the bench's system-wide build: a real C project
+/// Debian ships as source, fetched with `apt-get source` (apt is then
+/// given a deb-src entry like its first deb entry, if it has none).
+fn build_bench_source() -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("target/gawk-src");
+    let unpacked = fs::read_dir(&dir).is_ok_and(|d| d.filter_map(Result::ok).any(|e| e.path().join("configure").exists()));
+    if unpacked {
+        return Ok(());
+    }
+    let sources = ["/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources"];
+    let text: Vec<String> = sources.iter().map(|p| fs::read_to_string(p).unwrap_or_default()).collect();
+    let has_src = |t: &String| t.lines().any(|l| l.starts_with("deb-src ") || (l.starts_with("Types:") && l.contains("deb-src")));
+    if !text.iter().any(has_src) {
+        let entry = if text[1].contains("Types: deb") {
+            text[1].replace("Types: deb", "Types: deb-src")
+        } else {
+            text[0].lines().filter(|l| l.starts_with("deb ")).map(|l| format!("deb-src {}\n", &l[4..])).collect()
+        };
+        let file = "/etc/apt/sources.list.d/memleak-deb-src.sources";
+        let file = if text[1].contains("Types: deb") { file.to_string() } else { file.replace(".sources", ".list") };
+        eprintln!("setup: adding Debian's source packages to apt ({file})");
+        fs::write(&file, entry).with_context(|| format!("writing {file} (needs root)"))?;
+        output("apt-get", &["update", "-qq"])?;
+    }
+    eprintln!("setup: fetching GNU awk's source into {}", dir.display());
+    fs::create_dir_all(&dir)?;
+    let status = Command::new("apt-get").args(["source", "-qq", "gawk"]).current_dir(&dir).stdout(std::process::Stdio::null()).status()?;
+    if !status.success() {
+        bail!("apt-get source gawk failed");
+    }
     Ok(())
 }
 
@@ -71,6 +107,8 @@ const PACKAGES: &[&str] = &[
     "libelf1",
     "libmicrohttpd12",
     "libsqlite3-0",
+    // `apt-get source` (the bench's build) unpacks with dpkg-source.
+    "dpkg-dev",
 ];
 
 fn fixture_libraries() -> anyhow::Result<()> {
