@@ -106,10 +106,13 @@ pub struct Reporter {
     start_ns: u64,
     start: SystemTime,
     reports: u64,
-    /// The last report's stacks, every one: what the exit files hold, and
-    /// when it was taken (CLOCK_MONOTONIC).
+    /// The last report's stacks, every one: what the exit files hold (kept
+    /// only for them: 2.1 MiB at 10,000 stacks), and when it was taken
+    /// (CLOCK_MONOTONIC).
     last: Vec<Row>,
     last_ns: u64,
+    /// How many stacks the last report had.
+    last_len: usize,
     exports: Exports,
     ends: Ends,
     /// The kernel's word on execs, when it can be had.
@@ -192,6 +195,7 @@ impl Reporter {
             start,
             reports: 0,
             last: Vec::new(),
+            last_len: 0,
             last_ns: start_ns,
             exports,
             ends: Ends::default(),
@@ -326,7 +330,8 @@ impl Reporter {
         self.print(&built)?;
         self.give_back(&built);
         let Built { rows, now, read, .. } = built;
-        self.last = rows;
+        self.last_len = rows.len();
+        self.last = if self.exports.is_empty() { Vec::new() } else { rows };
         self.last_ns = now;
         let files = self.symbolizer.let_go();
         if self.options.verbose && files > 0 {

@@ -54,7 +54,7 @@ impl Reporter {
             // As many stacks as last time, most likely: no table regrown by doubling.
             // --dump writes every block of the stacks shown.
             let keep_blocks = self.options.show_allocs || self.dump.is_some();
-            let (min_age_ns, stacks) = (self.options.min_age_ns, self.last.len());
+            let (min_age_ns, stacks) = (self.options.min_age_ns, self.last_len);
             let oldest = if self.options.peek.is_some() { peek::BLOCKS } else { 0 };
             let mut parts = self.recorded.allocations_into(
                 || (aggregate::Aggregator::new(now, min_age_ns, keep_blocks, oldest, stacks), 0),
