@@ -154,7 +154,15 @@ fn fetch(servers: &Servers, url: &str, id: &[u8]) -> Result<bool, Fetch> {
     let path = format!("/{}{}buildid/{}/debuginfo", base, if base.is_empty() || base.ends_with('/') { "" } else { "/" }, hex(id));
     write!(&stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: memleak\r\nConnection: close\r\n\r\n").map_err(bad)?;
     let mut reader = BufReader::new(stream);
-    let (status, chunked, length) = head(&mut reader).map_err(bad)?;
+    // A server that takes the connection and never answers is as good as
+    // down: told once, not waited for again at every build id.
+    let silent = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            Fetch::Unreachable(format!("no answer within {} s", servers.timeout.as_secs()))
+        }
+        _ => Fetch::Bad(e.to_string()),
+    };
+    let (status, chunked, length) = head(&mut reader).map_err(silent)?;
     if status == 404 {
         return Ok(false);
     }
@@ -269,6 +277,19 @@ mod tests {
         assert_eq!((s.cache, s.timeout), (PathBuf::from("/x/debuginfod_client"), Duration::from_secs(3)));
         let s = Servers::from_env(env(&[("DEBUGINFOD_URLS", "http://a"), ("DEBUGINFOD_CACHE_PATH", "/c")])).unwrap();
         assert_eq!(s.cache, PathBuf::from("/c"));
+    }
+
+    #[test]
+    fn a_server_that_never_answers_is_unreachable() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let servers = Servers { urls: vec![url.clone()], cache: std::env::temp_dir(), timeout: Duration::from_secs(1) };
+        let got = fetch(&servers, &url, &[0xab; 20]);
+        assert!(matches!(got, Err(Fetch::Unreachable(ref e)) if e == "no answer within 1 s"), "{}", match got {
+            Err(Fetch::Unreachable(e) | Fetch::Bad(e)) => e,
+            Ok(found) => format!("Ok({found})"),
+        });
+        drop(silent);
     }
 
     #[test]
