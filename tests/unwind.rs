@@ -211,10 +211,29 @@ fn a_frame_pointer_walk_too() {
     cut_at_the_depth_limit("recurse-fp", &["--unwind", "fp"]);
 }
 
-/// A function's name without its parameters: `copy_line`, `operator new`
-/// (gdb names C++ functions with debug info without them, memleak with).
+/// A function's name without its parameters, nor the return type a
+/// demangled template function's name starts with: `copy_line`,
+/// `std::vector<long, std::allocator<long> >::_M_realloc_insert<long>`
+/// (gdb names C++ functions with debug info without either, memleak, from
+/// the symbol, with both).
 fn bare(name: &str) -> String {
-    name.split('(').next().unwrap_or("").trim().to_string()
+    let name = name.split('(').next().unwrap_or("").trim();
+    // The last space outside <...> ends a return type, if what follows
+    // is a qualified name (not `operator new`).
+    let mut depth = 0i32;
+    let mut last_space = None;
+    for (i, c) in name.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            ' ' if depth == 0 => last_space = Some(i),
+            _ => {}
+        }
+    }
+    match last_space {
+        Some(i) if name[i + 1..].contains("::") => name[i + 1..].to_string(),
+        _ => name.to_string(),
+    }
 }
 
 /// The functions of gdb's stack at a breakpoint in `program`, innermost
@@ -286,6 +305,21 @@ fn a_leak_inside_libstdcxx_is_walked_by_its_tables() {
     let fp = cpp_stack(7001, "fp");
     assert!(fp[0].contains("::_M_mutate"), "{fp:?}");
     assert!(!fp.iter().any(|f| f == "parse" || f == "main"), "{fp:?}");
+}
+
+#[test]
+fn cpp_vector_growth_is_gdbs_backtrace() {
+    let program = fixture("deep-cpp");
+    // _M_realloc_insert calls operator new itself (the allocator is
+    // inlined): at 512 elements (4096 bytes) it makes the 16384-byte
+    // buffer collect keeps.
+    let grow = "_ZNSt6vectorIlSaIlEE17_M_realloc_insertIJlEEEvN9__gnu_cxx17__normal_iteratorIPlS1_EEDpOT_";
+    let gdb = gdb_real_frames(program.to_str().unwrap(), grow, "*(long*)($rdi+8) - *(long*)$rdi == 4096");
+    assert_eq!(gdb, ["std::vector<long, std::allocator<long> >::_M_realloc_insert<long>", "collect", "gather", "main"]);
+    assert_eq!(cpp_stack(16384, "auto"), gdb);
+    // The control: frame pointers alone lose the callers.
+    let fp = cpp_stack(16384, "fp");
+    assert!(!fp.iter().any(|f| f == "gather" || f == "main"), "{fp:?}");
 }
 
 /// memleak -c on bigtable.c (its table: 160,000 rows) with
