@@ -362,3 +362,23 @@ fn a_command_whose_table_does_not_fit_runs_and_counts_the_frames() {
     assert!(!stderr.contains("do not fit"), "{stderr}");
     assert_eq!(frames_without_table(&stdout), 0, "{stdout}");
 }
+
+#[test]
+fn a_command_memleak_cannot_hold_warns_too() {
+    // Under `strace -f`, the command is strace's to trace: memleak cannot
+    // hold it (ptrace; -v says so), and adds its tables once it runs.
+    // Those that do not fit were exit 7 there; now a warning, as when held.
+    let command = format!("{} 20", fixture("bigtable").display());
+    let memleak = memleak_tests::memleak_bin();
+    let mut strace = Command::new("timeout");
+    strace.args(["60", "strace", "-f", "-qq", "-o", "/dev/null"]).arg(&memleak);
+    let out = strace
+        .args(["-v", "--unwind-memory", "1", "-c", &command, "1", "2"])
+        .output()
+        .expect("strace is needed: `cargo xtask setup` installs it");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stderr.contains("cannot hold"), "memleak held the command: not the case tested\n{stderr}");
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
+    assert!(stderr.contains("unwind tables do not fit --unwind-memory 1 MiB (left out: "), "{stderr}");
+    assert!(frames_without_table(&stdout) > 0, "{stdout}");
+}
