@@ -406,8 +406,11 @@ fn churn_traced(
 
 fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -> anyhow::Result<usize> {
     let _ = writeln!(out, "\n## Reports at 1,000,000 outstanding allocations from 10,000 stacks\n");
-    let _ = writeln!(out, "| mode | report, median (ms) | slowest (ms) | per allocation (µs) | tracer peak RSS (MiB) |");
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        out,
+        "| mode | report, median (ms) | slowest (ms) | per allocation (µs) | tracer peak RSS (MiB) | after: anonymous + file (MiB) | idle: RSS, peak (MiB) |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut results = Vec::new();
     // --listen renders every report for the server too: metrics, the two
     // heap profiles (1,000 stacks symbolized), the flame graph, the JSON.
@@ -416,11 +419,15 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
         let r = hold_once(memleak, hold, args, opts.reports).with_context(|| format!("reports in {name} mode"))?;
         let _ = writeln!(
             out,
-            "| {name} | {:.1} | {:.1} | {:.3} | {:.1} |",
+            "| {name} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} + {:.1} | {:.1}, {:.1} |",
             r.median_s * 1e3,
             r.max_s * 1e3,
             r.median_s, // s per million = µs per allocation
-            r.peak_rss_kib as f64 / 1024.0
+            mib(r.peak_rss_kib),
+            mib(r.after.anon_kib),
+            mib(r.after.file_kib),
+            mib(r.idle.rss_kib),
+            mib(r.idle.hwm_kib),
         );
         results.push(r);
     }
@@ -449,7 +456,8 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
     let mut missed = check(out, "report, default mode", full.median_s, 0.2, " s");
     missed += check(out, "report, --combined-only", combined.median_s, 0.01, " s");
     missed += check(out, "report, --listen", served.median_s, 0.2, " s");
-    missed += check(out, "tracer peak RSS", full.peak_rss_kib.max(combined.peak_rss_kib) as f64 / 1024.0, 40.0, " MiB");
+    missed += check(out, "tracer peak RSS", mib(full.peak_rss_kib.max(combined.peak_rss_kib)), 16.0, " MiB");
+    missed += check(out, "tracer RSS, idle", mib(full.idle.rss_kib.max(combined.idle.rss_kib)), 6.0, " MiB");
     missed += check(out, "tracer peak RSS, --listen", served.peak_rss_kib as f64 / 1024.0, 40.0, " MiB");
     missed += check(out, "attach, all hooks, one process", median(&attach) * 1e3, 60.0, " ms");
     missed += check(out, "exit after SIGINT, one process", median(&exits) * 1e3, 200.0, " ms");
@@ -502,7 +510,39 @@ fn system_exit_times(memleak: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
 struct HoldResult {
     median_s: f64,
     max_s: f64,
+    /// VmHWM after the timed reports.
     peak_rss_kib: u64,
+    /// After two reports of the idle fixture, before it allocates.
+    idle: Memory,
+    /// After the timed reports.
+    after: Memory,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// A process's memory, from /proc/PID/status (KiB).
+#[derive(Default)]
+struct Memory {
+    hwm_kib: u64,
+    rss_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> anyhow::Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))
+        };
+        Ok(Self { hwm_kib: field("VmHWM")?, rss_kib: field("VmRSS")?, anon_kib: field("RssAnon")?, file_kib: field("RssFile")? })
+    }
 }
 
 /// Traces the hold fixture with 1 s reports; times `reports` of them once
@@ -511,6 +551,13 @@ fn hold_once(memleak: &Path, hold: &Path, args: &[&str], reports: usize) -> anyh
     let mut app = Running::spawn(&hold.to_path_buf(), &[], true)?;
     wait_until_reading(app.pid())?;
     let tracer = Tracer::attach(memleak, app.pid(), &[args, &["-v"]].concat(), &["1"])?;
+    // Idle: two reports of nothing.
+    let mut idle_reports = 0;
+    while idle_reports < 2 {
+        let line = tracer.stderr.recv_timeout(Duration::from_secs(30)).context("no report timing from memleak -v")?;
+        idle_reports += usize::from(parse_timing(&line).is_some());
+    }
+    let idle = Memory::of(tracer.child.id())?;
     let mut app_in = app.0.stdin.take().context("hold stdin")?;
     app_in.write_all(b"go\n")?;
     let mut line = String::new();
@@ -533,11 +580,11 @@ fn hold_once(memleak: &Path, hold: &Path, args: &[&str], reports: usize) -> anyh
         }
         times.push(took);
     }
-    let peak_rss_kib = vm_hwm_kib(tracer.child.id())?;
+    let after = Memory::of(tracer.child.id())?;
     drop(app_in);
     tracer.finish(Duration::from_secs(60))?;
     let max_s = times.iter().copied().fold(0.0, f64::max);
-    Ok(HoldResult { median_s: median(&times), max_s, peak_rss_kib })
+    Ok(HoldResult { median_s: median(&times), max_s, peak_rss_kib: after.hwm_kib, idle, after })
 }
 
 /// `memleak: report 3 took 0.183 s (1000000 entries read)` -> (seconds, entries).
@@ -657,15 +704,6 @@ fn wait_until_reading(pid: u32) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(5));
     }
     bail!("fixture {pid} never waited for input")
-}
-
-fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmHWM in /proc/PID/status")
 }
 
 /// The 1-minute load average: how busy the machine was with other work
