@@ -8,6 +8,9 @@
 //! medians of the rounds. The cost is the build's run time (memleak's own
 //! work, rescans and reports, competes with the build for the CPUs), and
 //! its CPU time is shown too, and memleak's own.
+//!
+//! Two of the variants trace every process on the machine: anything else
+//! measured meanwhile (another bench) is traced too.
 
 use std::{
     fmt::Write as _,
