@@ -186,6 +186,12 @@ pub struct Symbolizer {
     read: HashSet<usize>,
     /// Times `cache` was emptied for holding over [`MAX_FRAMES`].
     pub cache_resets: u64,
+    /// Lines and inlined functions wanted (not `--no-source`). Without
+    /// them no DWARF is read, only symbol tables: the names are the same
+    /// (a debug file keeps the full symbol table), and glibc's compressed
+    /// DWARF is not inflated into memory (about 20 MiB of RSS while it is
+    /// read; see `let_go`).
+    source_lines: bool,
 }
 
 /// Frames kept across reports. A frame is about 200 bytes with its
@@ -217,6 +223,7 @@ impl Symbolizer {
             debuginfod: servers.map(Debuginfod::start),
             read: HashSet::new(),
             cache_resets: 0,
+            source_lines,
         }
     }
 
@@ -565,7 +572,7 @@ impl Symbolizer {
             // rest from its companion (below), never from a link followed
             // by name.
             let mut src = Elf::new(&path);
-            src.debug_syms = self.modules[module].as_ref().is_some_and(|m| m.split.is_none());
+            src.debug_syms = self.source_lines && self.modules[module].as_ref().is_some_and(|m| m.split.is_none());
             let mut frames: Vec<Option<Frame>> =
                 match self.blaze.symbolize(&Source::Elf(src), Input::FileOffset(&offsets)) {
                     Ok(results) => results
@@ -605,7 +612,7 @@ impl Symbolizer {
         let (at, addrs): (Vec<usize>, Vec<u64>) =
             wanted.iter().enumerate().filter_map(|(i, (_, off))| Some((i, layout.address(*off)?))).unzip();
         let mut src = Elf::new(companion.file.path());
-        src.debug_syms = !companion.links_further;
+        src.debug_syms = self.source_lines && !companion.links_further;
         let Ok(results) = self.blaze.symbolize(&Source::Elf(src), Input::VirtOffset(&addrs)) else { return };
         for (i, result) in at.into_iter().zip(results) {
             if let Symbolized::Sym(sym) = &result {

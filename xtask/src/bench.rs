@@ -414,7 +414,13 @@ fn report_bench(memleak: &Path, hold: &Path, opts: &Options, out: &mut String) -
     let mut results = Vec::new();
     // --listen renders every report for the server too: metrics, the two
     // heap profiles (1,000 stacks symbolized), the flame graph, the JSON.
-    let modes = [("default", &[][..]), ("--combined-only", &["--combined-only"][..]), ("--listen 0", &["--listen", "0"][..])];
+    // --no-source reads no DWARF: what glibc's debug info costs.
+    let modes = [
+        ("default", &[][..]),
+        ("--combined-only", &["--combined-only"][..]),
+        ("--listen 0", &["--listen", "0"][..]),
+        ("--no-source", &["--no-source"][..]),
+    ];
     for (name, args) in modes {
         let r = hold_once(memleak, hold, args, opts.reports).with_context(|| format!("reports in {name} mode"))?;
         let _ = writeln!(
