@@ -646,9 +646,12 @@ mod tests {
         // A variant added to the enum but not to ALL fails here: the
         // match has no `_` arm, so it must name the new one.
         let stat_index = |s: Stat| match s {
-            Stat::AllocMapFull | Stat::StackLost | Stat::CombinedMapFull | Stat::PendingMapFull | Stat::RegionsFull => {
-                s as usize
-            }
+            Stat::AllocMapFull
+            | Stat::StackLost
+            | Stat::CombinedMapFull
+            | Stat::PendingMapFull
+            | Stat::RegionsFull
+            | Stat::UnwindLeftOut => s as usize,
         };
         assert!(Stat::ALL.iter().enumerate().all(|(i, &s)| stat_index(s) == i));
         let field_index = |f: Field| match f {
