@@ -4,7 +4,7 @@
 
 use std::{path::Path, time::Duration};
 
-use memleak_tests::{Report, Stack, container::Container, fixture, parse_reports, run_memleak};
+use memleak_tests::{Report, Stack, build_id, container::Container, fixture, parse_reports, run_memleak};
 
 fn leak_stack(report: &Report) -> Option<&Stack> {
     report.stacks.iter().find(|s| s.starts_with(&["fibonacci", "child"]))
@@ -80,12 +80,4 @@ fn a_stripped_program_is_named_from_its_debug_file_by_build_id() {
     let container = Container::start_with(&app, &["100"], &[(&debug, Path::new(&inside))]);
     let (reports, stdout) = trace(&container);
     assert_leak_found(&reports, &stdout);
-}
-
-/// The GNU build id of an ELF file, in hex, as readelf prints it.
-fn build_id(file: &Path) -> String {
-    let out = std::process::Command::new("readelf").arg("-n").arg(file).output().expect("readelf");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let id = text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).unwrap_or_else(|| panic!("no build id:\n{text}"));
-    id.trim().to_string()
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use memleak_tests::{Report, Running, fixture, memleak_bin, parse_reports};
+use memleak_tests::{Report, Running, build_id, fixture, memleak_bin, parse_reports};
 
 /// elfutils' debuginfod, serving the ELF/DWARF files under `dir` on a
 /// port of 127.0.0.1's; killed when dropped.
@@ -69,14 +69,6 @@ fn get(port: u16, path: &str) -> Option<u16> {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).ok()?;
     String::from_utf8_lossy(&head[9..12]).parse().ok()
-}
-
-/// The GNU build id of an ELF file, in hex, as readelf prints it.
-fn build_id(file: &Path) -> String {
-    let out = Command::new("readelf").arg("-n").arg(file).output().expect("readelf");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let id = text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).unwrap_or_else(|| panic!("no build id:\n{text}"));
-    id.trim().to_string()
 }
 
 /// memleak with `args` and `env` (DEBUGINFOD_* removed first), killed past

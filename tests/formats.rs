@@ -3,7 +3,6 @@
 //! with real probes: run as root.
 
 use std::{
-    io::Read as _,
     path::{Path, PathBuf},
     thread,
     time::Duration,

@@ -8,7 +8,7 @@ pub mod scenario;
 
 use std::{
     env,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -58,6 +58,14 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The GNU build id of an ELF file, in hex, as readelf prints it.
+pub fn build_id(file: &Path) -> String {
+    let out = Command::new("readelf").arg("-n").arg(file).output().expect("readelf");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).unwrap_or_else(|| panic!("no build id:\n{text}"));
+    id.trim().to_string()
 }
 
 /// Everything `pipe` gives until its end, read on a thread of its own.
