@@ -61,8 +61,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<u8> {
     let (mut loaded, planned) = self::load(&opened, config, &run)?;
     let attached = match opened {
         Opened::Process { target, exited } => attach_process(&run, &mut loaded, target, exited, planned)?,
-        Opened::Command { held, argv, exited, stops, traced } => {
-            match attach_command(&run, &mut loaded, held, argv, exited, stops, traced, &mut signals).await? {
+        Opened::Command(spawned) => {
+            match attach_command(&run, &mut loaded, spawned, &mut signals).await? {
                 Ok(attached) => attached,
                 Err(code) => {
                     detach(&run, loaded.ebpf, loaded.links, &mut signals).await;
@@ -126,11 +126,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<u8> {
 enum Opened {
     /// -p: the process, and its pidfd that says when it exits.
     Process { target: Target, exited: AsyncFd<PidFd> },
-    /// -c: the command, forked and held before its exec; `traced` when
-    /// memleak holds it at its exit (ptrace).
-    Command { held: Held, argv: Vec<String>, exited: AsyncFd<PidFd>, stops: tokio::signal::unix::Signal, traced: bool },
+    /// -c: the command, forked and held before its exec.
+    Command(Spawned),
     /// Every process (`user`), the kernel (`kernel`).
     System { user: bool, kernel: bool },
+}
+
+/// `-c`'s command, forked and held before its exec.
+struct Spawned {
+    held: Held,
+    argv: Vec<String>,
+    /// Says when it exited.
+    exited: AsyncFd<PidFd>,
+    /// The SIGCHLDs that say it stopped.
+    stops: tokio::signal::unix::Signal,
+    /// memleak holds it at its exit (ptrace).
+    traced: bool,
 }
 
 /// Opens what `mode` traces, and sizes the kernel side for it.
@@ -164,7 +175,7 @@ fn open(mode: Mode, load: &loader::Asked, run: &Run) -> anyhow::Result<(Opened, 
             // memleak traces it (ptrace), which passes that stop on.
             config.watched_tgid = pid;
             config.unwind_hold = traced;
-            Opened::Command { held, argv, exited, stops, traced }
+            Opened::Command(Spawned { held, argv, exited, stops, traced })
         }
         Mode::System { user, kernel: kernel_too } => {
             if kernel_too {
@@ -273,13 +284,10 @@ fn attach_process(
 async fn attach_command(
     run: &Run,
     loaded: &mut Loaded,
-    mut held: Held,
-    argv: Vec<String>,
-    exited: AsyncFd<PidFd>,
-    stops: tokio::signal::unix::Signal,
-    traced: bool,
+    spawned: Spawned,
     signals: &mut Signals,
 ) -> anyhow::Result<Result<Tracing, u8>> {
+    let Spawned { mut held, argv, exited, stops, traced } = spawned;
     let pid = held.pid;
     let Loaded { ebpf, links, config, .. } = loaded;
     // The kernel puts the breakpoints into the new program's mappings
