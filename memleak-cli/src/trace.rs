@@ -423,10 +423,17 @@ impl Ticks {
     fn on(&mut self, wake: Wake, reporter: &mut Reporter, ebpf: &mut Ebpf, links: &Links, run: &Run, count: &AtomicUsize) -> anyhow::Result<()> {
         match self {
             Self::Process { pid, replan, tables } => {
-                replan.on(wake, reporter, ebpf, links, run);
+                if wake == Wake::Exec {
+                    exec::settle(*pid);
+                }
+                // Tables before probes, as at attach: probes put into a
+                // program it exec'd (a static one, with its own malloc)
+                // recorded its first stacks before its tables were in,
+                // cut short (one test run in eight split a leak in two).
                 if let Some(unwinder) = tables {
                     rescan(run.unwind_memory, &mut unwinder.lock().expect("unwinder poisoned"), *pid);
                 }
+                replan.on(reporter, ebpf, links, run);
             }
             Self::System { probes, rescan, .. } => {
                 announce_execs(run, reporter, None);
@@ -514,11 +521,8 @@ impl Replan {
 
     /// Before each report, and as an exec is told: forgets what the old
     /// program left, says so, and probes the new one.
-    fn on(&mut self, wake: Wake, reporter: &mut Reporter, ebpf: &mut Ebpf, links: &Links, run: &Run) {
+    fn on(&mut self, reporter: &mut Reporter, ebpf: &mut Ebpf, links: &Links, run: &Run) {
         let pid = self.target.pid;
-        if wake == Wake::Exec {
-            exec::settle(pid);
-        }
         if announce_execs(run, reporter, Some(pid)).contains_key(&pid) {
             self.tries = Self::TRIES;
         }
