@@ -26,7 +26,6 @@ fn main() -> ExitCode {
     // the kernel then detaches the probes.
     // SAFETY: restoring the default disposition of SIGPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    heap::configure();
     let result = cli::Args::parse().settings().and_then(|settings| {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
