@@ -132,12 +132,18 @@ impl Recorded {
         {
             crate::warn!("forgetting exited processes' blocks: {e}");
         }
-        for key in of_processes(self.allocs.keys(), |k| k.tgid, tgids) {
-            let _ = self.allocs.remove(&key);
-        }
-        for key in of_processes(self.regions.keys(), |k| k.tgid, tgids) {
-            let _ = self.regions.remove(&key);
-        }
+        // Read and deleted in batches: key by key, system-wide during a C
+        // build (a call every second, the map holding 700,000 blocks), the
+        // walk and the deletes were 37% of memleak's CPU time.
+        let mut keys = Vec::new();
+        for_each(&self.allocs, &mut self.allocs_reader, "the allocation map", |key, _| {
+            if tgids.contains(&key.tgid) {
+                keys.push(key);
+            }
+        });
+        remove_all(&mut self.allocs, &keys);
+        let regions = of_processes(self.regions.keys(), |k| k.tgid, tgids);
+        remove_all(&mut self.regions, &regions);
         // Last: no block names their totals any more.
         if let Err(e) = totals::forget(self.totals.map().fd().as_fd(), self.totals.len(), tgids) {
             crate::warn!("forgetting exited processes' totals: {e}");
@@ -169,9 +175,7 @@ impl Recorded {
                 kept.extend(named);
             }
         });
-        for key in spilled {
-            let _ = self.allocs.remove(&key);
-        }
+        remove_all(&mut self.allocs, &spilled);
         // A followed mapping whose block is gone is a stale slot (see
         // `Region`): free it for the new image.
         let regions: Vec<RegionKey> = of_processes(self.regions.keys(), |k| k.tgid, tgids)
@@ -314,6 +318,26 @@ where
         seen.insert(key, value);
     }
     seen.into_iter().for_each(|(k, v)| f(k, v));
+}
+
+/// Deletes `keys` from a hash map, thousands per syscall; one at a time on
+/// kernels without batch operations. A key not there is skipped.
+fn remove_all<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, keys: &[K]) {
+    if keys.is_empty() {
+        return;
+    }
+    // SAFETY: `K` is plain data (`Pod`: no padding left uninitialized), so
+    // its values are `size_of_val` initialized bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(keys.as_ptr().cast::<u8>(), size_of_val(keys)) };
+    match batch::delete(map.map().fd().as_fd(), size_of::<K>(), bytes) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+            for key in keys {
+                let _ = map.remove(key);
+            }
+        }
+        Err(e) => crate::warn!("deleting from a map: {e}"),
+    }
 }
 
 /// The keys of a map that belong to these processes.
