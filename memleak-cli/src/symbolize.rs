@@ -24,7 +24,7 @@ use crate::{
     stack_end::{self, CALL_WINDOW, End},
     target::{
         debuginfod::{self, Debuginfod},
-        debuglink,
+        debuglink, dwarf_part,
         file::TargetFile,
         proc::{self, Mapping},
     },
@@ -611,18 +611,27 @@ impl Symbolizer {
         };
         let (at, addrs): (Vec<usize>, Vec<u64>) =
             wanted.iter().enumerate().filter_map(|(i, (_, off))| Some((i, layout.address(*off)?))).unzip();
-        let mut src = Elf::new(companion.file.path());
-        src.debug_syms = self.source_lines && !companion.links_further;
-        let Ok(results) = self.blaze.symbolize(&Source::Elf(src), Input::VirtOffset(&addrs)) else { return };
-        for (i, result) in at.into_iter().zip(results) {
-            if let Symbolized::Sym(sym) = &result {
-                let sized = sym.size.is_some();
-                frames[i] = to_frame(wanted[i].0, name, result);
-                split.retain(|&j| j != i);
-                if !sized {
-                    split.push(i);
+        let debug_syms = self.source_lines && !companion.links_further;
+        // A large companion's DWARF: only the units of these addresses
+        // (see dwarf_part), read once and let go at once.
+        let part = if debug_syms { dwarf_part::part(&companion.file, &addrs) } else { None };
+        let path = part.as_ref().map_or_else(|| companion.file.path(), dwarf_part::Part::path);
+        let mut src = Elf::new(&path);
+        src.debug_syms = debug_syms;
+        if let Ok(results) = self.blaze.symbolize(&Source::Elf(src), Input::VirtOffset(&addrs)) {
+            for (i, result) in at.into_iter().zip(results) {
+                if let Symbolized::Sym(sym) = &result {
+                    let sized = sym.size.is_some();
+                    frames[i] = to_frame(wanted[i].0, name, result);
+                    split.retain(|&j| j != i);
+                    if !sized {
+                        split.push(i);
+                    }
                 }
             }
+        }
+        if part.is_some() {
+            let _ = self.blaze.evict(&evict::Elf::new(&path).into());
         }
     }
 
