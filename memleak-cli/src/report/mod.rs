@@ -15,7 +15,8 @@ pub mod threads;
 pub mod trend;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::RandomState},
+    hash::BuildHasher as _,
     sync::{Arc, atomic::AtomicUsize},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -133,21 +134,26 @@ pub struct Reporter {
 struct Ends {
     /// (process, stack) -> frames kept, why it ends there, its stand-in.
     stacks: FastMap<(u32, u64), (usize, Option<End>, u64)>,
-    /// (process, frames kept, cut) -> the stand-in.
-    kept: HashMap<(u32, Vec<u64>, bool), u64>,
+    /// (process, frames kept, cut) -> the stand-in, the frames by a
+    /// 128-bit hash (two SipHash-1-3 of random keys; at 10,000 stacks two
+    /// colliding is a chance of 1 in 10^30): kept as vectors, they held
+    /// 2.5 MiB at 10,000 stacks for as long as their processes lived.
+    kept: HashMap<(u32, u128, bool), u64>,
+    keys: (RandomState, RandomState),
 }
 
 impl Ends {
     fn of(&mut self, recorded: &Recorded, symbolizer: &mut Symbolizer, tgid: u32, stack_id: u64) -> &(usize, Option<End>, u64) {
-        let Self { stacks, kept } = self;
+        let Self { stacks, kept, keys } = self;
         stacks.entry((tgid, stack_id)).or_insert_with(|| {
             if is_kernel(tgid) || stack_id == NO_STACK {
                 return (usize::MAX, None, stack_id);
             }
-            let mut addrs = recorded.stack(stack_id);
+            let addrs = recorded.stack(stack_id);
             let (n, end) = symbolizer.stack_end(tgid, &addrs);
-            addrs.truncate(n);
-            let same = *kept.entry((tgid, addrs, end.is_some())).or_insert(stack_id);
+            let frames = &addrs[..n];
+            let hash = u128::from(keys.0.hash_one(frames)) << 64 | u128::from(keys.1.hash_one(frames));
+            let same = *kept.entry((tgid, hash, end.is_some())).or_insert(stack_id);
             (n, end, same)
         })
     }
