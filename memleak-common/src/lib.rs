@@ -357,6 +357,10 @@ pub struct UnwindState {
     pub mmap: u32,
     /// Its [`Kind`].
     pub kind: u32,
+    /// `UnwindProcess::generation` of the process's entry when the walk
+    /// started: the rules cached for it are found without the entry.
+    pub generation: u32,
+    pub _pad: u32,
     /// The kernel's scratch (see `opaque` in memleak-ebpf/src/unwind.rs).
     pub scratch: u64,
 }
