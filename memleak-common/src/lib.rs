@@ -361,6 +361,10 @@ pub struct UnwindState {
     /// started: the rules cached for it are found without the entry.
     pub generation: u32,
     pub _pad: u32,
+    /// Where the caller's rbp was saved, not read yet (0: `bp` holds it):
+    /// most frames of code without frame pointers save rbp as any other
+    /// register, and only a rule by rbp needs its value.
+    pub bp_at: u64,
     /// The kernel's scratch (see `opaque` in memleak-ebpf/src/unwind.rs).
     pub scratch: u64,
 }
