@@ -17,6 +17,18 @@ use std::{
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// `union bpf_attr`'s element member (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
 
 /// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
 #[repr(C)]
@@ -168,6 +180,33 @@ pub fn delete(fd: BorrowedFd<'_>, key_size: usize, keys: &[u8]) -> io::Result<us
         first = false;
     }
     Ok(deleted)
+}
+
+/// Reads the value under `key` into `value` (the map's value size) and
+/// deletes it, one syscall where a lookup and a delete took two; false if
+/// there was none. `Err` with `ErrorKind::Unsupported` on kernels before
+/// 5.14, whose hash maps lack it.
+pub fn take(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr points at a key and a value buffer of the map's sizes,
+    // alive for the call.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr as *mut ElemAttr, size_of::<ElemAttr>())
+    };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => Ok(false),
+        Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) => Err(io::Error::new(io::ErrorKind::Unsupported, err)),
+        _ => Err(err),
+    }
 }
 
 /// Reads a hash map of `n_buckets` buckets in `parts` bucket ranges, one

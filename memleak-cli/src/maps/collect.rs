@@ -235,8 +235,23 @@ impl Recorded {
 
     /// Deletes a stack; its return addresses, if it was there.
     pub fn take_stack(&mut self, stack_id: u64) -> Option<Vec<u64>> {
-        let ips = self.stack(stack_id);
-        (!ips.is_empty() && self.stacks.remove(&stack_id).is_ok()).then_some(ips)
+        // One syscall, not a lookup and a delete: a C build gives back up
+        // to 52,000 stacks at a report.
+        let mut stack = Stack { len: 0, ips: [0; MAX_STACK_DEPTH] };
+        // SAFETY: `Stack` is plain data (a length and addresses, no
+        // padding): any bytes written into it are a value.
+        let bytes = unsafe { std::slice::from_raw_parts_mut((&raw mut stack).cast::<u8>(), size_of::<Stack>()) };
+        match batch::take(self.stacks.map().fd().as_fd(), &stack_id.to_ne_bytes(), bytes) {
+            Ok(taken) => taken.then(|| stack.ips[..(stack.len as usize).min(MAX_STACK_DEPTH)].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                let ips = self.stack(stack_id);
+                (!ips.is_empty() && self.stacks.remove(&stack_id).is_ok()).then_some(ips)
+            }
+            Err(e) => {
+                crate::warn!("giving back a stack: {e}");
+                None
+            }
+        }
     }
 
     /// Puts a stack deleted by `take_stack` back, unless the kernel did.
