@@ -154,57 +154,6 @@ static REGISTER_FORK_HANDLERS: extern "C" fn() = register_fork_handlers;
 pub fn give_back() {
     // SAFETY: trimming with the lock held.
     HEAP.with(|d| unsafe { d.trim(0) });
-    code::unmap();
-}
-
-/// The pages of code and read-only data memleak's files map: the kernel
-/// maps them as they are touched (and 64 KiB around each), and keeps them
-/// mapped, so the code that ran once (attaching: parsing ELF files,
-/// verifying and loading programs, placing probes) stays in memleak's RSS
-/// for good. After each report they are unmapped; what runs next maps its
-/// pages again from the page cache (minor faults), where all of them stay
-/// until the kernel needs the memory.
-mod code {
-    use std::sync::OnceLock;
-
-    /// Ranges that hold only the file's pages: mapped without write
-    /// permission, and no page of them private (`Anonymous: 0 kB`; the
-    /// relocated read-only data of a PIE or library has such pages, which
-    /// unmapping would lose).
-    static RANGES: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
-
-    pub fn unmap() {
-        for &(start, end) in RANGES.get_or_init(ranges) {
-            // SAFETY: pages of read-only private file mappings with no
-            // private copies: the next access maps the file's page again.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
-        }
-    }
-
-    pub(super) fn ranges() -> Vec<(usize, usize)> {
-        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return Vec::new() };
-        let mut out = Vec::new();
-        let mut current: Option<(usize, usize)> = None;
-        for line in smaps.lines() {
-            let mut fields = line.split_whitespace();
-            let first = fields.next().unwrap_or("");
-            if let Some(anon) = line.strip_prefix("Anonymous:") {
-                if let Some(range) = current.take()
-                    && anon.trim() == "0 kB"
-                {
-                    out.push(range);
-                }
-            } else if let Some((start, end)) = first.split_once('-')
-                && let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
-            {
-                let perms = fields.next().unwrap_or("");
-                let path = fields.nth(3).unwrap_or("");
-                current = (path.starts_with('/') && perms.starts_with('r') && !perms.contains('w') && perms.ends_with('p'))
-                    .then_some((start, end));
-            }
-        }
-        out
-    }
 }
 
 #[cfg(test)]
@@ -239,19 +188,5 @@ mod tests {
             }
         }
         give_back();
-    }
-
-    /// Relocated read-only data (a pointer in `.data.rel.ro`, private
-    /// pages since the loader wrote them) is never unmapped, code is; and
-    /// code still runs after its pages went.
-    #[test]
-    fn only_pages_the_file_holds_are_unmapped() {
-        static RELOCATED: &str = "a pointer the loader relocated";
-        let ranges = code::ranges();
-        let within = |addr: usize| ranges.iter().any(|&(start, end)| start <= addr && addr < end);
-        assert!(!within(&RELOCATED as *const &str as usize), "{ranges:x?}");
-        assert!(within(only_pages_the_file_holds_are_unmapped as usize), "{ranges:x?}");
-        code::unmap();
-        assert_eq!(std::hint::black_box(RELOCATED).len(), 30);
     }
 }
