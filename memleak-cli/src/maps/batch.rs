@@ -18,6 +18,11 @@ use std::{
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// The kernel's own "not supported" (include/linux/errno.h), which libc
+/// does not name: what a kernel returns for a command a map type lacks
+/// (batch operations before 5.6, lookup-and-delete of a hash map before
+/// 5.14). libc's ENOTSUP is EOPNOTSUPP on Linux.
+const ENOTSUPP: i32 = 524;
 
 /// `union bpf_attr`'s element member (include/uapi/linux/bpf.h).
 #[repr(C)]
@@ -121,7 +126,7 @@ impl BatchReader {
                     self.chunk *= 2;
                     continue;
                 }
-                Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) if from == 0 => {
+                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if from == 0 => {
                     return Err(io::Error::new(io::ErrorKind::Unsupported, err.unwrap()));
                 }
                 Some(_) => return Err(err.unwrap()),
@@ -170,7 +175,7 @@ pub fn delete(fd: BorrowedFd<'_>, key_size: usize, keys: &[u8]) -> io::Result<us
                     first = false;
                     continue;
                 }
-                Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) if first && done == 0 => {
+                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if first && done == 0 => {
                     return Err(io::Error::new(io::ErrorKind::Unsupported, err));
                 }
                 _ => return Err(err),
@@ -204,7 +209,7 @@ pub fn take(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool
     let err = io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::ENOENT) => Ok(false),
-        Some(libc::EINVAL | libc::ENOTSUP | libc::EOPNOTSUPP) => Err(io::Error::new(io::ErrorKind::Unsupported, err)),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) => Err(io::Error::new(io::ErrorKind::Unsupported, err)),
         _ => Err(err),
     }
 }
