@@ -272,9 +272,14 @@ fn pieces(file: &TargetFile, s: &Section, wanted: impl Iterator<Item = (u64, Opt
                 if n >= 0xffff_fff0 {
                     return None;
                 }
-                let mut bytes = vec![0; 4 + n as usize];
-                bytes[..4].copy_from_slice(&length);
-                stream.read_exact(&mut bytes[4..]).ok()?;
+                // Grown as the stream gives bytes, not allocated from the
+                // length first: a file's length field alone (a container's
+                // file, up to 4 GiB) never sizes a buffer.
+                let mut bytes = length.to_vec();
+                (&mut stream).take(u64::from(n)).read_to_end(&mut bytes).ok()?;
+                if bytes.len() != 4 + n as usize {
+                    return None;
+                }
                 bytes
             }
         };
