@@ -1,12 +1,28 @@
 //! Tracing with no PID: every process, new ones (containers too), the
 //! kernel's allocators, and `-c COMMAND`.
 
-use std::{fs, thread, time::Duration};
+use std::{
+    fs,
+    sync::{Mutex, MutexGuard},
+    thread,
+    time::Duration,
+};
 
 use memleak_tests::{Report, Running, Stack, container::Container, fixture, parse_reports, run_memleak};
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Each test here traces every process on the machine (or makes
+/// processes that allocate), so it sees the others' processes: one at a
+/// time. In CI, `an_exited_process_gives_its_per_stack_totals_back` read
+/// 4,400 entries of another test's processes on top of its own 2,400 and
+/// failed.
+fn alone() -> MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    // A test that failed holding it poisons it; the next still runs.
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn leak_of(report: &Report, pid: u32) -> Option<&Stack> {
@@ -19,6 +35,7 @@ fn leak_of(report: &Report, pid: u32) -> Option<&Stack> {
 
 #[test]
 fn no_pid_names_each_leaker_biggest_first_and_not_the_clean_one() {
+    let _alone = alone();
     let fast = Running::spawn(fixture("fibonacci"), &["50"]); // 20 blocks/s
     let slow = Running::spawn(fixture("fibonacci"), &["250"]); // 4 blocks/s
     let clean = Running::spawn(fixture("fibonacci-fixed"), &["50"]);
@@ -46,6 +63,7 @@ fn no_pid_names_each_leaker_biggest_first_and_not_the_clean_one() {
 
 #[test]
 fn a_container_started_after_tracing_began_is_caught() {
+    let _alone = alone();
     let tracer = std::process::Command::new(memleak_tests::memleak_bin())
         .args(["--user-only", "--top-procs", "50", "1", "4"])
         .stdout(std::process::Stdio::piped())
@@ -67,6 +85,7 @@ fn a_container_started_after_tracing_began_is_caught() {
 
 #[test]
 fn command_is_traced_from_its_first_allocation_and_gives_its_exit_code() {
+    let _alone = alone();
     let cmd = format!("{} 50 12", fixture("fibonacci").display());
     let out = run_memleak(&args(&["-o", "0", "-c", &cmd, "30"]), Duration::from_secs(30));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -86,6 +105,7 @@ fn command_is_traced_from_its_first_allocation_and_gives_its_exit_code() {
 
 #[test]
 fn a_command_gone_within_milliseconds_has_every_frame_named() {
+    let _alone = alone();
     // It dlopens a library, leaks from it and from its own code, and
     // returns: its mappings must be read before they go.
     let cmd = format!("{} {}", fixture("quick").display(), fixture("libquick.so").display());
@@ -107,6 +127,7 @@ fn a_command_gone_within_milliseconds_has_every_frame_named() {
 
 #[test]
 fn files_of_exited_processes_are_closed() {
+    let _alone = alone();
     // 20 programs, each its own file (a copy), each shown in a report while
     // it lives: memleak opens each one, and must let go of it once it exits.
     let dir = std::env::temp_dir().join(format!("memleak-gone-{}", std::process::id()));
@@ -164,6 +185,7 @@ fn files_of_exited_processes_are_closed() {
 
 #[test]
 fn kernel_allocations_are_reported_with_kernel_symbols() {
+    let _alone = alone();
     let dir = std::env::temp_dir().join(format!("memleak-kernel-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let churn_dir = dir.clone();
@@ -207,6 +229,7 @@ fn kernel_allocations_are_reported_with_kernel_symbols() {
 
 #[test]
 fn an_exited_process_gives_its_per_stack_totals_back() {
+    let _alone = alone();
     let tracer = std::process::Command::new(memleak_tests::memleak_bin())
         .args(["--user-only", "--combined-only", "-v", "-T", "5", "1", "8"])
         .stdout(std::process::Stdio::piped())
