@@ -242,7 +242,7 @@ impl Recorded {
         // padding): any bytes written into it are a value.
         let bytes = unsafe { std::slice::from_raw_parts_mut((&raw mut stack).cast::<u8>(), size_of::<Stack>()) };
         match batch::take(self.stacks.map().fd().as_fd(), &stack_id.to_ne_bytes(), bytes) {
-            Ok(taken) => taken.then(|| stack.ips[..(stack.len as usize).min(MAX_STACK_DEPTH)].to_vec()),
+            Ok(taken) => taken.then(|| return_addresses(&stack)),
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                 let ips = self.stack(stack_id);
                 (!ips.is_empty() && self.stacks.remove(&stack_id).is_ok()).then_some(ips)
@@ -266,7 +266,7 @@ impl Recorded {
     pub fn stack(&self, stack_id: u64) -> Vec<u64> {
         self.stacks
             .get(&stack_id, 0)
-            .map(|s| s.ips[..(s.len as usize).min(MAX_STACK_DEPTH)].to_vec())
+            .map(|s| return_addresses(&s))
             .unwrap_or_default()
     }
 
@@ -333,6 +333,12 @@ where
         seen.insert(key, value);
     }
     seen.into_iter().for_each(|(k, v)| f(k, v));
+}
+
+/// A stack's return addresses, innermost first (a length past the array,
+/// which the kernel never writes, is cut to it).
+fn return_addresses(stack: &Stack) -> Vec<u64> {
+    stack.ips[..(stack.len as usize).min(MAX_STACK_DEPTH)].to_vec()
 }
 
 /// Deletes `keys` from a hash map, thousands per syscall; one at a time on
