@@ -287,21 +287,22 @@ impl Recorded {
 /// as some parts are below zero. A sum below zero (frees of blocks the
 /// totals missed when the map was full, which was warned about) counts as
 /// none.
-pub fn add_parts(entries: &[totals::Entry]) -> Vec<(CombinedKey, CombinedAlloc)> {
-    let mut parts: Vec<(CombinedKey, CombinedAlloc)> = entries.iter().map(|&(_, k, v)| (k, v)).collect();
-    parts.sort_unstable_by_key(|(k, _)| (k.tgid, k.stack_id, k.kind));
-    let mut totals: Vec<(CombinedKey, CombinedAlloc)> = Vec::with_capacity(parts.len());
-    for (key, part) in parts {
-        match totals.last_mut() {
-            Some((k, sum)) if (k.tgid, k.stack_id, k.kind) == (key.tgid, key.stack_id, key.kind) => {
-                sum.total_size = sum.total_size.wrapping_add(part.total_size);
-                sum.count = sum.count.wrapping_add(part.count);
-                sum.allocs = sum.allocs.wrapping_add(part.allocs);
-                sum.allocated = sum.allocated.wrapping_add(part.allocated);
-            }
-            _ => totals.push((CombinedKey { shard: 0, ..key }, part)),
+pub fn add_parts(entries: impl IntoIterator<Item = totals::Entry>) -> Vec<(CombinedKey, CombinedAlloc)> {
+    // Summed in place: one vector, not three (0.5 MiB each at 10,000
+    // stacks, new pages at every report).
+    let mut totals: Vec<(CombinedKey, CombinedAlloc)> =
+        entries.into_iter().map(|(_, k, v)| (CombinedKey { shard: 0, ..k }, v)).collect();
+    totals.sort_unstable_by_key(|(k, _)| (k.tgid, k.stack_id, k.kind));
+    totals.dedup_by(|(key, part), (k, sum)| {
+        if (k.tgid, k.stack_id, k.kind) != (key.tgid, key.stack_id, key.kind) {
+            return false;
         }
-    }
+        sum.total_size = sum.total_size.wrapping_add(part.total_size);
+        sum.count = sum.count.wrapping_add(part.count);
+        sum.allocs = sum.allocs.wrapping_add(part.allocs);
+        sum.allocated = sum.allocated.wrapping_add(part.allocated);
+        true
+    });
     let at_least_zero = |n: u64| if (n as i64) < 0 { 0 } else { n };
     for (_, sum) in &mut totals {
         sum.total_size = at_least_zero(sum.total_size);
@@ -383,7 +384,7 @@ mod tests {
             allocs,
             allocated: allocs * 10,
         };
-        let totals = add_parts(&[
+        let totals = add_parts([
             // 5 blocks of 10 bytes allocated on CPU 0, 3 freed on CPU 1.
             (3, key(7, 1, 40), part(-30, -3, 0)),
             (0, key(9, 0, 40), part(8, 1, 1)),

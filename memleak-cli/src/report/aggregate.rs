@@ -251,27 +251,61 @@ fn keep_oldest(oldest: &mut Vec<Block>, block: Block, n: usize) {
     }
 }
 
-/// `totals` (--combined-only's, no blocks) with the stacks that `same`
-/// maps to one summed into it: stacks that differ only past where they
-/// really end (see stack_end).
-pub fn merge_stacks(totals: Vec<StackTotal>, mut same: impl FnMut(u32, u64) -> u64) -> Vec<StackTotal> {
-    let mut by_stack: FastMap<(u32, u64, Kind), StackTotal> = FastMap::default();
-    for mut total in totals {
-        total.stack_id = same(total.tgid, total.stack_id);
-        match by_stack.entry((total.tgid, total.stack_id, total.kind)) {
-            Entry::Vacant(e) => {
-                e.insert(total);
-            }
-            Entry::Occupied(mut e) => {
-                // The kernel's sums only: no blocks, no ages, no threads.
-                let ours = e.get_mut();
-                ours.bytes += total.bytes;
-                ours.count += total.count;
-                ours.live += total.live;
-            }
-        }
+/// One (process, stack, kind) of the kernel's per-stack totals
+/// (--combined-only), with the stacks that differ from it only past
+/// where they really end (see stack_end) summed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Combined {
+    pub tgid: u32,
+    pub kind: Kind,
+    pub stack_id: u64,
+    /// Outstanding bytes and blocks.
+    pub bytes: u64,
+    pub count: u64,
+    /// Blocks allocated since attach.
+    pub allocs: u64,
+}
+
+impl Combined {
+    /// Its row's total: the kernel's sums only, no blocks, ages or threads.
+    pub fn total(&self) -> StackTotal {
+        let Self { tgid, kind, stack_id, bytes, count, .. } = *self;
+        StackTotal { tgid, kind, stack_id, bytes, count, live: count, ..Default::default() }
     }
-    by_stack.into_values().collect()
+}
+
+/// The kernel's per-stack totals (--combined-only, each key once), the
+/// stacks that `same` maps to one summed into it, those with no block
+/// outstanding left out. In a list sorted as it is, not a map of whole
+/// [`StackTotal`]s: at 10,000 stacks that map and the vectors around it
+/// touched 7 MiB of new pages at every report, 8 ms of a 17 ms report.
+pub fn merge_combined(totals: &[(CombinedKey, CombinedAlloc)], mut same: impl FnMut(u32, u64) -> u64) -> Vec<Combined> {
+    let mut merged: Vec<Combined> = totals
+        .iter()
+        .map(|(k, c)| Combined {
+            tgid: k.tgid,
+            kind: Kind::from_u8(k.kind),
+            stack_id: same(k.tgid, k.stack_id),
+            // A part with nothing outstanding counts its allocations only.
+            bytes: if c.count == 0 { 0 } else { c.total_size },
+            count: c.count,
+            allocs: c.allocs,
+        })
+        .collect();
+    // Sorted already unless a stack stands for another (a sorted run costs
+    // one pass).
+    merged.sort_unstable_by_key(|c| (c.tgid, c.stack_id, c.kind));
+    merged.dedup_by(|next, kept| {
+        if (next.tgid, next.stack_id, next.kind) != (kept.tgid, kept.stack_id, kept.kind) {
+            return false;
+        }
+        kept.bytes += next.bytes;
+        kept.count += next.count;
+        kept.allocs += next.allocs;
+        true
+    });
+    merged.retain(|c| c.count != 0);
+    merged
 }
 
 /// [`Aggregator`] over a collection of allocations whose totals entry is
@@ -288,23 +322,6 @@ pub fn by_stack(
     let mut totals = aggregator.finish(|slot| Some((u64::from(slot), Kind::Malloc)));
     sort(&mut totals);
     totals
-}
-
-/// The kernel's per-stack totals (--combined-only), in no order.
-pub fn from_combined(entries: impl IntoIterator<Item = (CombinedKey, CombinedAlloc)>) -> Vec<StackTotal> {
-    entries
-        .into_iter()
-        .filter(|(_, c)| c.count != 0)
-        .map(|(k, c)| StackTotal {
-            tgid: k.tgid,
-            kind: Kind::from_u8(k.kind),
-            stack_id: k.stack_id,
-            bytes: c.total_size,
-            count: c.count,
-            live: c.count,
-            ..Default::default()
-        })
-        .collect()
 }
 
 /// Biggest first (tests; reports sort by `--sort`).
@@ -395,25 +412,31 @@ pub mod tests {
     #[test]
     fn combined_drops_empty_stacks() {
         let k = |s| CombinedKey { tgid: 1, stack_id: s, ..Default::default() };
-        let mut totals = from_combined([
-            (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1, allocated: 0 }),
-            (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4, allocated: 0 }),
-            (k(3), CombinedAlloc { total_size: 30, count: 3, allocs: 3, allocated: 0 }),
-        ]);
-        sort(&mut totals);
-        assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [3, 1]);
+        let totals = merge_combined(
+            &[
+                (k(1), CombinedAlloc { total_size: 10, count: 1, allocs: 1, allocated: 0 }),
+                (k(2), CombinedAlloc { total_size: 0, count: 0, allocs: 4, allocated: 0 }),
+                (k(3), CombinedAlloc { total_size: 30, count: 3, allocs: 3, allocated: 0 }),
+            ],
+            |_, s| s,
+        );
+        assert_eq!(totals.iter().map(|t| t.stack_id).collect::<Vec<_>>(), [1, 3]);
     }
 
     #[test]
     fn stacks_that_stand_for_one_are_summed() {
         let k = |tgid, s| CombinedKey { tgid, stack_id: s, ..Default::default() };
-        let c = |n| CombinedAlloc { total_size: 10 * n, count: n, allocs: n, allocated: 0 };
-        let totals = from_combined([(k(1, 1), c(1)), (k(1, 2), c(2)), (k(1, 3), c(4)), (k(2, 2), c(8))]);
-        // Process 1's stack 2 is stack 1 cut short: summed into it.
-        let mut totals = merge_stacks(totals, |tgid, s| if (tgid, s) == (1, 2) { 1 } else { s });
-        sort(&mut totals);
-        let got: Vec<_> = totals.iter().map(|t| (t.tgid, t.stack_id, t.bytes, t.count, t.live)).collect();
-        assert_eq!(got, [(2, 2, 80, 8, 8), (1, 3, 40, 4, 4), (1, 1, 30, 3, 3)]);
+        let c = |n| CombinedAlloc { total_size: 10 * n, count: n, allocs: n + 1, allocated: 0 };
+        let empty = CombinedAlloc { total_size: 0, count: 0, allocs: 5, allocated: 0 };
+        let totals = [(k(1, 1), c(1)), (k(1, 2), c(2)), (k(1, 3), c(4)), (k(1, 4), empty), (k(2, 2), c(8))];
+        // Process 1's stack 2 is its stack 4 cut short: summed into it,
+        // after stack 3; stack 4 has nothing outstanding of its own but
+        // counts its allocations.
+        let same = |tgid, s| if (tgid, s) == (1, 2) { 4 } else { s };
+        let got: Vec<_> = merge_combined(&totals, same).iter().map(|t| (t.tgid, t.stack_id, t.bytes, t.count, t.allocs)).collect();
+        assert_eq!(got, [(1, 1, 10, 1, 2), (1, 3, 40, 4, 5), (1, 4, 20, 2, 8), (2, 2, 80, 8, 9)]);
+        let total = merge_combined(&totals, same)[2].total();
+        assert_eq!((total.stack_id, total.bytes, total.count, total.live, total.oldest_ns), (4, 20, 2, 2, None));
     }
 }
 

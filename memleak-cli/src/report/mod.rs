@@ -357,7 +357,7 @@ impl Reporter {
         if let Some(live) = live_slots {
             self.reclaim.set_aside(&self.recorded, entries, live);
         }
-        let r = self.reclaim.stacks(&mut self.recorded);
+        let r = self.reclaim.stacks(&mut self.recorded, entries);
         // Counting what housekeeping gave back since the last report too.
         self.reclaimed = Reclaimed { entries: *given, stacks: std::mem::take(&mut self.housekept) + r.stacks, ..r };
     }
@@ -379,7 +379,7 @@ impl Reporter {
         if let Scope::System { .. } = self.scope {
             let entries = self.recorded.totals();
             if !self.forget_dead(std::iter::empty(), &entries).is_empty() {
-                self.housekept += self.reclaim.stacks(&mut self.recorded).stacks;
+                self.housekept += self.reclaim.stacks(&mut self.recorded, &entries).stacks;
             }
         }
     }

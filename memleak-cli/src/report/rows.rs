@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use memleak_common::{CombinedKey, Kind, is_kernel};
 
-use super::{Reporter, Scope, Traced, aggregate, lost, peek, shown, sort, trend};
+use super::{Reporter, Scope, Traced, aggregate::{self, StackTotal}, lost, peek, shown, sort, trend};
 use crate::{
     clock::monotonic_ns,
     fasthash::FastMap,
@@ -42,6 +42,29 @@ pub(super) struct Built {
     /// Totals entries given back before reading them.
     pub given: usize,
     pub lost: lost::Lost,
+}
+
+/// Each stack's total and its allocations since attach: summed from the
+/// blocks read, or the kernel's per-stack totals alone (--combined-only).
+enum Stacks {
+    Blocks(Vec<StackTotal>, FastMap<trend::Key, u64>),
+    Combined(Vec<aggregate::Combined>),
+}
+
+impl Stacks {
+    fn tgids(&self) -> Box<dyn Iterator<Item = u32> + '_> {
+        match self {
+            Self::Blocks(totals, _) => Box::new(totals.iter().map(|t| t.tgid)),
+            Self::Combined(merged) => Box::new(merged.iter().map(|c| c.tgid)),
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(u32) -> bool) {
+        match self {
+            Self::Blocks(totals, _) => totals.retain(|t| keep(t.tgid)),
+            Self::Combined(merged) => merged.retain(|c| keep(c.tgid)),
+        }
+    }
 }
 
 impl Reporter {
@@ -78,8 +101,7 @@ impl Reporter {
         // After the blocks: it has every entry they name.
         let entries = self.recorded.totals();
         read += entries.len();
-        let parts: Vec<_> = entries.iter().copied().chain(self.reclaim.carried()).collect();
-        let combined = collect::add_parts(&parts);
+        let combined = collect::add_parts(entries.iter().copied().chain(self.reclaim.carried()));
         // Stacks that differ only past where they really end are one: the
         // blocks of all are summed under one before a stack with young
         // blocks only is left out (its blocks still count in `live`).
@@ -108,8 +130,8 @@ impl Reporter {
             _ => ends.same(recorded, symbolizer, tgid, id),
         };
         let mut live = None;
-        let mut totals = match aggregated {
-            None => aggregate::merge_stacks(aggregate::from_combined(combined.iter().copied()), &mut same),
+        let mut stacks = match aggregated {
+            None => Stacks::Combined(aggregate::merge_combined(&combined, &mut same)),
             Some(all) => {
                 if self.feed.is_some() {
                     live = Some(all.live_by_process());
@@ -118,13 +140,14 @@ impl Reporter {
                     .iter()
                     .map(|&(slot, key, _)| (slot, (same(key.tgid, key.stack_id), Kind::from_u8(key.kind))))
                     .collect();
-                all.finish(|slot| stacks.get(&slot).copied())
+                let totals = all.finish(|slot| stacks.get(&slot).copied());
+                let mut allocs: FastMap<trend::Key, u64> = FastMap::with_capacity_and_hasher(combined.len(), Default::default());
+                for (k, c) in &combined {
+                    *allocs.entry((k.tgid, same(k.tgid, k.stack_id), Kind::from_u8(k.kind))).or_default() += c.allocs;
+                }
+                Stacks::Blocks(totals, allocs)
             }
         };
-        let mut allocs: FastMap<trend::Key, u64> = FastMap::default();
-        for ((tgid, id, kind), n) in trend::allocs(&combined) {
-            *allocs.entry((tgid, same(tgid, id), kind)).or_default() += n;
-        }
         // --listen's heap profiles: blocks and bytes since attach, by stack.
         let mut since: FastMap<trend::Key, (u64, u64)> = FastMap::default();
         if self.feed.is_some() {
@@ -140,9 +163,9 @@ impl Reporter {
             // more: drop what it left, in the kernel maps too. One that
             // freed all it allocated still holds totals entries and their
             // stacks: given back too (a build's compilers come and go).
-            let dead = self.forget_dead(totals.iter().map(|t| t.tgid), &entries);
+            let dead = self.forget_dead(stacks.tgids(), &entries);
             if !dead.is_empty() {
-                totals.retain(|t| !dead.contains(&t.tgid));
+                stacks.retain(|tgid| !dead.contains(&tgid));
                 since.retain(|(tgid, ..), _| !dead.contains(tgid));
             }
             // Gone too: those that freed all they had, whose files memleak
@@ -152,7 +175,16 @@ impl Reporter {
                 eprintln!("memleak: closed {files} files of {procs} exited processes");
             }
         }
-        let mut rows = self.trends.update(totals, now, &allocs);
+        let mut rows = match stacks {
+            Stacks::Combined(merged) => self.trends.update(merged.iter().map(|c| (c.total(), Some(c.allocs))), now),
+            Stacks::Blocks(totals, allocs) => self.trends.update(
+                totals.into_iter().map(|t| {
+                    let allocs = allocs.get(&(t.tgid, t.stack_id, t.kind)).copied();
+                    (t, allocs)
+                }),
+                now,
+            ),
+        };
         sort::sort(&mut rows, self.options.sort);
         let shown_rows = shown(&rows, self.options.top);
         if let Some(n) = self.options.peek {

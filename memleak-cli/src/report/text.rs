@@ -242,7 +242,7 @@ mod tests {
 
     /// Rows of a first report, 2 s after attach.
     fn rows(totals: Vec<StackTotal>) -> Vec<Row> {
-        Tracker::new(0, 0).update(totals, 2_000_000_000, &Default::default())
+        Tracker::new(0, 0).update(totals.into_iter().map(|t| (t, None)), 2_000_000_000)
     }
 
     #[test]

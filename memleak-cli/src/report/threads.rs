@@ -239,9 +239,8 @@ mod tests {
             ..Default::default()
         };
         let rows = Tracker::new(0, 0).update(
-            vec![total(1, vec![t(10, 10), t(11, 10)]), total(2, vec![t(10, 1), t(20, 2)])],
+            [(total(1, vec![t(10, 10), t(11, 10)]), None), (total(2, vec![t(10, 1), t(20, 2)]), None)],
             1_000_000_000,
-            &Default::default(),
         );
         let names = names(&[(10, "handler"), (11, "handler"), (20, "main"), (30, "io"), (31, "io")]);
         let groups = by_thread(&rows, &[(7, 10), (7, 30), (7, 31)], &names);

@@ -4,9 +4,9 @@
 //! every report (`growing`). Pure: it gets totals and times, keeps what the
 //! next report needs.
 
-use memleak_common::{CombinedKey, Kind};
+use memleak_common::Kind;
 
-use crate::{fasthash::FastMap, report::aggregate::StackTotal, maps::totals::CombinedAlloc};
+use crate::{fasthash::FastMap, report::aggregate::StackTotal};
 
 /// (process, stack).
 /// (process, stack, kind): what a row is.
@@ -44,12 +44,6 @@ pub struct Row {
     pub trend: Trend,
 }
 
-/// Each stack's allocations since attach, from `TOTALS`, by (process,
-/// stack, kind).
-pub fn allocs(combined: &[(CombinedKey, CombinedAlloc)]) -> FastMap<Key, u64> {
-    combined.iter().map(|(k, c)| ((k.tgid, k.stack_id, Kind::from_u8(k.kind)), c.allocs)).collect()
-}
-
 struct Seen {
     bytes: u64,
     reports: u32,
@@ -76,14 +70,15 @@ impl Tracker {
         now_ns.saturating_sub(self.start_ns).saturating_sub(self.lag_ns) as f64 / 1e9
     }
 
-    /// This report's trends; `allocs`: each stack's allocations since
-    /// attach, as the kernel counted them.
-    pub fn update(&mut self, totals: Vec<StackTotal>, now_ns: u64, allocs: &FastMap<Key, u64>) -> Vec<Row> {
+    /// This report's trends, of each stack's total and its allocations
+    /// since attach as the kernel counted them (None if its totals missed
+    /// them: map full).
+    pub fn update(&mut self, totals: impl IntoIterator<Item = (StackTotal, Option<u64>)>, now_ns: u64) -> Vec<Row> {
         let span = self.span_s(now_ns);
-        let mut next = FastMap::with_capacity_and_hasher(totals.len(), Default::default());
+        let totals = totals.into_iter();
+        let mut next = FastMap::with_capacity_and_hasher(totals.size_hint().0, Default::default());
         let rows = totals
-            .into_iter()
-            .map(|total| {
+            .map(|(total, allocs)| {
                 let key = (total.tgid, total.stack_id, total.kind);
                 let (before, reports, rising) = match self.last.get(&key) {
                     Some(seen) => (seen.bytes, seen.reports + 1, seen.rising && total.bytes > seen.bytes),
@@ -91,7 +86,6 @@ impl Tracker {
                     None => (0, 1, total.bytes > 0),
                 };
                 next.insert(key, Seen { bytes: total.bytes, reports, rising });
-                let allocs = allocs.get(&key).copied();
                 let trend = Trend {
                     change_bytes: total.bytes as i64 - before as i64,
                     rate_bytes_per_s: (span > 0.0).then(|| total.bytes as f64 / span),
@@ -157,8 +151,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, report)| {
-                let totals = report.iter().map(|&(id, b)| total(id, b, None)).collect();
-                let rows = tracker.update(totals, (i as u64 + 1) * S, &FastMap::default());
+                let totals = report.iter().map(|&(id, b)| (total(id, b, None), None));
+                let rows = tracker.update(totals, (i as u64 + 1) * S);
                 rows.iter().map(|r| (r.total.stack_id, r.trend.growing)).collect()
             })
             .collect()
@@ -167,9 +161,8 @@ mod tests {
     #[test]
     fn change_rate_age_and_counts() {
         let mut tracker = Tracker::new(10 * S, S / 2);
-        let allocs = FastMap::from_iter([((7, 1, Kind::Unknown), 9)]);
         // 3 blocks old enough, 2 younger: 4 of 9 freed.
-        let rows = tracker.update(vec![total(1, 24576, Some(11 * S))], 12 * S, &allocs);
+        let rows = tracker.update([(total(1, 24576, Some(11 * S)), Some(9))], 12 * S);
         let t = &rows[0].trend;
         assert_eq!(t.change_bytes, 24576);
         // 1.5 s of the run covered (2 s traced, the last 0.5 s left out).
@@ -178,7 +171,7 @@ mod tests {
         assert_eq!((t.allocs, t.frees), (Some(9), Some(4)));
         assert_eq!((t.reports, t.growing), (1, false));
 
-        let rows = tracker.update(vec![total(1, 16384, Some(11 * S))], 13 * S, &FastMap::default());
+        let rows = tracker.update([(total(1, 16384, Some(11 * S)), None)], 13 * S);
         let t = &rows[0].trend;
         assert_eq!(t.change_bytes, -8192);
         assert_eq!((t.allocs, t.frees), (None, None), "not in the kernel's totals: unknown, not 0");
@@ -188,7 +181,7 @@ mod tests {
     #[test]
     fn no_rate_before_time_has_passed() {
         let mut tracker = Tracker::new(5 * S, S);
-        let rows = tracker.update(vec![total(1, 10, None)], 5 * S + S / 2, &FastMap::default());
+        let rows = tracker.update([(total(1, 10, None), None)], 5 * S + S / 2);
         assert_eq!(rows[0].trend.rate_bytes_per_s, None);
     }
 
@@ -239,11 +232,5 @@ mod tests {
         assert_eq!(duration(2_149_000_000), "2.1s");
         assert_eq!(duration(245 * S), "4m05s");
         assert_eq!(duration(7380 * S), "2h03m");
-    }
-
-    #[test]
-    fn allocs_by_process_and_stack() {
-        let c = allocs(&[(CombinedKey { tgid: 3, stack_id: 4, ..Default::default() }, CombinedAlloc { total_size: 8, count: 1, allocs: 6, allocated: 0 })]);
-        assert_eq!(c[&(3, 4, Kind::Unknown)], 6);
     }
 }
