@@ -21,5 +21,42 @@ fn main() -> anyhow::Result<()> {
     .context(
         "building memleak-ebpf failed: run `cargo xtask setup` once \
          (it installs the nightly rust-src component and bpf-linker)",
-    )
+    )?;
+    let out = std::path::Path::new(&std::env::var("OUT_DIR")?).join("memleak");
+    strip_dwarf(&out).with_context(|| format!("stripping the DWARF from {}", out.display()))
+}
+
+/// Drops the DWARF sections and their relocations from the kernel object,
+/// as libbpf-tools does with `llvm-strip -g`. bpf-linker needs the DWARF to
+/// make BTF, but the loader reads only .BTF and .BTF.ext. The DWARF was
+/// 1.08 MB of the 1.33 MB object embedded in memleak, and parsing the
+/// object at startup touched its pages: about 0.9 MiB of memleak's RSS
+/// for as long as it runs.
+fn strip_dwarf(path: &std::path::Path) -> anyhow::Result<()> {
+    let data = std::fs::read(path)?;
+    let mut elf = object::build::elf::Builder::read(&*data)?;
+    let mut dwarf = Vec::new();
+    for section in elf.sections.iter_mut() {
+        if section.name.starts_with(b".debug_") {
+            section.delete = true;
+            dwarf.push(section.id());
+        }
+    }
+    for section in elf.sections.iter_mut() {
+        if section.sh_info_section.is_some_and(|target| dwarf.contains(&target)) {
+            section.delete = true;
+        }
+    }
+    elf.delete_orphans();
+    // LLVM names the sections in the symbols' string table, which the
+    // writer keeps for the symbols: the section names get their own.
+    let names = elf.sections.add();
+    names.name = b".shstrtab"[..].into();
+    names.sh_type = object::elf::SHT_STRTAB;
+    names.sh_addralign = 1;
+    names.data = object::build::elf::SectionData::SectionString;
+    let mut stripped = Vec::new();
+    elf.write(&mut stripped)?;
+    std::fs::write(path, stripped)?;
+    Ok(())
 }
