@@ -75,8 +75,8 @@ pub fn entry_probe(code: &[u8], null_arg0_ignored: bool) -> Placement {
     if je.near_branch_target() <= delta {
         return Placement::entry("entry (single-stepped; the NULL branch does not leave the prologue)");
     }
-    if branches_into(code, delta) {
-        return Placement::entry("entry (single-stepped; a branch lands inside the prologue)");
+    if let Some(why) = branch_into(code, delta) {
+        return Placement::entry(why);
     }
     Placement { delta, why: "past test %rdi,%rdi; je (free(NULL) is ignored): emulated push" }
 }
@@ -107,24 +107,30 @@ pub fn is_emulated(insn: &Instruction) -> bool {
     }
 }
 
-/// Whether a direct branch anywhere in `code` lands in `1..=delta`.
-fn branches_into(code: &[u8], delta: u64) -> bool {
+/// Why the entry must stay, if a direct branch anywhere in `code` may land
+/// in `1..=delta`: one does, or an instruction cannot be decoded (memleak's
+/// decoder knows no VEX, EVEX, XOP or 3DNow!, see Cargo.toml), past which
+/// the decoding could be out of step and miss a branch.
+fn branch_into(code: &[u8], delta: u64) -> Option<&'static str> {
     let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
     let mut insn = Instruction::default();
     while decoder.can_decode() {
         decoder.decode_out(&mut insn);
+        if insn.is_invalid() {
+            return Some("entry (single-stepped; an instruction not decoded: a branch into the prologue may be missed)");
+        }
         let direct = matches!(
             insn.flow_control(),
             FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch | FlowControl::Call | FlowControl::XbeginXabortXend
         );
-        if direct && !insn.is_invalid() {
+        if direct {
             let target = insn.near_branch_target();
             if (1..=delta).contains(&target) {
-                return true;
+                return Some("entry (single-stepped; a branch lands inside the prologue)");
             }
         }
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -189,6 +195,19 @@ mod tests {
         assert_eq!(entry_probe(&code, true).delta, 0);
         // The NULL branch must leave the prologue, not land on the push.
         assert_eq!(entry_probe(&[0x48, 0x85, 0xff, 0x74, 0x00, 0x55], true).delta, 0);
+    }
+
+    #[test]
+    fn an_instruction_it_cannot_decode_keeps_the_entry() {
+        // test; je; push %rbp; vmovdqu (%rdi),%xmm0 (VEX); ret: what
+        // follows an instruction the decoder does not know may be read
+        // out of step, and a branch into the prologue missed.
+        let code = [0x48, 0x85, 0xff, 0x74, 0x10, 0x55, 0xc5, 0xfa, 0x6f, 0x07, 0xc3];
+        let p = entry_probe(&code, true);
+        assert_eq!(p.delta, 0, "{p:?}");
+        assert!(p.why.contains("not decoded"), "{p:?}");
+        // The same without it moves.
+        assert_eq!(entry_probe(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x55, 0x90, 0xc3], true).delta, 5);
     }
 
     /// The real libc of this machine: whatever its prologues are, a moved
