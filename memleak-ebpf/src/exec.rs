@@ -12,10 +12,11 @@ use memleak_common::{EVENT_EXEC, Event};
 
 use crate::{config, maps::UNWIND_HOLD};
 
-/// 4096 events of 24 bytes (16 and the ring's 8-byte header): more execs
-/// than a busy machine makes between two reports.
+/// Events of 24 bytes (16 and the ring's 8-byte header). Sized by user
+/// space as it loads the programs (`events_bytes`: 128 KiB system-wide,
+/// 16 KiB for one process); this is the larger.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(96 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(128 << 10, 0);
 
 /// sched:sched_process_exec fires in the task that exec'd, once the new
 /// image is in place and before it runs: the time taken here is after
