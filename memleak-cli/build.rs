@@ -10,6 +10,11 @@ fn main() -> anyhow::Result<()> {
     // aya-build watches the program's own crate only: a layout changed in
     // memleak-common alone would leave the embedded object stale.
     println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../memleak-common"));
+    // The workspace's release profile optimizes for size (Cargo.toml says
+    // why); the kernel programs run at every allocation and are built for
+    // speed. aya-build's cargo inherits this process's environment.
+    // SAFETY: the build script has no other threads.
+    unsafe { std::env::set_var("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3") };
     aya_build::build_ebpf(
         [Package {
             name: "memleak-ebpf",
