@@ -48,6 +48,8 @@ struct Seen {
     bytes: u64,
     reports: u32,
     rising: bool,
+    /// The report that saw it last (`Tracker::reports`).
+    seen_in: u32,
 }
 
 /// Remembers each stack's last report.
@@ -57,12 +59,14 @@ pub struct Tracker {
     /// totals cover the run up to this long ago.
     lag_ns: u64,
     last: FastMap<Key, Seen>,
+    /// Reports made.
+    reports: u32,
 }
 
 impl Tracker {
     /// `start_ns`: CLOCK_MONOTONIC at attach.
     pub fn new(start_ns: u64, lag_ns: u64) -> Self {
-        Self { start_ns, lag_ns, last: FastMap::default() }
+        Self { start_ns, lag_ns, last: FastMap::default(), reports: 0 }
     }
 
     /// Seconds of the run the totals of a report at `now_ns` cover.
@@ -75,17 +79,22 @@ impl Tracker {
     /// them: map full).
     pub fn update(&mut self, totals: impl IntoIterator<Item = (StackTotal, Option<u64>)>, now_ns: u64) -> Vec<Row> {
         let span = self.span_s(now_ns);
-        let totals = totals.into_iter();
-        let mut next = FastMap::with_capacity_and_hasher(totals.size_hint().0, Default::default());
+        self.reports = self.reports.wrapping_add(1);
+        let this = self.reports;
+        // Updated in place, not built anew: at 10,000 stacks a new map was
+        // 0.5 MiB of new pages at every report.
         let rows = totals
+            .into_iter()
             .map(|(total, allocs)| {
                 let key = (total.tgid, total.stack_id, total.kind);
-                let (before, reports, rising) = match self.last.get(&key) {
-                    Some(seen) => (seen.bytes, seen.reports + 1, seen.rising && total.bytes > seen.bytes),
+                let seen = self.last.entry(key).or_insert(Seen { bytes: 0, reports: 0, rising: false, seen_in: 0 });
+                // A stack missing from the last report starts over.
+                let (before, reports, rising) = match seen.seen_in == this.wrapping_sub(1) && seen.reports > 0 {
+                    true => (seen.bytes, seen.reports + 1, seen.rising && total.bytes > seen.bytes),
                     // Appearing is rising from nothing.
-                    None => (0, 1, total.bytes > 0),
+                    false => (0, 1, total.bytes > 0),
                 };
-                next.insert(key, Seen { bytes: total.bytes, reports, rising });
+                *seen = Seen { bytes: total.bytes, reports, rising, seen_in: this };
                 let trend = Trend {
                     change_bytes: total.bytes as i64 - before as i64,
                     rate_bytes_per_s: (span > 0.0).then(|| total.bytes as f64 / span),
@@ -99,7 +108,12 @@ impl Tracker {
             })
             .collect();
         // A stack missing from this report starts over if it comes back.
-        self.last = next;
+        self.last.retain(|_, seen| seen.seen_in == this);
+        // Not the size of the busiest report for ever after (system-wide,
+        // a build's compilers come and go).
+        if self.last.capacity() > 4 * self.last.len().max(1024) {
+            self.last.shrink_to_fit();
+        }
         rows
     }
 }
@@ -205,6 +219,17 @@ mod tests {
     fn a_cache_that_fills_then_holds_is_not_growing() {
         let g = growing_at_each_report(&[&[(1, 4096)], &[(1, 8192)], &[(1, 8192)], &[(1, 12288)]]);
         assert_eq!(g.iter().map(|r| r[0].1).collect::<Vec<_>>(), [false, true, false, false]);
+    }
+
+    #[test]
+    fn the_last_reports_map_shrinks_when_its_stacks_go() {
+        let mut tracker = Tracker::new(0, 0);
+        tracker.update((0..20_000).map(|id| (total(id, 8192, None), None)), S);
+        assert!(tracker.last.capacity() >= 20_000);
+        let rows = tracker.update([(total(7, 16384, None), None)], 2 * S);
+        assert_eq!((rows[0].trend.reports, rows[0].trend.change_bytes), (2, 8192));
+        assert_eq!(tracker.last.len(), 1);
+        assert!(tracker.last.capacity() < 4096, "{}", tracker.last.capacity());
     }
 
     #[test]
